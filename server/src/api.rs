@@ -1,0 +1,185 @@
+//! The HTTP API for rooms: history paging, catch-up and publishing (`/v1/rooms/...`).
+
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::{header, request::Parts, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::app::AppState;
+use crate::auth::Identity;
+use crate::error::ApiError;
+use crate::protocol::{self, validate_room};
+use crate::store::NewMessage;
+use crate::writer::CommitError;
+
+/// `limit` when none is given.
+pub const DEFAULT_LIMIT: usize = 100;
+/// Largest `limit` honoured; larger values are clamped.
+pub const MAX_LIMIT: usize = 1000;
+/// Longest `from` a server-key publisher may name, in bytes.
+const MAX_FROM_BYTES: usize = 256;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/rooms/{room}", get(room_info))
+        .route("/v1/rooms/{room}/messages", get(list_messages).post(post_message))
+}
+
+/// The authenticated caller of an HTTP request (`Authorization: Bearer <JWT or server key>`).
+pub struct Caller(pub Identity);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer_token(&parts.headers);
+        Ok(Caller(state.auth.http(token)?))
+    }
+}
+
+/// The token of an `Authorization: Bearer ...` header, if any.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
+fn checked_room(room: &str) -> Result<(), ApiError> {
+    validate_room(room).map_err(ApiError::bad_request)
+}
+
+fn readable(caller: &Identity, room: &str) -> Result<(), ApiError> {
+    checked_room(room)?;
+    if !caller.can_read(room) {
+        return Err(ApiError::forbidden(format!("not allowed to read room {room:?}")));
+    }
+    Ok(())
+}
+
+async fn room_info(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(room): Path<String>,
+) -> Result<Response, ApiError> {
+    readable(&caller, &room)?;
+    let info = state.store.room_info(&room).await?;
+    let body = serde_json::json!({ "room": room, "head": info.head, "first": info.first });
+    Ok(Json(body).into_response())
+}
+
+#[derive(Deserialize)]
+struct ListParams {
+    after: Option<u64>,
+    before: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn list_messages(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(room): Path<String>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    readable(&caller, &room)?;
+    let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = match params.limit {
+        None => DEFAULT_LIMIT,
+        Some(0) => return Err(ApiError::bad_request("limit must be at least 1")),
+        Some(n) => n.min(MAX_LIMIT),
+    };
+    // One more than asked tells whether there is more.
+    let (messages, has_more) = match (params.after, params.before) {
+        (Some(_), Some(_)) => return Err(ApiError::bad_request("give `after` or `before`, not both")),
+        (after, None) => {
+            let mut page = state.store.read_after(&room, after.unwrap_or(0), None, limit + 1).await?;
+            let more = page.len() > limit;
+            page.truncate(limit);
+            (page, more)
+        }
+        (None, Some(before)) => {
+            let mut page = state.store.read_before(&room, before, limit + 1).await?;
+            let more = page.len() > limit;
+            if more {
+                page.remove(0);
+            }
+            (page, more)
+        }
+    };
+    // Read after the page, so the head covers every message in it.
+    let head = state.store.room_info(&room).await?.head;
+    let mut body = format!(r#"{{"room":"{room}","head":{head},"messages":["#);
+    for (i, m) in messages.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&protocol::message_frame(m));
+    }
+    body.push_str(&format!(r#"],"has_more":{has_more}}}"#));
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+#[derive(Deserialize)]
+struct PostBody<'a> {
+    #[serde(borrow, default)]
+    body: Option<&'a RawValue>,
+    #[serde(default)]
+    idem: Option<String>,
+    #[serde(default)]
+    from: Option<String>,
+}
+
+async fn post_message(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(room): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    checked_room(&room)?;
+    if !caller.can_send(&room) {
+        return Err(ApiError::forbidden(format!("not allowed to send to room {room:?}")));
+    }
+    let max_body = state.config.max_message_bytes;
+    let bytes = axum::body::to_bytes(body, state.config.max_frame_bytes())
+        .await
+        .map_err(|_| ApiError::too_large(format!("request body too large; the limit for `body` is {max_body} bytes")))?;
+    let req: PostBody = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("request body must be a JSON object: {e}")))?;
+    let text = match req.body {
+        Some(b) if b.get() != "null" => b.get(),
+        _ => return Err(ApiError::bad_request("missing `body`")),
+    };
+    if text.len() > max_body {
+        return Err(ApiError::too_large(format!(
+            "body is {} bytes; the limit is {max_body}",
+            text.len()
+        )));
+    }
+    if req.idem.as_ref().is_some_and(|k| k.is_empty() || k.len() > 256) {
+        return Err(ApiError::bad_request("`idem` must be a string of 1 to 256 bytes"));
+    }
+    // A user posts as itself; the server key names the sender (default `system`).
+    let sender = match req.from {
+        Some(from) if caller.is_server() => {
+            if from.is_empty() || from.len() > MAX_FROM_BYTES {
+                return Err(ApiError::bad_request(format!("`from` must be 1 to {MAX_FROM_BYTES} bytes")));
+            }
+            from
+        }
+        _ => caller.user.clone(),
+    };
+    let message = NewMessage { sender, body: text.to_string(), idem: req.idem };
+    let appended = state.writers.submit(&room, message).await.unwrap_or(Err(CommitError::Internal))?;
+    let m = &appended.message;
+    let mut reply = serde_json::json!({
+        "room": m.room, "seq": m.seq, "id": m.id, "ts": protocol::format_ts(m.ts_ms),
+    });
+    if appended.duplicate {
+        reply["duplicate"] = true.into();
+    }
+    Ok((StatusCode::CREATED, Json(reply)).into_response())
+}

@@ -1,0 +1,248 @@
+//! Node configuration, read from the environment (names fixed by the protocol contract).
+//!
+//! Every setting has a documented default (see `docs/configuration.md`); [`Config::default`] is the
+//! zero-config single node: embedded SQLite, development mode, loopback only.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone)]
+pub struct Config {
+    /// `SEQCAST_LISTEN`, default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// `DATABASE_URL`, default `sqlite://seqcast.db`.
+    pub database_url: String,
+    /// `REDIS_URL`, default unset. Read now so the name is reserved; cross-node fan-out uses it.
+    pub redis_url: Option<String>,
+    /// `SEQCAST_JWT_SECRET`; unset = development mode (anonymous clients, loopback only).
+    pub jwt_secret: Option<String>,
+    /// `SEQCAST_API_KEY`: the server key for HTTP publishing and reading in any room.
+    pub api_key: Option<String>,
+    /// `SEQCAST_NODE_ID`, default the host name.
+    pub node_id: String,
+    /// `SEQCAST_MAX_MESSAGE_BYTES`: largest serialized `body`, default 65536.
+    pub max_message_bytes: usize,
+    /// `SEQCAST_WRITE_TIMEOUT`: close a connection (4008) that accepts no bytes this long.
+    pub write_timeout: Duration,
+    /// `SEQCAST_SHUTDOWN_TIMEOUT`: how long a SIGTERM drain may take before the process exits.
+    pub shutdown_timeout: Duration,
+    /// `SEQCAST_OUTBOUND_QUEUE`: live frames buffered per session before it falls back to reading
+    /// the database (a session is a cursor: nothing is lost past it, memory stays bounded).
+    pub outbound_queue: usize,
+    /// `SEQCAST_LOG_FORMAT`: `text` (default) or `json`.
+    pub log_format: LogFormat,
+}
+
+impl std::fmt::Debug for Config {
+    // Hand-written so secrets never reach a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("database", &redact_url(&self.database_url))
+            .field("redis", &self.redis_url.as_deref().map(redact_url))
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "<set>"))
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .field("node_id", &self.node_id)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("write_timeout", &self.write_timeout)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("outbound_queue", &self.outbound_queue)
+            .finish()
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            database_url: "sqlite://seqcast.db".into(),
+            redis_url: None,
+            jwt_secret: None,
+            api_key: None,
+            node_id: host_name(),
+            max_message_bytes: 65536,
+            write_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(10),
+            outbound_queue: 1024,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> anyhow::Result<Config> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the configuration through `get`, so tests need not touch the process environment.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> anyhow::Result<Config> {
+        let mut c = Config::default();
+        let get = |name: &str| get(name).filter(|v| !v.trim().is_empty());
+        if let Some(v) = get("SEQCAST_LISTEN") {
+            c.listen = v.parse().with_context(|| format!("SEQCAST_LISTEN: bad address {v:?}"))?;
+        }
+        if let Some(v) = get("DATABASE_URL") {
+            c.database_url = v;
+        }
+        c.redis_url = get("REDIS_URL");
+        c.jwt_secret = get("SEQCAST_JWT_SECRET");
+        c.api_key = get("SEQCAST_API_KEY");
+        if let Some(v) = get("SEQCAST_NODE_ID") {
+            c.node_id = v;
+        }
+        if let Some(v) = get("SEQCAST_MAX_MESSAGE_BYTES") {
+            c.max_message_bytes = parse_count("SEQCAST_MAX_MESSAGE_BYTES", &v)?;
+        }
+        if let Some(v) = get("SEQCAST_WRITE_TIMEOUT") {
+            c.write_timeout = parse_positive_duration("SEQCAST_WRITE_TIMEOUT", &v)?;
+        }
+        if let Some(v) = get("SEQCAST_SHUTDOWN_TIMEOUT") {
+            c.shutdown_timeout = parse_positive_duration("SEQCAST_SHUTDOWN_TIMEOUT", &v)?;
+        }
+        if let Some(v) = get("SEQCAST_OUTBOUND_QUEUE") {
+            c.outbound_queue = parse_count("SEQCAST_OUTBOUND_QUEUE", &v)?;
+        }
+        if let Some(v) = get("SEQCAST_LOG_FORMAT") {
+            c.log_format = match v.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => bail!("SEQCAST_LOG_FORMAT: expected `text` or `json`, got {v:?}"),
+            };
+        }
+        Ok(c)
+    }
+
+    /// Development mode: no token verification, anonymous clients, loopback only.
+    pub fn dev_mode(&self) -> bool {
+        self.jwt_secret.is_none()
+    }
+
+    /// Largest WebSocket frame accepted: a `send` frame carries the body plus its envelope
+    /// (room, idem, ref) and JSON escaping, so twice the body limit leaves room for both.
+    pub fn max_frame_bytes(&self) -> usize {
+        self.max_message_bytes.saturating_mul(2).max(4096)
+    }
+
+    /// Refuses configurations that are unsafe to serve with.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.dev_mode() && !self.listen.ip().is_loopback() {
+            bail!(
+                "refusing to listen on {} in development mode: set SEQCAST_JWT_SECRET to serve \
+                 beyond loopback, or listen on 127.0.0.1",
+                self.listen
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Parses `500ms`, `10s`, `5m`, `2h`, `30d` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().with_context(|| format!("bad duration {text:?}"))?;
+    let ms = match unit {
+        "ms" => n,
+        "" | "s" => n.saturating_mul(1000),
+        "m" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        "d" => n.saturating_mul(86_400_000),
+        _ => bail!("bad duration {text:?}: units are ms, s, m, h, d"),
+    };
+    Ok(Duration::from_millis(ms))
+}
+
+fn parse_positive_duration(name: &str, v: &str) -> anyhow::Result<Duration> {
+    let d = parse_duration(v).with_context(|| name.to_string())?;
+    if d.is_zero() {
+        bail!("{name}: must be greater than zero");
+    }
+    Ok(d)
+}
+
+fn parse_count(name: &str, v: &str) -> anyhow::Result<usize> {
+    let n: usize = v.trim().parse().with_context(|| format!("{name}: bad number {v:?}"))?;
+    if n == 0 {
+        bail!("{name}: must be greater than zero");
+    }
+    Ok(n)
+}
+
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "seqcast".into())
+}
+
+/// Drops the password from a connection URL before it is logged.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let creds = &url[scheme_end + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}://{}:***@{}", &url[..scheme_end], user, &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("30d").unwrap(), Duration::from_secs(30 * 86400));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = Config::from_lookup(|_| None).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.database_url, "sqlite://seqcast.db");
+        assert_eq!(c.max_message_bytes, 65536);
+        assert_eq!(c.write_timeout, Duration::from_secs(10));
+        assert!(c.dev_mode());
+        c.validate().unwrap();
+
+        let c = Config::from_lookup(|k| match k {
+            "SEQCAST_LISTEN" => Some("0.0.0.0:9000".into()),
+            "SEQCAST_WRITE_TIMEOUT" => Some("1500ms".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert!(c.validate().is_err(), "dev mode must refuse a non-loopback address");
+        assert_eq!(c.write_timeout, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn secrets_are_not_debug_printed() {
+        let c = Config {
+            jwt_secret: Some("hunter2".into()),
+            database_url: "postgres://u:pw@h/db".into(),
+            ..Config::default()
+        };
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2") && !shown.contains("pw@"), "{shown}");
+    }
+}

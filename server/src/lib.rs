@@ -1,0 +1,95 @@
+//! seqcast: a WebSocket chat and broadcast server with durable, gap-free per-room sequences.
+//!
+//! One path for a message, visible in the module layout:
+//!
+//! ```text
+//!  ws.rs ──► session::inbound ──► writer (group commit) ──► store (commit = durability point)
+//!  (upgrade)  (parse, authorize)        │
+//!                                       └──► hub (local fan-out, one serialized frame shared)
+//!                                              └──► session::outbound (cursor per room) ──► socket
+//! ```
+//!
+//! - [`config`]: environment configuration and its defaults.
+//! - [`auth`]: tokens, the server key, room patterns.
+//! - [`protocol`]: client frame parsing and server frame writing.
+//! - [`store`]: the `Store` trait with Postgres and SQLite backends.
+//! - [`writer`]: per-room commit queues; the only way a message is committed.
+//! - [`hub`]: which local sessions are in which room; non-blocking fan-out.
+//! - [`session`]: one connection; its outbound half keeps a cursor per room and reads the
+//!   database whenever it is behind the live stream (join with `since`, gaps, slow clients).
+//! - [`api`], [`ws`], [`ops`]: the HTTP surface; [`app`] ties state and router together.
+//! - [`metrics`]: Prometheus names and exporter.
+//!
+//! [`serve`] runs a node on a listener until a shutdown future resolves, then drains.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod hub;
+pub mod metrics;
+pub mod ops;
+pub mod protocol;
+pub mod session;
+pub mod store;
+pub mod writer;
+pub mod ws;
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use app::AppState;
+pub use config::Config;
+
+/// Serves a node on `listener` until `shutdown` resolves, then drains: `/ready` turns 503, new
+/// WebSocket upgrades are refused, every session is closed with 1012, and the call returns once
+/// they are gone or `config.shutdown_timeout` has passed.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let store = store::connect(&config.database_url)
+        .await
+        .with_context(|| format!("opening the database {}", config::redact_url(&config.database_url)))?;
+    tracing::info!(store = store.kind(), node = %config.node_id, "database ready");
+    let handle = metrics::install();
+    let upkeep = tokio::spawn(metrics::upkeep(handle.clone()));
+    let drain_timeout = config.shutdown_timeout;
+    let state = AppState::new(config, store, handle);
+
+    let http_stop = CancellationToken::new();
+    let app = app::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(http_stop.clone().cancelled_owned());
+    let mut server_task = tokio::spawn(server.into_future());
+
+    tokio::select! {
+        _ = shutdown => {}
+        result = &mut server_task => {
+            upkeep.abort();
+            return result.context("http server task")?.context("http server");
+        }
+    }
+
+    let deadline = tokio::time::Instant::now() + drain_timeout;
+    let open = state.sessions.len();
+    tracing::info!(sessions = open, timeout = ?drain_timeout, "draining");
+    state.shutdown.cancel();
+    state.sessions.close();
+    if tokio::time::timeout_at(deadline, state.sessions.wait()).await.is_err() {
+        tracing::warn!(left = state.sessions.len(), "drain timeout: sessions still open");
+    }
+    http_stop.cancel();
+    match tokio::time::timeout_at(deadline, server_task).await {
+        Ok(result) => result.context("http server task")?.context("http server")?,
+        Err(_) => tracing::warn!("drain timeout: HTTP connections still open"),
+    }
+    upkeep.abort();
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! The `seqcast` binary: `seqcast` serves; `seqcast token` mints a token for trying it out.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use seqcast::auth::{self, Claims};
+use seqcast::config::{self, Config, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "seqcast", version, about = "WebSocket chat and broadcast server with durable, gap-free per-room sequences")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default). Configuration comes from the environment: see docs/configuration.md.
+    Serve,
+    /// Print a token signed with SEQCAST_JWT_SECRET.
+    Token {
+        /// The user id (`sub`), shown as `from` on the user's messages.
+        #[arg(long)]
+        sub: String,
+        /// Comma-separated room patterns the user may join, read and send to (`*` = any run of
+        /// characters).
+        #[arg(long, default_value = "*")]
+        rooms: String,
+        /// Comma-separated room patterns the user may join and read but not send to.
+        #[arg(long, default_value = "")]
+        read: String,
+        /// Lifetime of the token, e.g. `30m`, `24h`, `7d`.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(),
+        Command::Token { sub, rooms, read, ttl } => token(sub, &rooms, &read, &ttl),
+    }
+}
+
+fn serve() -> anyhow::Result<()> {
+    let config = Config::from_env()?;
+    init_tracing(config.log_format);
+    config.validate()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(async move {
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("binding {}", config.listen))?;
+            let addr = listener.local_addr()?;
+            tracing::info!(config = ?config, "starting");
+            println!("seqcast listening on http://{addr}");
+            if config.dev_mode() {
+                println!("development mode (no SEQCAST_JWT_SECRET): anonymous clients, loopback only");
+                println!("  WebSocket: ws://{addr}/v1/ws   then send {{\"type\":\"join\",\"room\":\"general\"}}");
+                println!("  HTTP:      curl -d '{{\"body\":\"hi\"}}' http://{addr}/v1/rooms/general/messages");
+            } else {
+                println!("  WebSocket: ws://{addr}/v1/ws?token=<JWT>   (mint one: seqcast token --sub alice)");
+            }
+            seqcast::serve(config, listener, shutdown_signal()).await
+        })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn token(sub: String, rooms: &str, read: &str, ttl: &str) -> anyhow::Result<()> {
+    let secret = std::env::var("SEQCAST_JWT_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .context("SEQCAST_JWT_SECRET is not set: tokens are signed with it (and the server checks them with it)")?;
+    let ttl: Duration = config::parse_duration(ttl).context("--ttl")?;
+    let list = |s: &str| s.split(',').map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect();
+    let claims = Claims { sub, exp: auth::unix_now() + ttl.as_secs(), rooms: list(rooms), read: list(read) };
+    println!("{}", auth::mint(&secret, &claims)?);
+    Ok(())
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

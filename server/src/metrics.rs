@@ -1,0 +1,89 @@
+//! Prometheus metrics: the names, in one place, and the exporter behind `GET /metrics`.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Open WebSocket connections (gauge).
+pub const CONNECTIONS_OPEN: &str = "seqcast_connections_open";
+/// (session, room) joins currently in force (gauge).
+pub const SESSIONS_JOINED: &str = "seqcast_sessions_joined";
+/// Messages committed by this node, duplicates excluded (counter).
+pub const MESSAGES_COMMITTED: &str = "seqcast_messages_committed_total";
+/// `message` frames written to WebSocket clients, live or replayed (counter).
+pub const MESSAGES_DELIVERED: &str = "seqcast_messages_delivered_total";
+/// Duration of one commit transaction (histogram).
+pub const COMMIT_SECONDS: &str = "seqcast_commit_seconds";
+/// Messages per commit transaction (histogram): how much group commit batches.
+pub const COMMIT_BATCH: &str = "seqcast_commit_batch_size";
+/// Commits that failed (counter, label `reason`: `unavailable` or `internal`).
+pub const COMMIT_ERRORS: &str = "seqcast_commit_errors_total";
+/// Sessions reading the database because they are behind the live stream (gauge).
+pub const SESSIONS_CATCHING_UP: &str = "seqcast_sessions_catching_up";
+/// Sessions closed with 4008 because they accepted no bytes for the write timeout (counter).
+pub const SESSIONS_CLOSED_SLOW: &str = "seqcast_sessions_closed_slow_total";
+/// HTTP requests answered (counter, label `status`).
+pub const HTTP_REQUESTS: &str = "seqcast_http_requests_total";
+
+/// Installs the process-wide recorder once and returns its handle. The recorder is global to the
+/// process, so a second server in the same process (tests) shares it.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let commit_buckets = [
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+            ];
+            let batch_buckets = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0];
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(COMMIT_SECONDS.into()), &commit_buckets)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(COMMIT_BATCH.into()), &batch_buckets)
+                })
+                .and_then(|b| b.install_recorder());
+            match handle {
+                Ok(handle) => {
+                    describe();
+                    handle
+                }
+                // Another recorder is installed (an embedding application): serve an empty
+                // registry rather than fail to start.
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed");
+                    PrometheusBuilder::new().build_recorder().handle()
+                }
+            }
+        })
+        .clone()
+}
+
+/// Keeps histograms from growing without bound between scrapes.
+pub async fn upkeep(handle: PrometheusHandle) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(CONNECTIONS_OPEN, "Open WebSocket connections");
+    describe_gauge!(SESSIONS_JOINED, "Room joins currently in force");
+    describe_counter!(MESSAGES_COMMITTED, "Messages committed by this node");
+    describe_counter!(MESSAGES_DELIVERED, "Message frames written to WebSocket clients");
+    describe_histogram!(COMMIT_SECONDS, Unit::Seconds, "Duration of one commit transaction");
+    describe_histogram!(COMMIT_BATCH, "Messages per commit transaction");
+    describe_counter!(COMMIT_ERRORS, "Failed commits");
+    describe_gauge!(SESSIONS_CATCHING_UP, "Sessions reading the database to catch up");
+    describe_counter!(SESSIONS_CLOSED_SLOW, "Sessions closed with 4008 (slow consumer)");
+    describe_counter!(HTTP_REQUESTS, "HTTP requests answered");
+    // Make every series visible from the first scrape, before anything happened.
+    metrics::gauge!(CONNECTIONS_OPEN).set(0.0);
+    metrics::gauge!(SESSIONS_JOINED).set(0.0);
+    metrics::gauge!(SESSIONS_CATCHING_UP).set(0.0);
+    metrics::counter!(MESSAGES_COMMITTED).absolute(0);
+    metrics::counter!(MESSAGES_DELIVERED).absolute(0);
+    metrics::counter!(SESSIONS_CLOSED_SLOW).absolute(0);
+}

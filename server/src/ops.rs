@@ -1,0 +1,62 @@
+//! Operational endpoints: liveness, readiness and metrics.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::app::AppState;
+
+/// How long `/ready` waits for the database before calling it unreachable.
+const READY_DB_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/live", get(live))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+}
+
+async fn live() -> Json<serde_json::Value> {
+    Json(json!({ "status": "live" }))
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    let node = &state.config.node_id;
+    let store = state.store.kind();
+    if state.is_draining() {
+        let body = json!({ "status": "draining", "reason": "the node is shutting down", "node": node, "store": store });
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
+    match tokio::time::timeout(READY_DB_TIMEOUT, state.store.ping()).await {
+        Ok(Ok(())) => {
+            let body = json!({
+                "status": "ready",
+                "node": node,
+                "store": store,
+                "draining": false,
+                "bus": "local",
+                "rooms": state.hub.room_count(),
+            });
+            (StatusCode::OK, Json(body)).into_response()
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readiness: database check failed");
+            let body = json!({ "status": "unavailable", "reason": "database unreachable", "node": node, "store": store });
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+        Err(_) => {
+            let body = json!({ "status": "unavailable", "reason": "database did not answer in time", "node": node, "store": store });
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state.metrics.render();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}

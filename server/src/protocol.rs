@@ -1,0 +1,324 @@
+//! The wire protocol (`shared/protocol.md`): parsing client frames and writing server frames.
+//!
+//! Client frames are parsed into borrowed raw JSON pieces first, so a frame with a bad field still
+//! yields its `ref` for the error reply, and a message `body` is kept as the exact text the client
+//! sent: it is stored and replayed byte for byte and never re-serialized.
+
+use chrono::{DateTime, SecondsFormat};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::store::StoredMessage;
+
+/// Longest room name, in characters.
+pub const MAX_ROOM_LEN: usize = 128;
+
+/// Error codes of `error` frames (and the `error` field of HTTP errors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotJoined,
+    TooLarge,
+    RateLimited,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotJoined => "not_joined",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// A frame that could not be accepted, with the `ref` to answer it under.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrameError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub reply_ref: Option<Ref>,
+}
+
+/// A client's `ref`, kept as its JSON text (a number or a string) to echo back unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ref(Box<str>);
+
+impl Ref {
+    pub fn as_json(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientFrame {
+    Join { room: String, since: Option<u64>, reply_ref: Option<Ref> },
+    Leave { room: String, reply_ref: Option<Ref> },
+    Send { room: String, body: String, idem: Option<String>, reply_ref: Option<Ref> },
+    Ping { reply_ref: Option<Ref> },
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<&'a RawValue>,
+    #[serde(rename = "ref", borrow, default)]
+    reply_ref: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    room: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    since: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    body: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    idem: Option<&'a RawValue>,
+}
+
+/// Parses one client text frame. `max_body` is `SEQCAST_MAX_MESSAGE_BYTES`.
+pub fn parse_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, FrameError> {
+    let env: Envelope = serde_json::from_str(text).map_err(|_| FrameError {
+        code: ErrorCode::BadRequest,
+        message: "frame is not a JSON object".into(),
+        reply_ref: None,
+    })?;
+    let reply_ref = match env.reply_ref {
+        None => None,
+        Some(r) if r.get() == "null" => None,
+        Some(r) if r.get().starts_with('"') || r.get().starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9']) => {
+            Some(Ref(r.get().into()))
+        }
+        Some(_) => return Err(bad(None, "`ref` must be a number or a string")),
+    };
+    let bad_here = |msg: &str| bad(reply_ref.clone(), msg);
+    let kind: String = required_str(env.kind).ok_or_else(|| bad_here("missing or invalid `type`"))?;
+    match kind.as_str() {
+        "join" => {
+            let room = room_field(env.room).map_err(|m| bad_here(&m))?;
+            let since = match env.since {
+                None => None,
+                Some(r) if r.get() == "null" => None,
+                Some(r) => Some(
+                    serde_json::from_str::<u64>(r.get())
+                        .map_err(|_| bad_here("`since` must be a non-negative integer"))?,
+                ),
+            };
+            Ok(ClientFrame::Join { room, since, reply_ref })
+        }
+        "leave" => {
+            let room = room_field(env.room).map_err(|m| bad_here(&m))?;
+            Ok(ClientFrame::Leave { room, reply_ref })
+        }
+        "send" => {
+            let room = room_field(env.room).map_err(|m| bad_here(&m))?;
+            let body = match env.body {
+                Some(b) if b.get() != "null" => b.get(),
+                _ => return Err(bad_here("missing `body`")),
+            };
+            if body.len() > max_body {
+                return Err(FrameError {
+                    code: ErrorCode::TooLarge,
+                    message: format!("body is {} bytes; the limit is {max_body}", body.len()),
+                    reply_ref,
+                });
+            }
+            let idem = match env.idem {
+                None => None,
+                Some(r) if r.get() == "null" => None,
+                Some(r) => Some(
+                    serde_json::from_str::<String>(r.get())
+                        .ok()
+                        .filter(|s| !s.is_empty() && s.len() <= 256)
+                        .ok_or_else(|| bad_here("`idem` must be a string of 1 to 256 bytes"))?,
+                ),
+            };
+            Ok(ClientFrame::Send { room, body: body.to_string(), idem, reply_ref })
+        }
+        "ping" => Ok(ClientFrame::Ping { reply_ref }),
+        other => Err(bad_here(&format!("unknown frame type {other:?}"))),
+    }
+}
+
+fn bad(reply_ref: Option<Ref>, message: &str) -> FrameError {
+    FrameError { code: ErrorCode::BadRequest, message: message.into(), reply_ref }
+}
+
+fn required_str(raw: Option<&RawValue>) -> Option<String> {
+    raw.and_then(|r| serde_json::from_str::<String>(r.get()).ok())
+}
+
+fn room_field(raw: Option<&RawValue>) -> Result<String, String> {
+    let room = required_str(raw).ok_or("missing or invalid `room`")?;
+    validate_room(&room)?;
+    Ok(room)
+}
+
+/// Room names: 1 to 128 characters of `A-Z a-z 0-9 _ . : -`.
+pub fn validate_room(room: &str) -> Result<(), String> {
+    if room.is_empty() || room.len() > MAX_ROOM_LEN {
+        return Err(format!("room name must be 1 to {MAX_ROOM_LEN} characters"));
+    }
+    if !room.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-')) {
+        return Err("room name may only contain A-Z a-z 0-9 _ . : -".into());
+    }
+    Ok(())
+}
+
+/// RFC 3339 in UTC with milliseconds, e.g. `2026-11-23T04:16:26.123Z`.
+pub fn format_ts(ts_ms: i64) -> String {
+    DateTime::from_timestamp_millis(ts_ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Serializes a committed message as its `message` frame. Written by hand: the body is already
+/// JSON text and is spliced in as is, and this runs once per message (the bytes are then shared
+/// by every subscriber).
+pub fn message_frame(m: &StoredMessage) -> String {
+    let from = json_string(&m.sender);
+    let mut s = String::with_capacity(96 + m.room.len() + from.len() + m.body.len());
+    s.push_str(r#"{"type":"message","room":""#);
+    s.push_str(&m.room); // room names never need escaping (validated charset)
+    s.push_str(r#"","seq":"#);
+    s.push_str(&m.seq.to_string());
+    s.push_str(r#","id":""#);
+    s.push_str(&m.id.to_string());
+    s.push_str(r#"","from":"#);
+    s.push_str(&from);
+    s.push_str(r#","body":"#);
+    s.push_str(&m.body);
+    s.push_str(r#","ts":""#);
+    s.push_str(&format_ts(m.ts_ms));
+    s.push_str(r#""}"#);
+    s
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
+fn with_ref(mut obj: String, reply_ref: Option<&Ref>) -> String {
+    if let Some(r) = reply_ref {
+        obj.pop(); // the closing brace
+        obj.push_str(r#","ref":"#);
+        obj.push_str(r.as_json());
+        obj.push('}');
+    }
+    obj
+}
+
+pub fn joined_frame(room: &str, head: u64, first: u64, truncated: bool, r: Option<&Ref>) -> String {
+    let t = if truncated { r#","truncated":true"# } else { "" };
+    with_ref(format!(r#"{{"type":"joined","room":"{room}","head":{head},"first":{first}{t}}}"#), r)
+}
+
+pub fn left_frame(room: &str, r: Option<&Ref>) -> String {
+    with_ref(format!(r#"{{"type":"left","room":"{room}"}}"#), r)
+}
+
+pub fn ack_frame(m: &StoredMessage, r: Option<&Ref>) -> String {
+    let obj = format!(
+        r#"{{"type":"ack","room":"{}","seq":{},"id":"{}","ts":"{}"}}"#,
+        m.room,
+        m.seq,
+        m.id,
+        format_ts(m.ts_ms)
+    );
+    with_ref(obj, r)
+}
+
+pub fn pong_frame(r: Option<&Ref>) -> String {
+    with_ref(r#"{"type":"pong"}"#.to_string(), r)
+}
+
+pub fn error_frame(code: ErrorCode, message: &str, r: Option<&Ref>) -> String {
+    let obj = format!(
+        r#"{{"type":"error","code":"{}","message":{}}}"#,
+        code.as_str(),
+        json_string(message)
+    );
+    with_ref(obj, r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn parse(s: &str) -> Result<ClientFrame, FrameError> {
+        parse_client_frame(s, 64)
+    }
+
+    #[test]
+    fn frames_parse() {
+        assert_eq!(
+            parse(r#"{"type":"join","room":"general","since":41,"ref":1}"#).unwrap(),
+            ClientFrame::Join { room: "general".into(), since: Some(41), reply_ref: Some(Ref("1".into())) }
+        );
+        match parse(r#"{"type":"send","room":"a","body":{"x": [1, 2]},"idem":"k","ref":"r"}"#).unwrap() {
+            ClientFrame::Send { body, idem, reply_ref, .. } => {
+                assert_eq!(body, r#"{"x": [1, 2]}"#, "body kept byte for byte");
+                assert_eq!(idem.as_deref(), Some("k"));
+                assert_eq!(reply_ref.unwrap().as_json(), r#""r""#);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_frames_keep_their_ref() {
+        let e = parse(r#"{"type":"join","room":"bad room","ref":7}"#).unwrap_err();
+        assert_eq!((e.code, e.reply_ref.unwrap().as_json()), (ErrorCode::BadRequest, "7"));
+        let e = parse(r#"{"type":"send","room":"a","body":"0123456789012345678901234567890123456789012345678901234567890123","ref":"x"}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::TooLarge);
+        for bad in [
+            "nope",
+            "[1]",
+            r#"{"type":"dance"}"#,
+            r#"{"room":"a"}"#,
+            r#"{"type":"send","room":"a"}"#,
+            r#"{"type":"join"}"#,
+            r#"{"type":"join","room":""}"#,
+            r#"{"type":"join","room":"a","since":-1}"#,
+            r#"{"type":"ping","ref":{"a":1}}"#,
+        ] {
+            assert_eq!(parse(bad).unwrap_err().code, ErrorCode::BadRequest, "{bad}");
+        }
+        assert!(validate_room(&"x".repeat(128)).is_ok());
+        assert!(validate_room(&"x".repeat(129)).is_err());
+        assert!(validate_room("A-z_0.9:-").is_ok());
+        assert!(validate_room("é").is_err());
+    }
+
+    #[test]
+    fn frames_are_valid_json() {
+        let m = StoredMessage {
+            room: "general".into(),
+            seq: 58,
+            id: uuid::Uuid::nil(),
+            sender: "al\"ice".into(),
+            body: r#"{"t":"hi"}"#.into(),
+            ts_ms: 1_700_000_000_123,
+        };
+        let v: Value = serde_json::from_str(&message_frame(&m)).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"message","room":"general","seq":58,"id":uuid::Uuid::nil(),"from":"al\"ice","body":{"t":"hi"},"ts":"2023-11-14T22:13:20.123Z"})
+        );
+        let r = Ref(r#""a""#.into());
+        let v: Value = serde_json::from_str(&ack_frame(&m, Some(&r))).unwrap();
+        assert_eq!(v["ref"], "a");
+        let v: Value = serde_json::from_str(&joined_frame("g", 3, 1, true, None)).unwrap();
+        assert_eq!(v, json!({"type":"joined","room":"g","head":3,"first":1,"truncated":true}));
+        let v: Value = serde_json::from_str(&error_frame(ErrorCode::NotJoined, "x\"y", Some(&r))).unwrap();
+        assert_eq!(v["code"], "not_joined");
+    }
+}

@@ -1,0 +1,164 @@
+//! The read half of a session: client frames in, commands and replies out.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::stream::{FuturesUnordered, SplitStream};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{close, Control};
+use crate::app::AppState;
+use crate::auth::Identity;
+use crate::protocol::{self, ClientFrame, ErrorCode, Ref};
+use crate::store::NewMessage;
+use crate::writer::{CommitError, CommitResult};
+
+/// Sends of one connection awaiting their commit. Past this the session stops reading the
+/// client's frames until one completes: pipelining is allowed, unbounded buffering is not.
+const MAX_SENDS_IN_FLIGHT: usize = 256;
+
+/// How long a closed connection waits for the client's close reply.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+type PendingAck = Pin<Box<dyn Future<Output = (Option<Ref>, CommitResult)> + Send>>;
+
+pub(super) async fn run(
+    mut stream: SplitStream<WebSocket>,
+    state: &AppState,
+    identity: &Identity,
+    control: mpsc::Sender<Control>,
+    stop: CancellationToken,
+) {
+    let mut in_flight: FuturesUnordered<PendingAck> = FuturesUnordered::new();
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return drain_until_closed(&mut stream).await,
+            Some((reply_ref, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
+                Control::Reply(ack_or_error(outcome, reply_ref.as_ref()))
+            }
+            frame = stream.next(), if in_flight.len() < MAX_SENDS_IN_FLIGHT => match frame {
+                Some(Ok(Message::Text(text))) => {
+                    match handle_text(text.as_str(), state, identity) {
+                        Handled::Control(c) => c,
+                        Handled::Commit(fut) => {
+                            in_flight.push(fut);
+                            continue;
+                        }
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => Control::Reply(protocol::error_frame(
+                    ErrorCode::BadRequest,
+                    "binary frames are not supported; send JSON text frames",
+                    None,
+                )),
+                // tungstenite answers pings itself.
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(Message::Close(_))) | None => return,
+                Some(Err(e)) => {
+                    if let Some(code) = close_code_for(&e) {
+                        // The outbound half sends the close frame; stop reading.
+                        let _ = control.send(Control::Close(code, "frame too large")).await;
+                    } else {
+                        tracing::debug!(error = %e, "websocket read failed");
+                    }
+                    return;
+                }
+            },
+        };
+        // Waits while the outbound half is blocked on a client that does not read.
+        if control.send(next).await.is_err() {
+            return;
+        }
+    }
+}
+
+enum Handled {
+    Control(Control),
+    Commit(PendingAck),
+}
+
+fn handle_text(text: &str, state: &AppState, identity: &Identity) -> Handled {
+    let frame = match protocol::parse_client_frame(text, state.config.max_message_bytes) {
+        Ok(frame) => frame,
+        Err(e) => {
+            return Handled::Control(Control::Reply(protocol::error_frame(
+                e.code,
+                &e.message,
+                e.reply_ref.as_ref(),
+            )))
+        }
+    };
+    let forbidden = |room: &str, what: &str, r: Option<&Ref>| {
+        Handled::Control(Control::Reply(protocol::error_frame(
+            ErrorCode::Forbidden,
+            &format!("not allowed to {what} room {room:?}"),
+            r,
+        )))
+    };
+    match frame {
+        ClientFrame::Join { room, since, reply_ref } => {
+            if !identity.can_read(&room) {
+                return forbidden(&room, "join", reply_ref.as_ref());
+            }
+            Handled::Control(Control::Join { room, since, reply_ref })
+        }
+        ClientFrame::Leave { room, reply_ref } => Handled::Control(Control::Leave { room, reply_ref }),
+        ClientFrame::Send { room, body, idem, reply_ref } => {
+            if !identity.can_send(&room) {
+                return forbidden(&room, "send to", reply_ref.as_ref());
+            }
+            let message = NewMessage { sender: identity.user.clone(), body, idem };
+            let outcome = state.writers.submit(&room, message);
+            Handled::Commit(Box::pin(async move {
+                // A dropped reply means the commit task died: the outcome is unknown to us, and
+                // `internal` tells the client to retry with its `idem`.
+                let result = outcome.await.unwrap_or(Err(CommitError::Internal));
+                (reply_ref, result)
+            }))
+        }
+        ClientFrame::Ping { reply_ref } => {
+            Handled::Control(Control::Reply(protocol::pong_frame(reply_ref.as_ref())))
+        }
+    }
+}
+
+fn ack_or_error(outcome: CommitResult, r: Option<&Ref>) -> String {
+    match outcome {
+        Ok(appended) => protocol::ack_frame(&appended.message, r),
+        Err(CommitError::Unavailable) => {
+            protocol::error_frame(ErrorCode::Unavailable, &CommitError::Unavailable.to_string(), r)
+        }
+        Err(CommitError::Internal) => protocol::error_frame(ErrorCode::Internal, "internal error", r),
+    }
+}
+
+/// The outbound half has closed the connection: read (and ignore) what the client still sends
+/// until its close reply, briefly, so the socket is not torn down under unread data (which
+/// would reset the connection and could cost the client our close frame).
+async fn drain_until_closed(stream: &mut SplitStream<WebSocket>) {
+    let drain = async {
+        while let Some(Ok(msg)) = stream.next().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_GRACE, drain).await;
+}
+
+/// Maps read errors that deserve a close code of their own.
+fn close_code_for(e: &axum::Error) -> Option<u16> {
+    use std::error::Error as _;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = e.source();
+    while let Some(err) = source {
+        if let Some(tungstenite::Error::Capacity(_)) = err.downcast_ref::<tungstenite::Error>() {
+            return Some(close::TOO_LARGE);
+        }
+        source = err.source();
+    }
+    None
+}

@@ -1,0 +1,96 @@
+//! One WebSocket connection.
+//!
+//! A session is two halves driven by one task:
+//! - [`inbound`] reads client frames, validates and authorizes them, submits sends to the room
+//!   writers and turns their outcomes into `ack`/`error` replies;
+//! - [`outbound`] owns the socket's write half and the session's [`cursor::Cursor`] per room. It
+//!   handles joins and leaves itself, so that subscribing, reading the head and sending `joined`
+//!   happen in order before any `message` frame of that room.
+//!
+//! The halves talk through a small bounded control channel: when the client stops reading, the
+//! outbound half blocks on the socket, the channel fills, and the inbound half stops reading the
+//! client's frames too, so a client cannot make the server buffer replies without bound. When
+//! either half ends, the other is told to end: inbound by a cancellation token, outbound by the
+//! control channel closing.
+
+pub mod cursor;
+mod inbound;
+mod outbound;
+
+use std::sync::Arc;
+
+use axum::extract::ws::WebSocket;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::AppState;
+use crate::auth::{AuthError, Identity};
+use crate::hub::{LagSignal, Subscriber};
+use crate::metrics as m;
+use crate::protocol::{self, ErrorCode, Ref};
+
+/// Replies and commands buffered between the two halves.
+const CONTROL_QUEUE: usize = 64;
+
+/// WebSocket close codes used by seqcast (see the protocol contract).
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_LARGE: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
+    pub const RESTARTING: u16 = 1012;
+    pub const OVERLOADED: u16 = 1013;
+    pub const SLOW_CONSUMER: u16 = 4008;
+}
+
+/// Work for the outbound half, in the order the client asked for it.
+#[derive(Debug)]
+enum Control {
+    Join { room: String, since: Option<u64>, reply_ref: Option<Ref> },
+    Leave { room: String, reply_ref: Option<Ref> },
+    /// A ready reply frame (`ack`, `pong`, `error`).
+    Reply(String),
+    /// Close the connection with this code and reason.
+    Close(u16, &'static str),
+}
+
+/// Serves an upgraded connection until it ends. `identity` is the outcome of authentication at
+/// the upgrade: a failure is reported in-band (an `error` frame, then close 1008), since browsers
+/// cannot read the status of a refused upgrade.
+pub async fn run(socket: WebSocket, state: AppState, identity: Result<Identity, AuthError>) {
+    let identity = match identity {
+        Ok(identity) => identity,
+        Err(e) => return refuse(socket, e).await,
+    };
+    metrics::gauge!(m::CONNECTIONS_OPEN).increment(1.0);
+    let id = state.next_session_id();
+    let (sink, stream) = socket.split();
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    let (live_tx, live_rx) = mpsc::channel(state.config.outbound_queue);
+    let subscriber = Subscriber { queue: live_tx, lag: Arc::new(LagSignal::default()) };
+    let stop_inbound = CancellationToken::new();
+    tracing::debug!(session = id, user = %identity.user, "session open");
+
+    let inbound = inbound::run(stream, &state, &identity, control_tx, stop_inbound.clone());
+    let outbound = async {
+        outbound::Outbound::new(&state, id, &identity, sink, subscriber).run(control_rx, live_rx).await;
+        stop_inbound.cancel();
+    };
+    tokio::join!(inbound, outbound);
+    metrics::gauge!(m::CONNECTIONS_OPEN).decrement(1.0);
+    tracing::debug!(session = id, "session closed");
+}
+
+async fn refuse(mut socket: WebSocket, e: AuthError) {
+    use axum::extract::ws::{CloseFrame, Message};
+    let frame = protocol::error_frame(ErrorCode::Unauthorized, &e.to_string(), None);
+    let close = CloseFrame { code: close::POLICY, reason: e.to_string().into() };
+    let send = async {
+        socket.send(Message::Text(frame.into())).await?;
+        socket.send(Message::Close(Some(close))).await
+    };
+    if let Err(err) = tokio::time::timeout(std::time::Duration::from_secs(5), send).await {
+        tracing::debug!(error = %err, "refused connection did not take its close frame");
+    }
+}

@@ -1,0 +1,325 @@
+//! The write half of a session: the only code that writes to the client's socket.
+//!
+//! Live frames arrive on a bounded queue from the hub. Each joined room has a [`Cursor`]; frames
+//! that are the next seq go out, the rest turn into database reads (catch-up), done a page at a
+//! time between other work so replies and shutdown stay responsive during a long replay.
+//!
+//! Slow-client policy: every socket write must make progress within `SEQCAST_WRITE_TIMEOUT`.
+//! A client that reads slowly keeps up with its own pace (it falls behind the live stream and is
+//! fed from the database); one that accepts no bytes for the whole timeout is closed with 4008.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::stream::SplitSink;
+use futures_util::SinkExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::cursor::{self, Cursor};
+use super::{close, Control};
+use crate::app::AppState;
+use crate::auth::{self, Identity};
+use crate::hub::{Live, SessionId, Subscriber};
+use crate::metrics as m;
+use crate::protocol::{self, ErrorCode, Ref};
+use crate::store::StoreError;
+
+/// Messages read from the database per catch-up step.
+const CATCH_UP_PAGE: usize = 500;
+/// Live frames written per socket flush.
+const LIVE_BATCH: usize = 64;
+/// Pause before retrying a catch-up read that failed (database unreachable).
+const CATCH_UP_RETRY: Duration = Duration::from_millis(500);
+
+/// Why the session ends.
+enum Stop {
+    /// The inbound half ended (the client closed or went away).
+    ClientGone,
+    /// A write failed: the connection is broken.
+    Broken,
+    /// The client accepted no bytes for the write timeout.
+    Slow,
+    /// The node is draining.
+    Draining,
+    /// The token expired.
+    Expired,
+    /// Close with this code (requested by the inbound half).
+    Close(u16, &'static str),
+}
+
+pub(super) struct Outbound<'a> {
+    state: &'a AppState,
+    id: SessionId,
+    expires: Option<u64>,
+    sink: SplitSink<WebSocket, Message>,
+    subscriber: Subscriber,
+    rooms: HashMap<Arc<str>, Cursor>,
+    /// Mirrors whether this session counts in the `sessions_catching_up` gauge.
+    counted_catching_up: bool,
+    /// Set after a failed catch-up read: no new read before then.
+    retry_at: Option<Instant>,
+}
+
+impl<'a> Outbound<'a> {
+    pub(super) fn new(
+        state: &'a AppState,
+        id: SessionId,
+        identity: &Identity,
+        sink: SplitSink<WebSocket, Message>,
+        subscriber: Subscriber,
+    ) -> Self {
+        Outbound {
+            state,
+            id,
+            expires: identity.exp,
+            sink,
+            subscriber,
+            rooms: HashMap::new(),
+            counted_catching_up: false,
+            retry_at: None,
+        }
+    }
+
+    pub(super) async fn run(
+        mut self,
+        mut control: mpsc::Receiver<Control>,
+        mut live: mpsc::Receiver<Arc<Live>>,
+    ) {
+        let lag = Arc::clone(&self.subscriber.lag);
+        let shutdown = self.state.shutdown.clone();
+        let expiry = tokio::time::sleep(self.expires.map_or(Duration::MAX / 4, auth::until_expiry));
+        tokio::pin!(expiry);
+        let stop = loop {
+            let behind = self.rooms.values().any(Cursor::behind);
+            let retry_at = self.retry_at;
+            let step = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => Err(Stop::Draining),
+                _ = &mut expiry => Err(Stop::Expired),
+                cmd = control.recv() => match cmd {
+                    Some(cmd) => self.control(cmd).await,
+                    None => Err(Stop::ClientGone),
+                },
+                _ = lag.wait() => {
+                    self.lagged();
+                    Ok(())
+                }
+                Some(first) = live.recv() => self.live(first, &mut live).await,
+                _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if behind && retry_at.is_some() => {
+                    self.retry_at = None;
+                    Ok(())
+                }
+                _ = std::future::ready(()), if behind && retry_at.is_none() => self.catch_up().await,
+            };
+            self.update_catching_up_gauge();
+            if let Err(stop) = step {
+                break stop;
+            }
+        };
+        self.finish(stop).await;
+    }
+
+    async fn control(&mut self, cmd: Control) -> Result<(), Stop> {
+        match cmd {
+            Control::Join { room, since, reply_ref } => self.join(room, since, reply_ref).await,
+            Control::Leave { room, reply_ref } => {
+                let frame = if self.rooms.remove(room.as_str()).is_some() {
+                    self.state.hub.unsubscribe(&room, self.id);
+                    metrics::gauge!(m::SESSIONS_JOINED).decrement(1.0);
+                    protocol::left_frame(&room, reply_ref.as_ref())
+                } else {
+                    protocol::error_frame(
+                        ErrorCode::NotJoined,
+                        &format!("not joined to room {room:?}"),
+                        reply_ref.as_ref(),
+                    )
+                };
+                self.write(vec![Message::Text(frame.into())]).await
+            }
+            Control::Reply(frame) => self.write(vec![Message::Text(frame.into())]).await,
+            Control::Close(code, reason) => Err(Stop::Close(code, reason)),
+        }
+    }
+
+    /// Subscribe first, then read the head: a message committed in between is both in the
+    /// queue and at or below the head, and the cursor sends it exactly once either way.
+    async fn join(&mut self, room: String, since: Option<u64>, r: Option<Ref>) -> Result<(), Stop> {
+        let room: Arc<str> = Arc::from(room);
+        let rejoin = self.rooms.contains_key(&room);
+        if !rejoin {
+            self.state.hub.subscribe(&room, self.id, self.subscriber.clone());
+        }
+        let info = match self.state.store.room_info(&room).await {
+            Ok(info) => info,
+            Err(e) => {
+                if !rejoin {
+                    self.state.hub.unsubscribe(&room, self.id);
+                }
+                let frame = store_error_frame(&e, r.as_ref());
+                return self.write(vec![Message::Text(frame.into())]).await;
+            }
+        };
+        let (sent, truncated) = match since {
+            None => (info.head, false),
+            // The client's state is not from this database: live from here on.
+            Some(since) if since > info.head => (info.head, false),
+            // Retention deleted part of what was asked for: replay what is left.
+            Some(since) if since.saturating_add(1) < info.first => (info.first - 1, true),
+            Some(since) => (since, false),
+        };
+        self.rooms.insert(Arc::clone(&room), Cursor::new(sent, info.head));
+        if !rejoin {
+            metrics::gauge!(m::SESSIONS_JOINED).increment(1.0);
+        }
+        let frame = protocol::joined_frame(&room, info.head, info.first, truncated, r.as_ref());
+        self.write(vec![Message::Text(frame.into())]).await
+    }
+
+    /// Writes the first live frame and whatever else is queued, up to a batch, in one flush.
+    async fn live(&mut self, first: Arc<Live>, queue: &mut mpsc::Receiver<Arc<Live>>) -> Result<(), Stop> {
+        let mut frames = Vec::new();
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            if let Some(cursor) = self.rooms.get_mut(&item.room) {
+                if cursor.live(item.seq) == cursor::Live::Send {
+                    frames.push(Message::Text(item.frame.clone()));
+                }
+            }
+            if frames.len() < LIVE_BATCH {
+                next = queue.try_recv().ok();
+            }
+        }
+        let n = frames.len() as u64;
+        self.write(frames).await?;
+        metrics::counter!(m::MESSAGES_DELIVERED).increment(n);
+        Ok(())
+    }
+
+    /// The hub dropped frames for this session: catch up to what it has published since.
+    fn lagged(&mut self) {
+        for (room, cursor) in self.rooms.iter_mut() {
+            cursor.raise_target(self.state.hub.head(room));
+        }
+    }
+
+    /// Reads one page of missed messages for one room that is behind, and writes it.
+    async fn catch_up(&mut self) -> Result<(), Stop> {
+        let Some((room, after, upto)) = self
+            .rooms
+            .iter()
+            .find(|(_, c)| c.behind())
+            .map(|(room, c)| (Arc::clone(room), c.sent(), c.target()))
+        else {
+            return Ok(());
+        };
+        let page = match self.state.store.read_after(&room, after, Some(upto), CATCH_UP_PAGE).await {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::warn!(session = self.id, room = %room, error = %e, "catch-up read failed; retrying");
+                self.retry_at = Some(Instant::now() + CATCH_UP_RETRY);
+                return Ok(());
+            }
+        };
+        // The room may have been left while reading; the cursor then no longer exists.
+        let Some(cursor) = self.rooms.get_mut(&room) else { return Ok(()) };
+        let full_page = page.len() == CATCH_UP_PAGE;
+        let frames: Vec<Message> = page
+            .iter()
+            .filter(|msg| cursor.replayed(msg.seq))
+            .map(|msg| Message::Text(protocol::message_frame(msg).into()))
+            .collect();
+        if !full_page {
+            // Everything stored up to the target was read; the rest was deleted by retention.
+            cursor.exhausted();
+        }
+        let n = frames.len() as u64;
+        self.write(frames).await?;
+        metrics::counter!(m::MESSAGES_DELIVERED).increment(n);
+        Ok(())
+    }
+
+    /// Feeds frames to the socket and flushes them; every step must progress within the write
+    /// timeout or the client is a slow consumer.
+    async fn write(&mut self, frames: Vec<Message>) -> Result<(), Stop> {
+        let limit = self.state.config.write_timeout;
+        for frame in frames {
+            match tokio::time::timeout(limit, self.sink.feed(frame)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Stop::Broken),
+                Err(_) => return Err(Stop::Slow),
+            }
+        }
+        match tokio::time::timeout(limit, self.sink.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Stop::Broken),
+            Err(_) => Err(Stop::Slow),
+        }
+    }
+
+    fn update_catching_up_gauge(&mut self) {
+        let behind = self.rooms.values().any(Cursor::behind);
+        if behind != self.counted_catching_up {
+            self.counted_catching_up = behind;
+            let delta = if behind { 1.0 } else { -1.0 };
+            metrics::gauge!(m::SESSIONS_CATCHING_UP).increment(delta);
+        }
+    }
+
+    async fn finish(&mut self, stop: Stop) {
+        let (code, reason) = match stop {
+            Stop::ClientGone | Stop::Broken => {
+                // Flush any close reply tungstenite queued; the peer may already be gone.
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.sink.close()).await;
+                return;
+            }
+            Stop::Slow => {
+                metrics::counter!(m::SESSIONS_CLOSED_SLOW).increment(1);
+                tracing::info!(session = self.id, "closing slow consumer");
+                (close::SLOW_CONSUMER, "slow consumer: reconnect and join with since")
+            }
+            Stop::Draining => (close::RESTARTING, "server restarting"),
+            Stop::Expired => {
+                let frame = protocol::error_frame(ErrorCode::Unauthorized, "token expired", None);
+                if self.write(vec![Message::Text(frame.into())]).await.is_err() {
+                    return;
+                }
+                (close::POLICY, "token expired")
+            }
+            Stop::Close(code, reason) => (code, reason),
+        };
+        // The close frame queues behind whatever the socket still holds, so a slow client gets
+        // one more write timeout to read its way to it.
+        let frame = Message::Close(Some(CloseFrame { code, reason: reason.into() }));
+        let limit = self.state.config.write_timeout;
+        if tokio::time::timeout(limit, self.sink.send(frame)).await.is_err() {
+            tracing::debug!(session = self.id, code, "close frame not accepted in time");
+        }
+    }
+}
+
+impl Drop for Outbound<'_> {
+    fn drop(&mut self) {
+        for room in self.rooms.keys() {
+            self.state.hub.unsubscribe(room, self.id);
+        }
+        metrics::gauge!(m::SESSIONS_JOINED).decrement(self.rooms.len() as f64);
+        if self.counted_catching_up {
+            metrics::gauge!(m::SESSIONS_CATCHING_UP).decrement(1.0);
+        }
+    }
+}
+
+fn store_error_frame(e: &StoreError, r: Option<&Ref>) -> String {
+    match e {
+        StoreError::Unavailable(_) => {
+            protocol::error_frame(ErrorCode::Unavailable, "the database is unavailable; retry", r)
+        }
+        _ => {
+            tracing::error!(error = %e, "store error");
+            protocol::error_frame(ErrorCode::Internal, "internal error", r)
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! Durable message storage: the single source of truth.
+//!
+//! Every message is committed here before anyone hears of it. A room's `seq` is assigned inside
+//! the same transaction as the insert, so sequence numbers have no holes and become visible in
+//! order. Two implementations sit behind [`Store`]: Postgres for clusters and SQLite for the
+//! zero-config single node; both pass the same contract suite (`server/tests/store_contract.rs`).
+
+mod batch;
+mod postgres;
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+/// A message waiting to be committed.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// User id of the sender (the `from` of the message).
+    pub sender: String,
+    /// The message body as serialized JSON text; stored and replayed byte for byte.
+    pub body: String,
+    /// Optional idempotency key, unique per (room, sender, idem).
+    pub idem: Option<String>,
+}
+
+/// A committed message as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub room: String,
+    pub seq: u64,
+    pub id: Uuid,
+    pub sender: String,
+    /// Serialized JSON text, exactly as it was sent.
+    pub body: String,
+    /// Commit time, milliseconds since the Unix epoch.
+    pub ts_ms: i64,
+}
+
+/// The outcome of one message of an [`Store::append`] batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub message: StoredMessage,
+    /// True when the (room, sender, idem) key was already stored (earlier, or earlier in the same
+    /// batch): `message` is then the original and nothing new was stored.
+    pub duplicate: bool,
+}
+
+/// A room's bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomInfo {
+    /// Last committed `seq`; 0 for a room never written to.
+    pub head: u64,
+    /// Oldest `seq` still stored; `head + 1` when none is stored.
+    pub first: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or cannot commit right now; nothing was stored.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error: {0}")]
+    Other(#[source] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Storage backend. Implementations must be cheap to share (`Arc<dyn Store>`).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Commits `batch` to `room` in one transaction and returns one [`Appended`] per input, in
+    /// input order. New messages get consecutive seqs after the room's head, in input order.
+    /// Either the whole batch commits or nothing does.
+    async fn append(&self, room: &str, batch: &[NewMessage]) -> StoreResult<Vec<Appended>>;
+
+    /// The room's head and first stored seq (`head 0, first 1` for an unknown room).
+    async fn room_info(&self, room: &str) -> StoreResult<RoomInfo>;
+
+    /// Up to `limit` messages with `after < seq <= up_to` (no upper bound when `up_to` is None),
+    /// ascending.
+    async fn read_after(
+        &self,
+        room: &str,
+        after: u64,
+        up_to: Option<u64>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredMessage>>;
+
+    /// The `limit` messages just below `before` (`seq < before`), returned in ascending order.
+    async fn read_before(&self, room: &str, before: u64, limit: usize) -> StoreResult<Vec<StoredMessage>>;
+
+    /// Cheap liveness check used by `/ready`.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Short name for logs and `/ready` ("postgres" or "sqlite").
+    fn kind(&self) -> &'static str;
+}
+
+/// Opens the store named by `url` (`postgres://…` or `sqlite://path`) and applies migrations.
+pub async fn connect(url: &str) -> StoreResult<Arc<dyn Store>> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::connect(url).await?))
+    } else {
+        Ok(Arc::new(SqliteStore::connect(url).await?))
+    }
+}

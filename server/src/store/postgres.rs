@@ -1,0 +1,276 @@
+//! Postgres backend: the store for clusters. Any number of nodes may share one database; the
+//! per-room counter row (see [`PostgresStore::append`]) keeps seqs gap-free across all of them.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgArguments, PgPool, PgPoolOptions, PgRow};
+use sqlx::query::Query;
+use sqlx::{Postgres, Row, Transaction};
+
+use super::batch::{self, KeyedMessage};
+use super::{Appended, NewMessage, RoomInfo, Store, StoreError, StoreResult, StoredMessage};
+
+/// Connections per node. Appends to one room serialize on its counter row anyway, so more
+/// connections mostly help reads and appends to many rooms at once.
+const MAX_CONNECTIONS: u32 = 16;
+
+/// How long a query waits for a connection. A database that is down shows up as
+/// [`StoreError::Unavailable`] after this long instead of hanging the caller.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connects to `url` and applies pending migrations. Several nodes may start at once: sqlx
+    /// holds an advisory lock while it migrates, so exactly one of them applies each migration.
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect(url)
+            .await
+            .map_err(classify)?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// The body of [`Store::append`], inside the transaction `tx`.
+    ///
+    /// Why seqs come out without holes and commit in seq order, even with many nodes writing:
+    /// the first statement inserts or touches the room's row in `rooms`, which takes that row's
+    /// lock until the transaction ends. Every other writer of the room, on any node, blocks on
+    /// that same statement, so one transaction at a time reads the head, inserts the seqs after
+    /// it and stores the new head. The next writer is let through only once this transaction
+    /// has committed (and its rows are visible), and then reads the new head: seqs are handed out
+    /// in commit order. If this transaction rolls back, its head bump rolls back with it and the
+    /// next writer reuses those seqs: no holes. (A Postgres `SEQUENCE` would not do: `nextval`
+    /// is not transactional, so a rollback leaves a hole, and concurrent writers could commit out
+    /// of seq order.)
+    async fn append_in(
+        tx: &mut Transaction<'static, Postgres>,
+        room: &str,
+        batch: &[NewMessage],
+    ) -> Result<Vec<Appended>, sqlx::Error> {
+        let head: i64 = sqlx::query_scalar(
+            "INSERT INTO rooms (room, head) VALUES ($1, 0) \
+             ON CONFLICT (room) DO UPDATE SET head = rooms.head \
+             RETURNING head",
+        )
+        .bind(room)
+        .fetch_one(&mut **tx)
+        .await?;
+        // Taken under the lock, so timestamps follow seq order as far as the nodes' clocks agree.
+        let ts_ms = batch::now_ms();
+
+        let (senders, idems): (Vec<&str>, Vec<&str>) = batch
+            .iter()
+            .filter_map(|m| Some((m.sender.as_str(), m.idem.as_deref()?)))
+            .unzip();
+        let stored = if idems.is_empty() {
+            Vec::new()
+        } else {
+            let rows = sqlx::query(
+                "SELECT m.idem, m.seq, m.id::text AS id, m.sender, m.body, m.ts_ms \
+                 FROM messages m \
+                 JOIN UNNEST($2::text[], $3::text[]) AS k (sender, idem) \
+                   ON m.sender = k.sender AND m.idem = k.idem \
+                 WHERE m.room = $1 AND m.idem IS NOT NULL",
+            )
+            .bind(room)
+            .bind(&senders)
+            .bind(&idems)
+            .fetch_all(&mut **tx)
+            .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(KeyedMessage {
+                        idem: row.try_get("idem")?,
+                        message: message_from_row(room, row)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()?
+        };
+
+        let plan = batch::plan(room, batch::seq_from_db(head)?, ts_ms, batch, stored);
+        if plan.new.is_empty() {
+            return Ok(plan.results);
+        }
+
+        let mut seqs = Vec::with_capacity(plan.new.len());
+        let mut ids = Vec::with_capacity(plan.new.len());
+        let mut senders = Vec::with_capacity(plan.new.len());
+        let mut bodies = Vec::with_capacity(plan.new.len());
+        let mut idems = Vec::with_capacity(plan.new.len());
+        for &i in &plan.new {
+            let message = &plan.results[i].message;
+            seqs.push(batch::to_db(message.seq));
+            ids.push(message.id.to_string());
+            senders.push(message.sender.as_str());
+            bodies.push(message.body.as_str());
+            idems.push(batch[i].idem.as_deref());
+        }
+        // One statement for the whole batch, whatever its size: arrays, not one bind per value.
+        sqlx::query(
+            "INSERT INTO messages (room, seq, id, sender, body, idem, ts_ms) \
+             SELECT $1, t.seq, t.id::uuid, t.sender, t.body, t.idem, $7 \
+             FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[]) \
+               AS t (seq, id, sender, body, idem)",
+        )
+        .bind(room)
+        .bind(&seqs)
+        .bind(&ids)
+        .bind(&senders)
+        .bind(&bodies)
+        .bind(&idems)
+        .bind(ts_ms)
+        .execute(&mut **tx)
+        .await?;
+
+        sqlx::query("UPDATE rooms SET head = $2 WHERE room = $1")
+            .bind(room)
+            .bind(batch::to_db(plan.head))
+            .execute(&mut **tx)
+            .await?;
+        Ok(plan.results)
+    }
+
+    /// Runs a query for [`message_from_row`]'s columns.
+    async fn fetch_messages(
+        &self,
+        room: &str,
+        query: Query<'_, Postgres, PgArguments>,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        let rows = query.fetch_all(&self.pool).await.map_err(classify)?;
+        rows.iter()
+            .map(|row| message_from_row(room, row).map_err(classify))
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn append(&self, room: &str, batch: &[NewMessage]) -> StoreResult<Vec<Appended>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Dropping `tx` without committing (on error, or if this future is dropped) rolls back.
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let appended = Self::append_in(&mut tx, room, batch)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(appended)
+    }
+
+    async fn room_info(&self, room: &str) -> StoreResult<RoomInfo> {
+        // One statement, so both numbers come from the same snapshot.
+        let (head, first): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT COALESCE((SELECT head FROM rooms WHERE room = $1), 0), \
+                    (SELECT min(seq) FROM messages WHERE room = $1)",
+        )
+        .bind(room)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify)?;
+        let head = batch::seq_from_db(head).map_err(classify)?;
+        let first = match first {
+            Some(first) => batch::seq_from_db(first).map_err(classify)?,
+            None => head + 1,
+        };
+        Ok(RoomInfo { head, first })
+    }
+
+    async fn read_after(
+        &self,
+        room: &str,
+        after: u64,
+        up_to: Option<u64>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        let query = sqlx::query(
+            "SELECT seq, id::text AS id, sender, body, ts_ms FROM messages \
+             WHERE room = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
+        )
+        .bind(room)
+        .bind(batch::to_db(after))
+        .bind(batch::to_db(up_to.unwrap_or(u64::MAX)))
+        .bind(batch::limit_to_db(limit));
+        self.fetch_messages(room, query).await
+    }
+
+    async fn read_before(
+        &self,
+        room: &str,
+        before: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        let query = sqlx::query(
+            "SELECT seq, id::text AS id, sender, body, ts_ms FROM messages \
+             WHERE room = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
+        )
+        .bind(room)
+        .bind(batch::to_db(before))
+        .bind(batch::limit_to_db(limit));
+        let mut messages = self.fetch_messages(room, query).await?;
+        messages.reverse();
+        Ok(messages)
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+}
+
+/// Reads the columns `seq, id, sender, body, ts_ms` of `row`. The `UUID` travels as text
+/// (`id::text`): sqlx is built without its `uuid` feature.
+fn message_from_row(room: &str, row: &PgRow) -> Result<StoredMessage, sqlx::Error> {
+    Ok(StoredMessage {
+        room: room.to_owned(),
+        seq: batch::seq_from_db(row.try_get("seq")?)?,
+        id: batch::id_from_db(row.try_get("id")?)?,
+        sender: row.try_get("sender")?,
+        body: row.try_get("body")?,
+        ts_ms: row.try_get("ts_ms")?,
+    })
+}
+
+/// Sorts a failure into "the database cannot serve now, retry later" and everything else.
+fn classify(err: sqlx::Error) -> StoreError {
+    let unavailable = match &err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| unavailable_sqlstate(&code)),
+        _ => false,
+    };
+    if unavailable {
+        StoreError::Unavailable(err)
+    } else {
+        StoreError::Other(err)
+    }
+}
+
+/// SQLSTATEs that mean the server cannot take the write now, whatever the statement.
+fn unavailable_sqlstate(code: &str) -> bool {
+    code.starts_with("08") // connection exception
+        || code.starts_with("53") // insufficient resources: disk full, out of memory, too many connections
+        || code.starts_with("57P0") // shutting down, crashed, starting up, database dropped
+        || code == "25006" // read-only transaction: connected to a standby, e.g. right after a failover
+}

@@ -1,0 +1,43 @@
+//! `GET /v1/ws`: authenticates, applies frame limits and hands the socket to a session.
+
+use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::Deserialize;
+
+use crate::api::bearer_token;
+use crate::app::AppState;
+use crate::error::ApiError;
+use crate::session;
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/v1/ws", get(upgrade))
+}
+
+#[derive(Deserialize)]
+struct WsParams {
+    /// For browsers, which cannot set headers on a WebSocket request.
+    token: Option<String>,
+}
+
+async fn upgrade(
+    State(state): State<AppState>,
+    Query(params): Query<WsParams>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if state.is_draining() {
+        return ApiError::unavailable("the node is shutting down; connect to another").into_response();
+    }
+    let token = bearer_token(&headers).or(params.token.as_deref());
+    let identity = state.auth.websocket(token);
+    let limit = state.config.max_frame_bytes();
+    // axum runs the upgraded connection in a task of its own that its graceful shutdown does
+    // not wait for, so sessions are tracked here to be drained on SIGTERM.
+    let sessions = state.sessions.clone();
+    ws.max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| sessions.track_future(session::run(socket, state, identity)))
+}
