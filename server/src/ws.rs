@@ -12,6 +12,9 @@ use crate::app::AppState;
 use crate::error::ApiError;
 use crate::session;
 
+/// Initial read buffer per connection.
+const READ_BUFFER_BYTES: usize = 8 * 1024;
+
 pub fn routes() -> Router<AppState> {
     Router::new().route("/v1/ws", get(upgrade))
 }
@@ -39,5 +42,8 @@ async fn upgrade(
     let sessions = state.sessions.clone();
     ws.max_message_size(limit)
         .max_frame_size(limit)
+        // tungstenite zero-fills its read buffer to full capacity on first read; the 128 KiB
+        // default would cost every idle connection 128 KiB of RSS. Larger frames still grow it.
+        .read_buffer_size(READ_BUFFER_BYTES)
         .on_upgrade(move |socket| sessions.track_future(session::run(socket, state, identity)))
 }
