@@ -44,7 +44,10 @@ pub(super) fn plan(
     let mut new = Vec::with_capacity(batch.len());
     let mut head = head;
     for input in batch {
-        let key = input.idem.as_ref().map(|idem| (input.sender.clone(), idem.clone()));
+        let key = input
+            .idem
+            .as_ref()
+            .map(|idem| (input.sender.clone(), idem.clone()));
         if let Some(original) = key.as_ref().and_then(|key| originals.get(key)) {
             results.push(Appended {
                 message: original.clone(),

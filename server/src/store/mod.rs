@@ -61,7 +61,10 @@ pub struct RoomInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database cannot be reached or cannot commit right now; nothing was stored.
+    /// The database cannot be reached or cannot commit right now; nothing was stored. (One
+    /// exception no client library can rule out: when the connection breaks while `COMMIT` is
+    /// in flight, the commit may have happened. Retrying with the same `idem` is always safe: it
+    /// then returns the original.)
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
     #[error("database error: {0}")]
@@ -94,7 +97,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<StoredMessage>>;
 
     /// The `limit` messages just below `before` (`seq < before`), returned in ascending order.
-    async fn read_before(&self, room: &str, before: u64, limit: usize) -> StoreResult<Vec<StoredMessage>>;
+    async fn read_before(
+        &self,
+        room: &str,
+        before: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredMessage>>;
 
     /// Cheap liveness check used by `/ready`.
     async fn ping(&self) -> StoreResult<()>;

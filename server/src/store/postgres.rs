@@ -1,5 +1,5 @@
 //! Postgres backend: the store for clusters. Any number of nodes may share one database; the
-//! per-room counter row (see [`PostgresStore::append`]) keeps seqs gap-free across all of them.
+//! per-room counter row (see `PostgresStore::append_in`) keeps seqs gap-free across all of them.
 
 use std::time::Duration;
 
@@ -48,8 +48,10 @@ impl PostgresStore {
     /// that same statement, so one transaction at a time reads the head, inserts the seqs after
     /// it and stores the new head. The next writer is let through only once this transaction
     /// has committed (and its rows are visible), and then reads the new head: seqs are handed out
-    /// in commit order. If this transaction rolls back, its head bump rolls back with it and the
-    /// next writer reuses those seqs: no holes. (A Postgres `SEQUENCE` would not do: `nextval`
+    /// in commit order. Under READ COMMITTED each later statement of that writer sees what this
+    /// one committed, so its idempotency-key lookup finds keys stored a moment ago by another
+    /// node. If this transaction rolls back, its head bump rolls back with it and the next
+    /// writer reuses those seqs: no holes. (A Postgres `SEQUENCE` would not do: `nextval`
     /// is not transactional, so a rollback leaves a hole, and concurrent writers could commit out
     /// of seq order.)
     async fn append_in(

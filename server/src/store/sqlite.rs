@@ -6,11 +6,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::query::Query;
 use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteRow, SqliteSynchronous,
 };
-use sqlx::query::Query;
 use sqlx::{Row, Sqlite, SqliteConnection};
 
 use super::batch::{self, KeyedMessage};
@@ -272,5 +272,8 @@ fn unavailable_result_code(primary: i32) -> bool {
     const SQLITE_LOCKED: i32 = 6;
     const SQLITE_IOERR: i32 = 10;
     const SQLITE_FULL: i32 = 13;
-    matches!(primary, SQLITE_BUSY | SQLITE_LOCKED | SQLITE_IOERR | SQLITE_FULL)
+    matches!(
+        primary,
+        SQLITE_BUSY | SQLITE_LOCKED | SQLITE_IOERR | SQLITE_FULL
+    )
 }
