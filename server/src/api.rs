@@ -27,7 +27,10 @@ const MAX_FROM_BYTES: usize = 256;
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/rooms/{room}", get(room_info))
-        .route("/v1/rooms/{room}/messages", get(list_messages).post(post_message))
+        .route(
+            "/v1/rooms/{room}/messages",
+            get(list_messages).post(post_message),
+        )
 }
 
 /// The authenticated caller of an HTTP request (`Authorization: Bearer <JWT or server key>`).
@@ -46,7 +49,10 @@ impl FromRequestParts<AppState> for Caller {
 pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 fn checked_room(room: &str) -> Result<(), ApiError> {
@@ -56,7 +62,9 @@ fn checked_room(room: &str) -> Result<(), ApiError> {
 fn readable(caller: &Identity, room: &str) -> Result<(), ApiError> {
     checked_room(room)?;
     if !caller.can_read(room) {
-        return Err(ApiError::forbidden(format!("not allowed to read room {room:?}")));
+        return Err(ApiError::forbidden(format!(
+            "not allowed to read room {room:?}"
+        )));
     }
     Ok(())
 }
@@ -94,9 +102,14 @@ async fn list_messages(
     };
     // One more than asked tells whether there is more.
     let (messages, has_more) = match (params.after, params.before) {
-        (Some(_), Some(_)) => return Err(ApiError::bad_request("give `after` or `before`, not both")),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request("give `after` or `before`, not both"))
+        }
         (after, None) => {
-            let mut page = state.store.read_after(&room, after.unwrap_or(0), None, limit + 1).await?;
+            let mut page = state
+                .store
+                .read_after(&room, after.unwrap_or(0), None, limit + 1)
+                .await?;
             let more = page.len() > limit;
             page.truncate(limit);
             (page, more)
@@ -125,7 +138,7 @@ async fn list_messages(
 
 #[derive(Deserialize)]
 struct PostBody<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "protocol::present")]
     body: Option<&'a RawValue>,
     #[serde(default)]
     idem: Option<String>,
@@ -141,39 +154,61 @@ async fn post_message(
 ) -> Result<Response, ApiError> {
     checked_room(&room)?;
     if !caller.can_send(&room) {
-        return Err(ApiError::forbidden(format!("not allowed to send to room {room:?}")));
+        return Err(ApiError::forbidden(format!(
+            "not allowed to send to room {room:?}"
+        )));
     }
     let max_body = state.config.max_message_bytes;
     let bytes = axum::body::to_bytes(body, state.config.max_frame_bytes())
         .await
-        .map_err(|_| ApiError::too_large(format!("request body too large; the limit for `body` is {max_body} bytes")))?;
+        .map_err(|_| {
+            ApiError::too_large(format!(
+                "request body too large; the limit for `body` is {max_body} bytes"
+            ))
+        })?;
     let req: PostBody = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("request body must be a JSON object: {e}")))?;
-    let text = match req.body {
-        Some(b) if b.get() != "null" => b.get(),
-        _ => return Err(ApiError::bad_request("missing `body`")),
-    };
+    let text = req
+        .body
+        .ok_or_else(|| ApiError::bad_request("missing `body`"))?
+        .get();
     if text.len() > max_body {
         return Err(ApiError::too_large(format!(
             "body is {} bytes; the limit is {max_body}",
             text.len()
         )));
     }
-    if req.idem.as_ref().is_some_and(|k| k.is_empty() || k.len() > 256) {
-        return Err(ApiError::bad_request("`idem` must be a string of 1 to 256 bytes"));
+    if req
+        .idem
+        .as_ref()
+        .is_some_and(|k| k.is_empty() || k.len() > 256)
+    {
+        return Err(ApiError::bad_request(
+            "`idem` must be a string of 1 to 256 bytes",
+        ));
     }
     // A user posts as itself; the server key names the sender (default `system`).
     let sender = match req.from {
         Some(from) if caller.is_server() => {
             if from.is_empty() || from.len() > MAX_FROM_BYTES {
-                return Err(ApiError::bad_request(format!("`from` must be 1 to {MAX_FROM_BYTES} bytes")));
+                return Err(ApiError::bad_request(format!(
+                    "`from` must be 1 to {MAX_FROM_BYTES} bytes"
+                )));
             }
             from
         }
         _ => caller.user.clone(),
     };
-    let message = NewMessage { sender, body: text.to_string(), idem: req.idem };
-    let appended = state.writers.submit(&room, message).await.unwrap_or(Err(CommitError::Internal))?;
+    let message = NewMessage {
+        sender,
+        body: text.to_string(),
+        idem: req.idem,
+    };
+    let appended = state
+        .writers
+        .submit(&room, message)
+        .await
+        .unwrap_or(Err(CommitError::Internal))?;
     let m = &appended.message;
     let mut reply = serde_json::json!({
         "room": m.room, "seq": m.seq, "id": m.id, "ts": protocol::format_ts(m.ts_ms),

@@ -41,19 +41,30 @@ pub struct Identity {
 enum Access {
     /// The server API key or development mode: every room.
     All,
-    Patterns { rooms: Vec<String>, read: Vec<String> },
+    Patterns {
+        rooms: Vec<String>,
+        read: Vec<String>,
+    },
 }
 
 impl Identity {
     /// The holder of the server API key.
     pub fn server() -> Identity {
-        Identity { user: "system".into(), exp: None, access: Access::All }
+        Identity {
+            user: "system".into(),
+            exp: None,
+            access: Access::All,
+        }
     }
 
     /// A development-mode client with a generated name.
     pub fn anonymous() -> Identity {
         let id = uuid::Uuid::new_v4().simple().to_string();
-        Identity { user: format!("anon-{}", &id[..8]), exp: None, access: Access::All }
+        Identity {
+            user: format!("anon-{}", &id[..8]),
+            exp: None,
+            access: Access::All,
+        }
     }
 
     /// True for the server key (and development-mode HTTP), which may name any sender.
@@ -105,7 +116,10 @@ impl Authenticator {
             v.leeway = LEEWAY_SECS;
             (DecodingKey::from_secret(secret.as_bytes()), v)
         });
-        Authenticator { jwt, api_key: api_key.map(str::to_string) }
+        Authenticator {
+            jwt,
+            api_key: api_key.map(str::to_string),
+        }
     }
 
     pub fn dev_mode(&self) -> bool {
@@ -141,12 +155,11 @@ impl Authenticator {
         let Some((key, validation)) = &self.jwt else {
             return Err(AuthError::Invalid);
         };
-        let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| {
-            match e.kind() {
+        let data =
+            jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
                 _ => AuthError::Invalid,
-            }
-        })?;
+            })?;
         let c = data.claims;
         if c.sub.is_empty() {
             return Err(AuthError::Invalid);
@@ -154,12 +167,17 @@ impl Authenticator {
         Ok(Identity {
             user: c.sub,
             exp: Some(c.exp),
-            access: Access::Patterns { rooms: c.rooms, read: c.read },
+            access: Access::Patterns {
+                rooms: c.rooms,
+                read: c.read,
+            },
         })
     }
 
     fn is_api_key(&self, token: &str) -> bool {
-        self.api_key.as_deref().is_some_and(|k| constant_time_eq(k.as_bytes(), token.as_bytes()))
+        self.api_key
+            .as_deref()
+            .is_some_and(|k| constant_time_eq(k.as_bytes(), token.as_bytes()))
     }
 }
 
@@ -170,7 +188,10 @@ pub fn until_expiry(exp: u64) -> std::time::Duration {
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Signs a token (the `seqcast token` command and tests).
@@ -233,7 +254,12 @@ mod tests {
     }
 
     fn claims(exp: u64) -> Claims {
-        Claims { sub: "alice".into(), exp, rooms: vec!["team-*".into()], read: vec!["news".into()] }
+        Claims {
+            sub: "alice".into(),
+            exp,
+            rooms: vec!["team-*".into()],
+            read: vec!["news".into()],
+        }
     }
 
     #[test]
@@ -246,9 +272,15 @@ mod tests {
         assert!(!id.can_read("general"));
 
         let expired = mint("s3cret", &claims(unix_now() - 3600)).unwrap();
-        assert_eq!(auth.websocket(Some(&expired)).unwrap_err(), AuthError::Expired);
+        assert_eq!(
+            auth.websocket(Some(&expired)).unwrap_err(),
+            AuthError::Expired
+        );
         let forged = mint("other", &claims(unix_now() + 60)).unwrap();
-        assert_eq!(auth.websocket(Some(&forged)).unwrap_err(), AuthError::Invalid);
+        assert_eq!(
+            auth.websocket(Some(&forged)).unwrap_err(),
+            AuthError::Invalid
+        );
         assert_eq!(auth.websocket(None).unwrap_err(), AuthError::Missing);
         assert!(auth.http(Some("key")).unwrap().is_server());
         assert!(auth.http(Some("kex")).is_err());
@@ -260,6 +292,8 @@ mod tests {
         let header = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0";
         let payload = "eyJzdWIiOiJtYWxsb3J5IiwiZXhwIjo0MTAyNDQ0ODAwLCJyb29tcyI6WyIqIl19";
         let auth = Authenticator::new(Some("s3cret"), None);
-        assert!(auth.websocket(Some(&format!("{header}.{payload}."))).is_err());
+        assert!(auth
+            .websocket(Some(&format!("{header}.{payload}.")))
+            .is_err());
     }
 }

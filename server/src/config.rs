@@ -89,7 +89,9 @@ impl Config {
         let mut c = Config::default();
         let get = |name: &str| get(name).filter(|v| !v.trim().is_empty());
         if let Some(v) = get("SEQCAST_LISTEN") {
-            c.listen = v.parse().with_context(|| format!("SEQCAST_LISTEN: bad address {v:?}"))?;
+            c.listen = v
+                .parse()
+                .with_context(|| format!("SEQCAST_LISTEN: bad address {v:?}"))?;
         }
         if let Some(v) = get("DATABASE_URL") {
             c.database_url = v;
@@ -151,7 +153,9 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().with_context(|| format!("bad duration {text:?}"))?;
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("bad duration {text:?}"))?;
     let ms = match unit {
         "ms" => n,
         "" | "s" => n.saturating_mul(1000),
@@ -172,7 +176,10 @@ fn parse_positive_duration(name: &str, v: &str) -> anyhow::Result<Duration> {
 }
 
 fn parse_count(name: &str, v: &str) -> anyhow::Result<usize> {
-    let n: usize = v.trim().parse().with_context(|| format!("{name}: bad number {v:?}"))?;
+    let n: usize = v
+        .trim()
+        .parse()
+        .with_context(|| format!("{name}: bad number {v:?}"))?;
     if n == 0 {
         bail!("{name}: must be greater than zero");
     }
@@ -209,7 +216,10 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-        assert_eq!(parse_duration("30d").unwrap(), Duration::from_secs(30 * 86400));
+        assert_eq!(
+            parse_duration("30d").unwrap(),
+            Duration::from_secs(30 * 86400)
+        );
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("").is_err());
@@ -231,7 +241,10 @@ mod tests {
             _ => None,
         })
         .unwrap();
-        assert!(c.validate().is_err(), "dev mode must refuse a non-loopback address");
+        assert!(
+            c.validate().is_err(),
+            "dev mode must refuse a non-loopback address"
+        );
         assert_eq!(c.write_timeout, Duration::from_millis(1500));
     }
 
@@ -243,6 +256,9 @@ mod tests {
             ..Config::default()
         };
         let shown = format!("{c:?}");
-        assert!(!shown.contains("hunter2") && !shown.contains("pw@"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("pw@"),
+            "{shown}"
+        );
     }
 }

@@ -96,7 +96,8 @@ impl Hub {
             None => false,
         };
         if emptied {
-            self.rooms.remove_if(room, |_, entry| read(&entry.sessions).is_empty());
+            self.rooms
+                .remove_if(room, |_, entry| read(&entry.sessions).is_empty());
         }
     }
 
@@ -123,7 +124,10 @@ impl Hub {
 
     /// The highest seq published to this room on this node (0 if none or no subscribers).
     pub fn head(&self, room: &str) -> u64 {
-        self.rooms.get(room).map(|e| e.head.load(Ordering::Acquire)).unwrap_or(0)
+        self.rooms
+            .get(room)
+            .map(|e| e.head.load(Ordering::Acquire))
+            .unwrap_or(0)
     }
 
     /// Rooms with at least one local session.
@@ -147,13 +151,24 @@ mod tests {
     use super::*;
 
     fn live(room: &str, seq: u64) -> Arc<Live> {
-        Arc::new(Live { room: room.into(), seq, frame: Utf8Bytes::from(format!("m{seq}")) })
+        Arc::new(Live {
+            room: room.into(),
+            seq,
+            frame: Utf8Bytes::from(format!("m{seq}")),
+        })
     }
 
     fn sub(cap: usize) -> (Subscriber, mpsc::Receiver<Arc<Live>>, Arc<LagSignal>) {
         let (tx, rx) = mpsc::channel(cap);
         let lag = Arc::new(LagSignal::default());
-        (Subscriber { queue: tx, lag: Arc::clone(&lag) }, rx, lag)
+        (
+            Subscriber {
+                queue: tx,
+                lag: Arc::clone(&lag),
+            },
+            rx,
+            lag,
+        )
     }
 
     #[tokio::test]

@@ -56,7 +56,12 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let store = store::connect(&config.database_url)
         .await
-        .with_context(|| format!("opening the database {}", config::redact_url(&config.database_url)))?;
+        .with_context(|| {
+            format!(
+                "opening the database {}",
+                config::redact_url(&config.database_url)
+            )
+        })?;
     tracing::info!(store = store.kind(), node = %config.node_id, "database ready");
     let handle = metrics::install();
     let upkeep = tokio::spawn(metrics::upkeep(handle.clone()));
@@ -65,7 +70,8 @@ pub async fn serve(
 
     let http_stop = CancellationToken::new();
     let app = app::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(http_stop.clone().cancelled_owned());
+    let server =
+        axum::serve(listener, app).with_graceful_shutdown(http_stop.clone().cancelled_owned());
     let mut server_task = tokio::spawn(server.into_future());
 
     tokio::select! {
@@ -81,8 +87,14 @@ pub async fn serve(
     tracing::info!(sessions = open, timeout = ?drain_timeout, "draining");
     state.shutdown.cancel();
     state.sessions.close();
-    if tokio::time::timeout_at(deadline, state.sessions.wait()).await.is_err() {
-        tracing::warn!(left = state.sessions.len(), "drain timeout: sessions still open");
+    if tokio::time::timeout_at(deadline, state.sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = state.sessions.len(),
+            "drain timeout: sessions still open"
+        );
     }
     http_stop.cancel();
     match tokio::time::timeout_at(deadline, server_task).await {

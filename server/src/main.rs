@@ -9,7 +9,11 @@ use seqcast::config::{self, Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "seqcast", version, about = "WebSocket chat and broadcast server with durable, gap-free per-room sequences")]
+#[command(
+    name = "seqcast",
+    version,
+    about = "WebSocket chat and broadcast server with durable, gap-free per-room sequences"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -41,7 +45,12 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(),
-        Command::Token { sub, rooms, read, ttl } => token(sub, &rooms, &read, &ttl),
+        Command::Token {
+            sub,
+            rooms,
+            read,
+            ttl,
+        } => token(sub, &rooms, &read, &ttl),
     }
 }
 
@@ -94,15 +103,28 @@ fn token(sub: String, rooms: &str, read: &str, ttl: &str) -> anyhow::Result<()> 
         .filter(|s| !s.is_empty())
         .context("SEQCAST_JWT_SECRET is not set: tokens are signed with it (and the server checks them with it)")?;
     let ttl: Duration = config::parse_duration(ttl).context("--ttl")?;
-    let list = |s: &str| s.split(',').map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect();
-    let claims = Claims { sub, exp: auth::unix_now() + ttl.as_secs(), rooms: list(rooms), read: list(read) };
+    let list = |s: &str| {
+        s.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(String::from)
+            .collect()
+    };
+    let claims = Claims {
+        sub,
+        exp: auth::unix_now() + ttl.as_secs(),
+        rooms: list(rooms),
+        read: list(read),
+    };
     println!("{}", auth::mint(&secret, &claims)?);
     Ok(())
 }
 
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

@@ -72,12 +72,25 @@ fn describe() {
     describe_gauge!(CONNECTIONS_OPEN, "Open WebSocket connections");
     describe_gauge!(SESSIONS_JOINED, "Room joins currently in force");
     describe_counter!(MESSAGES_COMMITTED, "Messages committed by this node");
-    describe_counter!(MESSAGES_DELIVERED, "Message frames written to WebSocket clients");
-    describe_histogram!(COMMIT_SECONDS, Unit::Seconds, "Duration of one commit transaction");
+    describe_counter!(
+        MESSAGES_DELIVERED,
+        "Message frames written to WebSocket clients"
+    );
+    describe_histogram!(
+        COMMIT_SECONDS,
+        Unit::Seconds,
+        "Duration of one commit transaction"
+    );
     describe_histogram!(COMMIT_BATCH, "Messages per commit transaction");
     describe_counter!(COMMIT_ERRORS, "Failed commits");
-    describe_gauge!(SESSIONS_CATCHING_UP, "Sessions reading the database to catch up");
-    describe_counter!(SESSIONS_CLOSED_SLOW, "Sessions closed with 4008 (slow consumer)");
+    describe_gauge!(
+        SESSIONS_CATCHING_UP,
+        "Sessions reading the database to catch up"
+    );
+    describe_counter!(
+        SESSIONS_CLOSED_SLOW,
+        "Sessions closed with 4008 (slow consumer)"
+    );
     describe_counter!(HTTP_REQUESTS, "HTTP requests answered");
     // Make every series visible from the first scrape, before anything happened.
     metrics::gauge!(CONNECTIONS_OPEN).set(0.0);

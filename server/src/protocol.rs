@@ -61,26 +61,50 @@ impl Ref {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientFrame {
-    Join { room: String, since: Option<u64>, reply_ref: Option<Ref> },
-    Leave { room: String, reply_ref: Option<Ref> },
-    Send { room: String, body: String, idem: Option<String>, reply_ref: Option<Ref> },
-    Ping { reply_ref: Option<Ref> },
+    Join {
+        room: String,
+        since: Option<u64>,
+        reply_ref: Option<Ref>,
+    },
+    Leave {
+        room: String,
+        reply_ref: Option<Ref>,
+    },
+    Send {
+        room: String,
+        body: String,
+        idem: Option<String>,
+        reply_ref: Option<Ref>,
+    },
+    Ping {
+        reply_ref: Option<Ref>,
+    },
 }
 
+/// The fields of a client frame, as raw JSON. A field given as `null` is `Some("null")`, not
+/// `None`: a `null` body is a valid body, while a missing one is not.
 #[derive(Deserialize)]
 struct Envelope<'a> {
-    #[serde(rename = "type", borrow, default)]
+    #[serde(rename = "type", borrow, default, deserialize_with = "present")]
     kind: Option<&'a RawValue>,
-    #[serde(rename = "ref", borrow, default)]
+    #[serde(rename = "ref", borrow, default, deserialize_with = "present")]
     reply_ref: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     room: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     since: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     body: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     idem: Option<&'a RawValue>,
+}
+
+/// Deserializes a field that is present (even as `null`) into `Some`.
+pub fn present<'de, D>(d: D) -> Result<Option<&'de RawValue>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// Parses one client text frame. `max_body` is `SEQCAST_MAX_MESSAGE_BYTES`.
@@ -93,13 +117,18 @@ pub fn parse_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, Fr
     let reply_ref = match env.reply_ref {
         None => None,
         Some(r) if r.get() == "null" => None,
-        Some(r) if r.get().starts_with('"') || r.get().starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9']) => {
+        Some(r)
+            if r.get().starts_with('"')
+                || r.get()
+                    .starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9']) =>
+        {
             Some(Ref(r.get().into()))
         }
         Some(_) => return Err(bad(None, "`ref` must be a number or a string")),
     };
     let bad_here = |msg: &str| bad(reply_ref.clone(), msg);
-    let kind: String = required_str(env.kind).ok_or_else(|| bad_here("missing or invalid `type`"))?;
+    let kind: String =
+        required_str(env.kind).ok_or_else(|| bad_here("missing or invalid `type`"))?;
     match kind.as_str() {
         "join" => {
             let room = room_field(env.room).map_err(|m| bad_here(&m))?;
@@ -111,7 +140,11 @@ pub fn parse_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, Fr
                         .map_err(|_| bad_here("`since` must be a non-negative integer"))?,
                 ),
             };
-            Ok(ClientFrame::Join { room, since, reply_ref })
+            Ok(ClientFrame::Join {
+                room,
+                since,
+                reply_ref,
+            })
         }
         "leave" => {
             let room = room_field(env.room).map_err(|m| bad_here(&m))?;
@@ -119,10 +152,7 @@ pub fn parse_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, Fr
         }
         "send" => {
             let room = room_field(env.room).map_err(|m| bad_here(&m))?;
-            let body = match env.body {
-                Some(b) if b.get() != "null" => b.get(),
-                _ => return Err(bad_here("missing `body`")),
-            };
+            let body = env.body.ok_or_else(|| bad_here("missing `body`"))?.get();
             if body.len() > max_body {
                 return Err(FrameError {
                     code: ErrorCode::TooLarge,
@@ -140,7 +170,12 @@ pub fn parse_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, Fr
                         .ok_or_else(|| bad_here("`idem` must be a string of 1 to 256 bytes"))?,
                 ),
             };
-            Ok(ClientFrame::Send { room, body: body.to_string(), idem, reply_ref })
+            Ok(ClientFrame::Send {
+                room,
+                body: body.to_string(),
+                idem,
+                reply_ref,
+            })
         }
         "ping" => Ok(ClientFrame::Ping { reply_ref }),
         other => Err(bad_here(&format!("unknown frame type {other:?}"))),
@@ -148,7 +183,11 @@ pub fn parse_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, Fr
 }
 
 fn bad(reply_ref: Option<Ref>, message: &str) -> FrameError {
-    FrameError { code: ErrorCode::BadRequest, message: message.into(), reply_ref }
+    FrameError {
+        code: ErrorCode::BadRequest,
+        message: message.into(),
+        reply_ref,
+    }
 }
 
 fn required_str(raw: Option<&RawValue>) -> Option<String> {
@@ -166,7 +205,10 @@ pub fn validate_room(room: &str) -> Result<(), String> {
     if room.is_empty() || room.len() > MAX_ROOM_LEN {
         return Err(format!("room name must be 1 to {MAX_ROOM_LEN} characters"));
     }
-    if !room.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-')) {
+    if !room
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+    {
         return Err("room name may only contain A-Z a-z 0-9 _ . : -".into());
     }
     Ok(())
@@ -216,8 +258,15 @@ fn with_ref(mut obj: String, reply_ref: Option<&Ref>) -> String {
 }
 
 pub fn joined_frame(room: &str, head: u64, first: u64, truncated: bool, r: Option<&Ref>) -> String {
-    let t = if truncated { r#","truncated":true"# } else { "" };
-    with_ref(format!(r#"{{"type":"joined","room":"{room}","head":{head},"first":{first}{t}}}"#), r)
+    let t = if truncated {
+        r#","truncated":true"#
+    } else {
+        ""
+    };
+    with_ref(
+        format!(r#"{{"type":"joined","room":"{room}","head":{head},"first":{first}{t}}}"#),
+        r,
+    )
 }
 
 pub fn left_frame(room: &str, r: Option<&Ref>) -> String {
@@ -261,10 +310,21 @@ mod tests {
     fn frames_parse() {
         assert_eq!(
             parse(r#"{"type":"join","room":"general","since":41,"ref":1}"#).unwrap(),
-            ClientFrame::Join { room: "general".into(), since: Some(41), reply_ref: Some(Ref("1".into())) }
+            ClientFrame::Join {
+                room: "general".into(),
+                since: Some(41),
+                reply_ref: Some(Ref("1".into()))
+            }
         );
-        match parse(r#"{"type":"send","room":"a","body":{"x": [1, 2]},"idem":"k","ref":"r"}"#).unwrap() {
-            ClientFrame::Send { body, idem, reply_ref, .. } => {
+        match parse(r#"{"type":"send","room":"a","body":{"x": [1, 2]},"idem":"k","ref":"r"}"#)
+            .unwrap()
+        {
+            ClientFrame::Send {
+                body,
+                idem,
+                reply_ref,
+                ..
+            } => {
                 assert_eq!(body, r#"{"x": [1, 2]}"#, "body kept byte for byte");
                 assert_eq!(idem.as_deref(), Some("k"));
                 assert_eq!(reply_ref.unwrap().as_json(), r#""r""#);
@@ -274,9 +334,20 @@ mod tests {
     }
 
     #[test]
+    fn null_is_a_body() {
+        match parse(r#"{"type":"send","room":"a","body":null}"#).unwrap() {
+            ClientFrame::Send { body, .. } => assert_eq!(body, "null"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn bad_frames_keep_their_ref() {
         let e = parse(r#"{"type":"join","room":"bad room","ref":7}"#).unwrap_err();
-        assert_eq!((e.code, e.reply_ref.unwrap().as_json()), (ErrorCode::BadRequest, "7"));
+        assert_eq!(
+            (e.code, e.reply_ref.unwrap().as_json()),
+            (ErrorCode::BadRequest, "7")
+        );
         let e = parse(r#"{"type":"send","room":"a","body":"0123456789012345678901234567890123456789012345678901234567890123","ref":"x"}"#).unwrap_err();
         assert_eq!(e.code, ErrorCode::TooLarge);
         for bad in [
@@ -285,6 +356,7 @@ mod tests {
             r#"{"type":"dance"}"#,
             r#"{"room":"a"}"#,
             r#"{"type":"send","room":"a"}"#,
+            r#"{"type":"send","room":null,"body":1}"#,
             r#"{"type":"join"}"#,
             r#"{"type":"join","room":""}"#,
             r#"{"type":"join","room":"a","since":-1}"#,
@@ -317,8 +389,12 @@ mod tests {
         let v: Value = serde_json::from_str(&ack_frame(&m, Some(&r))).unwrap();
         assert_eq!(v["ref"], "a");
         let v: Value = serde_json::from_str(&joined_frame("g", 3, 1, true, None)).unwrap();
-        assert_eq!(v, json!({"type":"joined","room":"g","head":3,"first":1,"truncated":true}));
-        let v: Value = serde_json::from_str(&error_frame(ErrorCode::NotJoined, "x\"y", Some(&r))).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"joined","room":"g","head":3,"first":1,"truncated":true})
+        );
+        let v: Value =
+            serde_json::from_str(&error_frame(ErrorCode::NotJoined, "x\"y", Some(&r))).unwrap();
         assert_eq!(v["code"], "not_joined");
     }
 }

@@ -62,7 +62,13 @@ struct Shared {
 
 impl Writers {
     pub fn new(store: Arc<dyn Store>, hub: Hub) -> Writers {
-        Writers { shared: Arc::new(Shared { store, hub, rooms: Mutex::new(HashMap::new()) }) }
+        Writers {
+            shared: Arc::new(Shared {
+                store,
+                hub,
+                rooms: Mutex::new(HashMap::new()),
+            }),
+        }
     }
 
     /// Queues `message` for `room`; the receiver yields the outcome once it is known.
@@ -107,11 +113,16 @@ impl Shared {
 
     /// Commits the room's queue until it is empty. Exactly one drain runs per room at a time.
     async fn drain(&self, room: Arc<str>) {
-        let guard = DrainGuard { shared: self, room: &room };
+        let guard = DrainGuard {
+            shared: self,
+            room: &room,
+        };
         loop {
             let batch = {
                 let mut rooms = self.lock();
-                let Some(queue) = rooms.get_mut(&room) else { return };
+                let Some(queue) = rooms.get_mut(&room) else {
+                    return;
+                };
                 if queue.pending.is_empty() {
                     rooms.remove(&room);
                     std::mem::forget(guard);
@@ -137,7 +148,11 @@ impl Shared {
                 for a in appended.iter().filter(|a| !a.duplicate) {
                     fresh += 1;
                     let frame = Utf8Bytes::from(protocol::message_frame(&a.message));
-                    self.hub.publish(Arc::new(Live { room: Arc::clone(room), seq: a.message.seq, frame }));
+                    self.hub.publish(Arc::new(Live {
+                        room: Arc::clone(room),
+                        seq: a.message.seq,
+                        frame,
+                    }));
                 }
                 metrics::counter!(m::MESSAGES_COMMITTED).increment(fresh);
                 for (reply, outcome) in replies.into_iter().zip(appended) {
@@ -150,7 +165,11 @@ impl Shared {
                     StoreError::Unavailable(_) => CommitError::Unavailable,
                     _ => CommitError::Internal,
                 };
-                let reason = if err == CommitError::Unavailable { "unavailable" } else { "internal" };
+                let reason = if err == CommitError::Unavailable {
+                    "unavailable"
+                } else {
+                    "internal"
+                };
                 metrics::counter!(m::COMMIT_ERRORS, "reason" => reason).increment(1);
                 tracing::warn!(room = %room, batch = messages.len(), error = %e, "commit failed");
                 for reply in replies {

@@ -32,7 +32,8 @@ async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Response {
     if state.is_draining() {
-        return ApiError::unavailable("the node is shutting down; connect to another").into_response();
+        return ApiError::unavailable("the node is shutting down; connect to another")
+            .into_response();
     }
     let token = bearer_token(&headers).or(params.token.as_deref());
     let identity = state.auth.websocket(token);

@@ -27,7 +27,10 @@ pub struct Cursor {
 impl Cursor {
     /// A cursor that has sent everything up to `sent` and must catch up to `head`.
     pub fn new(sent: u64, head: u64) -> Cursor {
-        Cursor { sent, target: head.max(sent) }
+        Cursor {
+            sent,
+            target: head.max(sent),
+        }
     }
 
     pub fn sent(&self) -> u64 {
@@ -103,7 +106,11 @@ mod tests {
             assert!(c.replayed(seq));
         }
         assert!(!c.behind());
-        assert_eq!(c.live(9), Live::Skip, "the live copy of a replayed frame is a duplicate");
+        assert_eq!(
+            c.live(9),
+            Live::Skip,
+            "the live copy of a replayed frame is a duplicate"
+        );
         assert_eq!(c.live(10), Live::Send);
     }
 

@@ -100,18 +100,37 @@ fn handle_text(text: &str, state: &AppState, identity: &Identity) -> Handled {
         )))
     };
     match frame {
-        ClientFrame::Join { room, since, reply_ref } => {
+        ClientFrame::Join {
+            room,
+            since,
+            reply_ref,
+        } => {
             if !identity.can_read(&room) {
                 return forbidden(&room, "join", reply_ref.as_ref());
             }
-            Handled::Control(Control::Join { room, since, reply_ref })
+            Handled::Control(Control::Join {
+                room,
+                since,
+                reply_ref,
+            })
         }
-        ClientFrame::Leave { room, reply_ref } => Handled::Control(Control::Leave { room, reply_ref }),
-        ClientFrame::Send { room, body, idem, reply_ref } => {
+        ClientFrame::Leave { room, reply_ref } => {
+            Handled::Control(Control::Leave { room, reply_ref })
+        }
+        ClientFrame::Send {
+            room,
+            body,
+            idem,
+            reply_ref,
+        } => {
             if !identity.can_send(&room) {
                 return forbidden(&room, "send to", reply_ref.as_ref());
             }
-            let message = NewMessage { sender: identity.user.clone(), body, idem };
+            let message = NewMessage {
+                sender: identity.user.clone(),
+                body,
+                idem,
+            };
             let outcome = state.writers.submit(&room, message);
             Handled::Commit(Box::pin(async move {
                 // A dropped reply means the commit task died: the outcome is unknown to us, and
@@ -129,10 +148,14 @@ fn handle_text(text: &str, state: &AppState, identity: &Identity) -> Handled {
 fn ack_or_error(outcome: CommitResult, r: Option<&Ref>) -> String {
     match outcome {
         Ok(appended) => protocol::ack_frame(&appended.message, r),
-        Err(CommitError::Unavailable) => {
-            protocol::error_frame(ErrorCode::Unavailable, &CommitError::Unavailable.to_string(), r)
+        Err(CommitError::Unavailable) => protocol::error_frame(
+            ErrorCode::Unavailable,
+            &CommitError::Unavailable.to_string(),
+            r,
+        ),
+        Err(CommitError::Internal) => {
+            protocol::error_frame(ErrorCode::Internal, "internal error", r)
         }
-        Err(CommitError::Internal) => protocol::error_frame(ErrorCode::Internal, "internal error", r),
     }
 }
 

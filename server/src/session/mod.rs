@@ -47,8 +47,15 @@ pub mod close {
 /// Work for the outbound half, in the order the client asked for it.
 #[derive(Debug)]
 enum Control {
-    Join { room: String, since: Option<u64>, reply_ref: Option<Ref> },
-    Leave { room: String, reply_ref: Option<Ref> },
+    Join {
+        room: String,
+        since: Option<u64>,
+        reply_ref: Option<Ref>,
+    },
+    Leave {
+        room: String,
+        reply_ref: Option<Ref>,
+    },
     /// A ready reply frame (`ack`, `pong`, `error`).
     Reply(String),
     /// Close the connection with this code and reason.
@@ -68,13 +75,18 @@ pub async fn run(socket: WebSocket, state: AppState, identity: Result<Identity, 
     let (sink, stream) = socket.split();
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let (live_tx, live_rx) = mpsc::channel(state.config.outbound_queue);
-    let subscriber = Subscriber { queue: live_tx, lag: Arc::new(LagSignal::default()) };
+    let subscriber = Subscriber {
+        queue: live_tx,
+        lag: Arc::new(LagSignal::default()),
+    };
     let stop_inbound = CancellationToken::new();
     tracing::debug!(session = id, user = %identity.user, "session open");
 
     let inbound = inbound::run(stream, &state, &identity, control_tx, stop_inbound.clone());
     let outbound = async {
-        outbound::Outbound::new(&state, id, &identity, sink, subscriber).run(control_rx, live_rx).await;
+        outbound::Outbound::new(&state, id, &identity, sink, subscriber)
+            .run(control_rx, live_rx)
+            .await;
         stop_inbound.cancel();
     };
     tokio::join!(inbound, outbound);
@@ -85,7 +97,10 @@ pub async fn run(socket: WebSocket, state: AppState, identity: Result<Identity, 
 async fn refuse(mut socket: WebSocket, e: AuthError) {
     use axum::extract::ws::{CloseFrame, Message};
     let frame = protocol::error_frame(ErrorCode::Unauthorized, &e.to_string(), None);
-    let close = CloseFrame { code: close::POLICY, reason: e.to_string().into() };
+    let close = CloseFrame {
+        code: close::POLICY,
+        reason: e.to_string().into(),
+    };
     let send = async {
         socket.send(Message::Text(frame.into())).await?;
         socket.send(Message::Close(Some(close))).await

@@ -124,7 +124,11 @@ impl<'a> Outbound<'a> {
 
     async fn control(&mut self, cmd: Control) -> Result<(), Stop> {
         match cmd {
-            Control::Join { room, since, reply_ref } => self.join(room, since, reply_ref).await,
+            Control::Join {
+                room,
+                since,
+                reply_ref,
+            } => self.join(room, since, reply_ref).await,
             Control::Leave { room, reply_ref } => {
                 let frame = if self.rooms.remove(room.as_str()).is_some() {
                     self.state.hub.unsubscribe(&room, self.id);
@@ -150,7 +154,9 @@ impl<'a> Outbound<'a> {
         let room: Arc<str> = Arc::from(room);
         let rejoin = self.rooms.contains_key(&room);
         if !rejoin {
-            self.state.hub.subscribe(&room, self.id, self.subscriber.clone());
+            self.state
+                .hub
+                .subscribe(&room, self.id, self.subscriber.clone());
         }
         let info = match self.state.store.room_info(&room).await {
             Ok(info) => info,
@@ -170,7 +176,8 @@ impl<'a> Outbound<'a> {
             Some(since) if since.saturating_add(1) < info.first => (info.first - 1, true),
             Some(since) => (since, false),
         };
-        self.rooms.insert(Arc::clone(&room), Cursor::new(sent, info.head));
+        self.rooms
+            .insert(Arc::clone(&room), Cursor::new(sent, info.head));
         if !rejoin {
             metrics::gauge!(m::SESSIONS_JOINED).increment(1.0);
         }
@@ -179,7 +186,11 @@ impl<'a> Outbound<'a> {
     }
 
     /// Writes the first live frame and whatever else is queued, up to a batch, in one flush.
-    async fn live(&mut self, first: Arc<Live>, queue: &mut mpsc::Receiver<Arc<Live>>) -> Result<(), Stop> {
+    async fn live(
+        &mut self,
+        first: Arc<Live>,
+        queue: &mut mpsc::Receiver<Arc<Live>>,
+    ) -> Result<(), Stop> {
         let mut frames = Vec::new();
         let mut next = Some(first);
         while let Some(item) = next.take() {
@@ -215,7 +226,12 @@ impl<'a> Outbound<'a> {
         else {
             return Ok(());
         };
-        let page = match self.state.store.read_after(&room, after, Some(upto), CATCH_UP_PAGE).await {
+        let page = match self
+            .state
+            .store
+            .read_after(&room, after, Some(upto), CATCH_UP_PAGE)
+            .await
+        {
             Ok(page) => page,
             Err(e) => {
                 tracing::warn!(session = self.id, room = %room, error = %e, "catch-up read failed; retrying");
@@ -224,7 +240,9 @@ impl<'a> Outbound<'a> {
             }
         };
         // The room may have been left while reading; the cursor then no longer exists.
-        let Some(cursor) = self.rooms.get_mut(&room) else { return Ok(()) };
+        let Some(cursor) = self.rooms.get_mut(&room) else {
+            return Ok(());
+        };
         let full_page = page.len() == CATCH_UP_PAGE;
         let frames: Vec<Message> = page
             .iter()
@@ -244,6 +262,9 @@ impl<'a> Outbound<'a> {
     /// Feeds frames to the socket and flushes them; every step must progress within the write
     /// timeout or the client is a slow consumer.
     async fn write(&mut self, frames: Vec<Message>) -> Result<(), Stop> {
+        // Before writing: a write can block for the whole timeout, and the gauge should show
+        // a session that fell behind while it is stuck there.
+        self.update_catching_up_gauge();
         let limit = self.state.config.write_timeout;
         for frame in frames {
             match tokio::time::timeout(limit, self.sink.feed(frame)).await {
@@ -278,7 +299,10 @@ impl<'a> Outbound<'a> {
             Stop::Slow => {
                 metrics::counter!(m::SESSIONS_CLOSED_SLOW).increment(1);
                 tracing::info!(session = self.id, "closing slow consumer");
-                (close::SLOW_CONSUMER, "slow consumer: reconnect and join with since")
+                (
+                    close::SLOW_CONSUMER,
+                    "slow consumer: reconnect and join with since",
+                )
             }
             Stop::Draining => (close::RESTARTING, "server restarting"),
             Stop::Expired => {
@@ -292,9 +316,15 @@ impl<'a> Outbound<'a> {
         };
         // The close frame queues behind whatever the socket still holds, so a slow client gets
         // one more write timeout to read its way to it.
-        let frame = Message::Close(Some(CloseFrame { code, reason: reason.into() }));
+        let frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }));
         let limit = self.state.config.write_timeout;
-        if tokio::time::timeout(limit, self.sink.send(frame)).await.is_err() {
+        if tokio::time::timeout(limit, self.sink.send(frame))
+            .await
+            .is_err()
+        {
             tracing::debug!(session = self.id, code, "close frame not accepted in time");
         }
     }
@@ -314,9 +344,11 @@ impl Drop for Outbound<'_> {
 
 fn store_error_frame(e: &StoreError, r: Option<&Ref>) -> String {
     match e {
-        StoreError::Unavailable(_) => {
-            protocol::error_frame(ErrorCode::Unavailable, "the database is unavailable; retry", r)
-        }
+        StoreError::Unavailable(_) => protocol::error_frame(
+            ErrorCode::Unavailable,
+            "the database is unavailable; retry",
+            r,
+        ),
         _ => {
             tracing::error!(error = %e, "store error");
             protocol::error_frame(ErrorCode::Internal, "internal error", r)

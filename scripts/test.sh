@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace on a fresh Debian/Ubuntu machine.
+#
+# The integration tests start throwaway Postgres servers (initdb/postgres) and Redis servers
+# (redis-server); this installs the Debian packages when those programs are missing, then runs
+# `cargo test` for the whole workspace. Its exit status is cargo's.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian puts the Postgres server programs outside PATH, under /usr/lib/postgresql/VERSION/bin.
+postgres_bin_dir() {
+    local dir
+    for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
+        if [ -x "$dir/initdb" ] && [ -x "$dir/postgres" ]; then
+            echo "$dir"
+            return 0
+        fi
+    done
+    return 1
+}
+
+have_postgres() {
+    { command -v initdb && command -v postgres; } >/dev/null 2>&1 || postgres_bin_dir >/dev/null
+}
+
+missing=()
+have_postgres || missing+=(postgresql)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "scripts/test.sh: installing ${missing[*]}" >&2
+    sudo=()
+    if [ "$(id -u)" -ne 0 ]; then
+        sudo=(sudo)
+    fi
+    "${sudo[@]}" apt-get update
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+# Make initdb/postgres findable on PATH when they only exist under /usr/lib/postgresql.
+if ! command -v initdb >/dev/null 2>&1; then
+    if dir="$(postgres_bin_dir)"; then
+        export PATH="$PATH:$dir"
+    fi
+fi
+
+exec cargo test --workspace --locked

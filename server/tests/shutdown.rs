@@ -1,0 +1,122 @@
+//! SIGTERM on the real process (`protocol.md`, "Starting it" and close code 1012): joined clients
+//! are drained with 1012, `/ready` turns 503, the process exits 0 within
+//! `SEQCAST_SHUTDOWN_TIMEOUT`, and what was acknowledged is still there after a restart.
+#![allow(clippy::unwrap_used)]
+
+#[allow(dead_code)]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use support::server::{ServerOptions, StoreKind, TestServer};
+use support::ws::{Http, WsClient, RECV_DEADLINE};
+
+store_tests!(
+    sigterm_drains_clients_with_1012_and_exits_0,
+    sigterm_exits_within_the_timeout_despite_an_unresponsive_client,
+    sigterm_on_an_idle_server_exits_0,
+);
+
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time for the process to notice the signal and exit, beyond its own timeout.
+const SLACK: Duration = Duration::from_secs(3);
+
+async fn sigterm_drains_clients_with_1012_and_exits_0(store: StoreKind) {
+    let mut server = TestServer::start(ServerOptions::new(store).shutdown_timeout("5s")).await;
+    let mut general = WsClient::connect(&server).await;
+    let mut replaying = WsClient::connect(&server).await;
+    let mut other = WsClient::connect(&server).await;
+    let mut unjoined = WsClient::connect(&server).await;
+    general.join("general", None).await;
+    let mut acked = 0;
+    for i in 0..20 {
+        general.send_msg("general", json!({ "i": i })).await;
+        acked += 1;
+    }
+    general
+        .collect_messages("general", acked, RECV_DEADLINE)
+        .await;
+    replaying.join("general", Some(0)).await;
+    replaying
+        .collect_messages("general", acked, RECV_DEADLINE)
+        .await;
+    other.join("other", None).await;
+    unjoined.ping().await;
+
+    let signalled = Instant::now();
+    server.sigterm();
+    for (name, client) in [
+        ("general", &mut general),
+        ("replaying", &mut replaying),
+        ("other", &mut other),
+        ("unjoined", &mut unjoined),
+    ] {
+        let code = client.expect_close(SHUTDOWN_TIMEOUT + SLACK).await;
+        assert_eq!(code, Some(1012), "{name}: drain close code");
+    }
+
+    // Draining has begun: /ready must not say ready any more, if the listener still answers.
+    match Http::new(&server).try_get("/ready").await {
+        Ok(reply) => {
+            assert_eq!(reply.status, 503, "/ready while draining: {reply:?}");
+            assert!(
+                reply.json().is_object(),
+                "/ready gives a JSON reason: {reply:?}"
+            );
+        }
+        Err(e) => eprintln!("/ready not observable during drain (listener closed): {e}"),
+    }
+
+    let status = server.wait_exit(SHUTDOWN_TIMEOUT + SLACK).await;
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    assert!(
+        signalled.elapsed() < SHUTDOWN_TIMEOUT + SLACK,
+        "exited {:?} after SIGTERM",
+        signalled.elapsed()
+    );
+
+    // Everything acknowledged before the signal survives a restart.
+    let restarted =
+        TestServer::start(ServerOptions::new(store).database_url(server.database_url.clone()))
+            .await;
+    let room = Http::new(&restarted).room("general").await;
+    assert_eq!(room["head"], acked as u64, "{room}");
+}
+
+async fn sigterm_exits_within_the_timeout_despite_an_unresponsive_client(store: StoreKind) {
+    let mut server = TestServer::start(ServerOptions::new(store).shutdown_timeout("2s")).await;
+    // This client joins, then is never polled again: it answers no close handshake.
+    let mut unresponsive = WsClient::connect(&server).await;
+    unresponsive.join("general", None).await;
+    let mut polite = WsClient::connect(&server).await;
+    polite.join("general", None).await;
+
+    let signalled = Instant::now();
+    server.sigterm();
+    polite
+        .expect_close_code(1012, Duration::from_secs(2) + SLACK)
+        .await;
+    let status = server.wait_exit(Duration::from_secs(2) + SLACK).await;
+    eprintln!(
+        "exited with {status} {:?} after SIGTERM",
+        signalled.elapsed()
+    );
+    assert!(
+        signalled.elapsed() < Duration::from_secs(2) + SLACK,
+        "SEQCAST_SHUTDOWN_TIMEOUT=2s, exited after {:?}",
+        signalled.elapsed()
+    );
+    // The unresponsive client was sent its 1012 too.
+    let code = unresponsive.expect_close(RECV_DEADLINE).await;
+    assert_eq!(code, Some(1012));
+}
+
+async fn sigterm_on_an_idle_server_exits_0(store: StoreKind) {
+    let mut server = TestServer::start(ServerOptions::new(store)).await;
+    assert_eq!(Http::new(&server).get("/ready").await.status, 200);
+    server.sigterm();
+    let status = server.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+}

@@ -1,0 +1,3 @@
+pub mod postgres;
+pub mod server;
+pub mod ws;
