@@ -7,14 +7,18 @@ use std::sync::Arc;
 use axum::http::Request;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::trace::TraceLayer;
 
 use crate::auth::Authenticator;
+use crate::bus::redis::RedisBus;
+use crate::bus::Bus;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::hub::{Hub, SessionId};
+use crate::relay::{self, RelayStatus};
 use crate::store::Store;
 use crate::writer::Writers;
 use crate::{api, ops, ws};
@@ -34,6 +38,8 @@ pub struct Shared {
     /// Cancelled when the node starts draining: sessions close with 1012.
     pub shutdown: CancellationToken,
     pub metrics: PrometheusHandle,
+    /// The cluster link's state, for `/ready`.
+    pub relay: RelayStatus,
     next_session: AtomicU64,
 }
 
@@ -46,11 +52,52 @@ impl Deref for AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config, store: Arc<dyn Store>, metrics: PrometheusHandle) -> AppState {
-        let hub = Hub::new();
-        let writers = Writers::new(Arc::clone(&store), hub.clone());
+    /// Builds the node's state and starts its background tasks (the cluster link), which stop
+    /// with `background`.
+    ///
+    /// A SQLite node is a single node by construction (one file, one process): its hub is the
+    /// whole fan-out. A Postgres node is a cluster member: it relays through Redis when
+    /// `REDIS_URL` is set and polls the database for other nodes' messages when it is not.
+    pub fn start(
+        config: Config,
+        store: Arc<dyn Store>,
+        metrics: PrometheusHandle,
+        background: CancellationToken,
+    ) -> anyhow::Result<AppState> {
+        let (hub, bus, relay) = if store.kind() == "sqlite" {
+            if config.redis_url.is_some() {
+                tracing::warn!("REDIS_URL ignored: a SQLite node is a single node");
+            }
+            (Hub::new(), None, RelayStatus::local())
+        } else {
+            let (changes_tx, changes) = mpsc::unbounded_channel();
+            let hub = Hub::with_changes(changes_tx);
+            let bus = match &config.redis_url {
+                Some(url) => {
+                    let (bus, events) = RedisBus::start(
+                        url,
+                        &config.redis_prefix,
+                        config.redis_timeout,
+                        background.clone(),
+                    )?;
+                    Some((Arc::new(bus) as Arc<dyn Bus>, events))
+                }
+                None => None,
+            };
+            let publisher = bus.as_ref().map(|(bus, _)| Arc::clone(bus));
+            let relay = relay::spawn(
+                &config,
+                Arc::clone(&store),
+                hub.clone(),
+                changes,
+                bus,
+                background,
+            );
+            (hub, publisher, relay)
+        };
+        let writers = Writers::new(Arc::clone(&store), hub.clone(), bus);
         let auth = Authenticator::new(config.jwt_secret.as_deref(), config.api_key.as_deref());
-        AppState(Arc::new(Shared {
+        Ok(AppState(Arc::new(Shared {
             config,
             auth,
             store,
@@ -59,8 +106,9 @@ impl AppState {
             sessions: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             metrics,
+            relay,
             next_session: AtomicU64::new(1),
-        }))
+        })))
     }
 
     pub fn next_session_id(&self) -> SessionId {

@@ -40,6 +40,24 @@ pub struct Config {
     pub outbound_queue: usize,
     /// `SEQCAST_LOG_FORMAT`: `text` (default) or `json`.
     pub log_format: LogFormat,
+    /// `SEQCAST_REDIS_PREFIX`: prefix of every Redis key and channel, so several clusters can
+    /// share one Redis.
+    pub redis_prefix: String,
+    /// `SEQCAST_REDIS_TIMEOUT`: a Redis command unanswered this long marks Redis down (a paused
+    /// Redis accepts connections but never answers).
+    pub redis_timeout: Duration,
+    /// `SEQCAST_POLL_INTERVAL`: how often the heads of local rooms are read from the database
+    /// when Redis is absent or down; bounds cross-node delivery delay in that mode.
+    pub poll_interval: Duration,
+    /// `SEQCAST_HEAD_CHECK_INTERVAL`: the same check while Redis is up, to find a lost last
+    /// message (pub/sub is at-most-once and no later message reveals that gap).
+    pub head_check_interval: Duration,
+    /// `SEQCAST_LEADER_TTL`: lifetime of the leader lock in Redis.
+    pub leader_ttl: Duration,
+    /// `SEQCAST_RETENTION`: delete messages older than this; unset keeps them forever.
+    pub retention: Option<Duration>,
+    /// `SEQCAST_JOB_INTERVAL`: how often the leader runs the background jobs (retention).
+    pub job_interval: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -56,6 +74,13 @@ impl std::fmt::Debug for Config {
             .field("write_timeout", &self.write_timeout)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("outbound_queue", &self.outbound_queue)
+            .field("redis_prefix", &self.redis_prefix)
+            .field("redis_timeout", &self.redis_timeout)
+            .field("poll_interval", &self.poll_interval)
+            .field("head_check_interval", &self.head_check_interval)
+            .field("leader_ttl", &self.leader_ttl)
+            .field("retention", &self.retention)
+            .field("job_interval", &self.job_interval)
             .finish()
     }
 }
@@ -74,6 +99,13 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(10),
             outbound_queue: 1024,
             log_format: LogFormat::Text,
+            redis_prefix: "seqcast:".into(),
+            redis_timeout: Duration::from_secs(1),
+            poll_interval: Duration::from_millis(100),
+            head_check_interval: Duration::from_secs(1),
+            leader_ttl: Duration::from_secs(10),
+            retention: None,
+            job_interval: Duration::from_secs(60),
         }
     }
 }
@@ -105,14 +137,27 @@ impl Config {
         if let Some(v) = get("SEQCAST_MAX_MESSAGE_BYTES") {
             c.max_message_bytes = parse_count("SEQCAST_MAX_MESSAGE_BYTES", &v)?;
         }
-        if let Some(v) = get("SEQCAST_WRITE_TIMEOUT") {
-            c.write_timeout = parse_positive_duration("SEQCAST_WRITE_TIMEOUT", &v)?;
-        }
-        if let Some(v) = get("SEQCAST_SHUTDOWN_TIMEOUT") {
-            c.shutdown_timeout = parse_positive_duration("SEQCAST_SHUTDOWN_TIMEOUT", &v)?;
-        }
         if let Some(v) = get("SEQCAST_OUTBOUND_QUEUE") {
             c.outbound_queue = parse_count("SEQCAST_OUTBOUND_QUEUE", &v)?;
+        }
+        if let Some(v) = get("SEQCAST_REDIS_PREFIX") {
+            c.redis_prefix = v;
+        }
+        for (name, field) in [
+            ("SEQCAST_WRITE_TIMEOUT", &mut c.write_timeout),
+            ("SEQCAST_SHUTDOWN_TIMEOUT", &mut c.shutdown_timeout),
+            ("SEQCAST_REDIS_TIMEOUT", &mut c.redis_timeout),
+            ("SEQCAST_POLL_INTERVAL", &mut c.poll_interval),
+            ("SEQCAST_HEAD_CHECK_INTERVAL", &mut c.head_check_interval),
+            ("SEQCAST_LEADER_TTL", &mut c.leader_ttl),
+            ("SEQCAST_JOB_INTERVAL", &mut c.job_interval),
+        ] {
+            if let Some(v) = get(name) {
+                *field = parse_positive_duration(name, &v)?;
+            }
+        }
+        if let Some(v) = get("SEQCAST_RETENTION") {
+            c.retention = Some(parse_positive_duration("SEQCAST_RETENTION", &v)?);
         }
         if let Some(v) = get("SEQCAST_LOG_FORMAT") {
             c.log_format = match v.as_str() {

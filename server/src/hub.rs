@@ -62,14 +62,26 @@ pub struct Subscriber {
 struct RoomSubscribers {
     /// Highest seq handed to this room's subscribers; a lagging session reads up to here.
     head: AtomicU64,
+    /// Set once `head` has been seeded from the database by the room's first join; until then
+    /// head checks leave the room alone (from 0 they would replay its whole history).
+    seeded: AtomicBool,
     /// A std lock: held only to clone handles or `try_send`, never across an `.await`.
     sessions: RwLock<HashMap<SessionId, Subscriber>>,
+}
+
+/// A room gained its first or lost its last local session: the bus subscription follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoomChange {
+    Opened(Arc<str>),
+    Closed(Arc<str>),
 }
 
 /// The node's room registry. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Hub {
     rooms: Arc<DashMap<Arc<str>, Arc<RoomSubscribers>>>,
+    /// Where room openings and closings are reported (the relay), if anywhere.
+    changes: Option<mpsc::UnboundedSender<RoomChange>>,
 }
 
 impl Hub {
@@ -77,12 +89,29 @@ impl Hub {
         Hub::default()
     }
 
-    /// Adds a session to a room (replacing its previous entry, if any).
-    pub fn subscribe(&self, room: &str, id: SessionId, sub: Subscriber) {
-        // The shard lock of `entry` is held while the session is inserted, so this cannot race
-        // with `unsubscribe` removing an emptied room.
-        let entry = self.rooms.entry(Arc::from(room)).or_default();
+    /// A hub that reports rooms opening and closing on `changes`. Unbounded: at most one event
+    /// per join or leave, consumed by one task.
+    pub fn with_changes(changes: mpsc::UnboundedSender<RoomChange>) -> Hub {
+        Hub {
+            rooms: Arc::default(),
+            changes: Some(changes),
+        }
+    }
+
+    /// Adds a session to a room (replacing its previous entry, if any). True if the room had no
+    /// local session before.
+    pub fn subscribe(&self, room: &str, id: SessionId, sub: Subscriber) -> bool {
+        // The shard lock of `entry` is held while the session is inserted and the opening is
+        // reported, so this cannot race with `unsubscribe` removing an emptied room, and the
+        // openings and closings of a room are reported in order.
+        let entry = self.rooms.entry(Arc::from(room));
+        let opened = matches!(entry, dashmap::Entry::Vacant(_));
+        let entry = entry.or_default();
         write(&entry.sessions).insert(id, sub);
+        if opened {
+            self.report(RoomChange::Opened(Arc::clone(entry.key())));
+        }
+        opened
     }
 
     /// Removes a session from a room; the room's entry goes with its last session.
@@ -96,19 +125,43 @@ impl Hub {
             None => false,
         };
         if emptied {
-            self.rooms
-                .remove_if(room, |_, entry| read(&entry.sessions).is_empty());
+            self.rooms.remove_if(room, |key, entry| {
+                let empty = read(&entry.sessions).is_empty();
+                if empty {
+                    // Still under the shard lock: ordered with `subscribe`'s report.
+                    self.report(RoomChange::Closed(Arc::clone(key)));
+                }
+                empty
+            });
         }
     }
 
-    /// Delivers `live` to every session of its room; returns how many queues took it.
-    pub fn publish(&self, live: Arc<Live>) -> usize {
+    fn report(&self, change: RoomChange) {
+        if let Some(changes) = &self.changes {
+            // The receiver is gone only while the node stops.
+            let _ = changes.send(change);
+        }
+    }
+
+    /// Sets the head of a room that just got its first session to what that session read from
+    /// the database, so head checks start from there rather than from 0 (which would read the
+    /// room's whole history). Never lowers it.
+    pub fn init_head(&self, room: &str, head: u64) {
+        if let Some(entry) = self.rooms.get(room) {
+            entry.head.fetch_max(head, Ordering::AcqRel);
+            entry.seeded.store(true, Ordering::Release);
+        }
+    }
+
+    /// Delivers `live` to every session of its room. Returns the room's head before this
+    /// message (`None` if the room has no local session) and how many queues took it.
+    pub fn publish(&self, live: Arc<Live>) -> (Option<u64>, usize) {
         let Some(entry) = self.rooms.get(&*live.room).map(|e| Arc::clone(e.value())) else {
-            return 0;
+            return (None, 0);
         };
         // Raised before any queue sees the frame, so a session told it lagged will find a head
         // that covers the frame it lost.
-        entry.head.fetch_max(live.seq, Ordering::AcqRel);
+        let previous = entry.head.fetch_max(live.seq, Ordering::AcqRel);
         let sessions = read(&entry.sessions);
         let mut queued = 0;
         for sub in sessions.values() {
@@ -119,7 +172,7 @@ impl Hub {
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
-        queued
+        (Some(previous), queued)
     }
 
     /// The highest seq published to this room on this node (0 if none or no subscribers).
@@ -133,6 +186,20 @@ impl Hub {
     /// Rooms with at least one local session.
     pub fn room_count(&self) -> usize {
         self.rooms.len()
+    }
+
+    /// The rooms with at least one local session.
+    pub fn rooms(&self) -> Vec<Arc<str>> {
+        self.rooms.iter().map(|e| Arc::clone(e.key())).collect()
+    }
+
+    /// The rooms whose head can be compared with the database, with that head.
+    pub fn seeded_heads(&self) -> Vec<(Arc<str>, u64)> {
+        self.rooms
+            .iter()
+            .filter(|e| e.seeded.load(Ordering::Acquire))
+            .map(|e| (Arc::clone(e.key()), e.head.load(Ordering::Acquire)))
+            .collect()
     }
 }
 
@@ -178,8 +245,12 @@ mod tests {
         let (fast, mut fast_rx, _) = sub(16);
         hub.subscribe("r", 1, slow);
         hub.subscribe("r", 2, fast);
-        assert_eq!(hub.publish(live("r", 1)), 2);
-        assert_eq!(hub.publish(live("r", 2)), 1, "the slow queue is full");
+        assert_eq!(hub.publish(live("r", 1)), (Some(0), 2));
+        assert_eq!(
+            hub.publish(live("r", 2)),
+            (Some(1), 1),
+            "the slow queue is full"
+        );
         assert_eq!(hub.head("r"), 2);
         tokio::time::timeout(std::time::Duration::from_secs(1), slow_lag.wait())
             .await
@@ -189,7 +260,7 @@ mod tests {
         assert_eq!(fast_rx.recv().await.unwrap().seq, 2);
         // Same bytes, not a copy per subscriber.
         let m = live("r", 3);
-        hub.publish(Arc::clone(&m));
+        let _ = hub.publish(Arc::clone(&m));
         let got = fast_rx.recv().await.unwrap();
         assert!(Arc::ptr_eq(&got, &m));
     }
@@ -205,6 +276,32 @@ mod tests {
         assert_eq!(hub.room_count(), 1);
         hub.unsubscribe("r", 2);
         assert_eq!(hub.room_count(), 0);
-        assert_eq!(hub.publish(live("r", 1)), 0);
+        assert_eq!(hub.publish(live("r", 1)), (None, 0));
+    }
+
+    #[test]
+    fn openings_and_closings_are_reported_once_in_order() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let hub = Hub::with_changes(tx);
+        let (a, _ra, _) = sub(1);
+        let (b, _rb, _) = sub(1);
+        assert!(hub.subscribe("r", 1, a.clone()));
+        assert!(!hub.subscribe("r", 2, b));
+        hub.unsubscribe("r", 1);
+        hub.unsubscribe("r", 2);
+        hub.subscribe("r", 1, a);
+        let got: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(
+            got,
+            vec![
+                RoomChange::Opened("r".into()),
+                RoomChange::Closed("r".into()),
+                RoomChange::Opened("r".into())
+            ]
+        );
+        hub.init_head("r", 7);
+        assert_eq!(hub.head("r"), 7);
+        hub.init_head("r", 3);
+        assert_eq!(hub.head("r"), 7, "never lowered");
     }
 }

@@ -5,7 +5,8 @@
 //! ```text
 //!  ws.rs ──► session::inbound ──► writer (group commit) ──► store (commit = durability point)
 //!  (upgrade)  (parse, authorize)        │
-//!                                       └──► hub (local fan-out, one serialized frame shared)
+//!                                       ├──► bus (Redis pub/sub) ──► other nodes' relay ──┐
+//!                                       └──► hub (local fan-out, one serialized frame) ◄──┘
 //!                                              └──► session::outbound (cursor per room) ──► socket
 //! ```
 //!
@@ -15,6 +16,9 @@
 //! - [`store`]: the `Store` trait with Postgres and SQLite backends.
 //! - [`writer`]: per-room commit queues; the only way a message is committed.
 //! - [`hub`]: which local sessions are in which room; non-blocking fan-out.
+//! - [`bus`]: the `Bus` trait with Redis and in-process transports between nodes.
+//! - [`relay`]: bus subscriptions, messages from other nodes, and head checks against the
+//!   database that find what the bus lost (or, without Redis, carry everything).
 //! - [`session`]: one connection; its outbound half keeps a cursor per room and reads the
 //!   database whenever it is behind the live stream (join with `since`, gaps, slow clients).
 //! - [`api`], [`ws`], [`ops`]: the HTTP surface; [`app`] ties state and router together.
@@ -25,12 +29,15 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod bus;
 pub mod config;
 pub mod error;
 pub mod hub;
+pub mod jobs;
 pub mod metrics;
 pub mod ops;
 pub mod protocol;
+pub mod relay;
 pub mod session;
 pub mod store;
 pub mod writer;
@@ -66,7 +73,11 @@ pub async fn serve(
     let handle = metrics::install();
     let upkeep = tokio::spawn(metrics::upkeep(handle.clone()));
     let drain_timeout = config.shutdown_timeout;
-    let state = AppState::new(config, store, handle);
+    // Background tasks (cluster link, jobs) outlive the drain: commits still in flight during
+    // it must reach the other nodes.
+    let background = CancellationToken::new();
+    let _stop_background = background.clone().drop_guard();
+    let state = AppState::start(config, store, handle, background.clone())?;
 
     let http_stop = CancellationToken::new();
     let app = app::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();

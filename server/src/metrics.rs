@@ -23,8 +23,21 @@ pub const COMMIT_ERRORS: &str = "seqcast_commit_errors_total";
 pub const SESSIONS_CATCHING_UP: &str = "seqcast_sessions_catching_up";
 /// Sessions closed with 4008 because they accepted no bytes for the write timeout (counter).
 pub const SESSIONS_CLOSED_SLOW: &str = "seqcast_sessions_closed_slow_total";
-/// HTTP requests answered (counter, label `status`).
-pub const HTTP_REQUESTS: &str = "seqcast_http_requests_total";
+/// Messages handed to the bus for other nodes (counter).
+pub const BUS_PUBLISHED: &str = "seqcast_bus_published_total";
+/// Messages not published because the bus was down or its queue full (counter); other nodes
+/// repair them from the database.
+pub const BUS_PUBLISH_DROPPED: &str = "seqcast_bus_publish_dropped_total";
+/// Messages received from other nodes through the bus (counter).
+pub const BUS_RECEIVED: &str = "seqcast_bus_received_total";
+/// 1 while the bus (Redis) answers, 0 while the node relies on database polling (gauge).
+pub const BUS_UP: &str = "seqcast_bus_up";
+/// Times a room was found behind the database (a message the bus lost or never carried) (counter).
+pub const GAPS_DETECTED: &str = "seqcast_gaps_detected_total";
+/// Messages read from the database to fill such gaps (counter).
+pub const MESSAGES_REPAIRED: &str = "seqcast_messages_repaired_total";
+/// 1 while this node holds the leader lock for background jobs (gauge).
+pub const LEADER: &str = "seqcast_leader";
 
 /// Installs the process-wide recorder once and returns its handle. The recorder is global to the
 /// process, so a second server in the same process (tests) shares it.
@@ -91,7 +104,19 @@ fn describe() {
         SESSIONS_CLOSED_SLOW,
         "Sessions closed with 4008 (slow consumer)"
     );
-    describe_counter!(HTTP_REQUESTS, "HTTP requests answered");
+    describe_counter!(BUS_PUBLISHED, "Messages published to other nodes");
+    describe_counter!(
+        BUS_PUBLISH_DROPPED,
+        "Messages not published (bus down or queue full)"
+    );
+    describe_counter!(BUS_RECEIVED, "Messages received from other nodes");
+    describe_gauge!(BUS_UP, "1 while the bus answers");
+    describe_counter!(GAPS_DETECTED, "Rooms found behind the database");
+    describe_counter!(
+        MESSAGES_REPAIRED,
+        "Messages read from the database to fill gaps"
+    );
+    describe_gauge!(LEADER, "1 while this node is the leader");
     // Make every series visible from the first scrape, before anything happened.
     metrics::gauge!(CONNECTIONS_OPEN).set(0.0);
     metrics::gauge!(SESSIONS_JOINED).set(0.0);
@@ -99,4 +124,10 @@ fn describe() {
     metrics::counter!(MESSAGES_COMMITTED).absolute(0);
     metrics::counter!(MESSAGES_DELIVERED).absolute(0);
     metrics::counter!(SESSIONS_CLOSED_SLOW).absolute(0);
+    metrics::counter!(BUS_PUBLISHED).absolute(0);
+    metrics::counter!(BUS_RECEIVED).absolute(0);
+    metrics::counter!(GAPS_DETECTED).absolute(0);
+    metrics::counter!(MESSAGES_REPAIRED).absolute(0);
+    metrics::gauge!(BUS_UP).set(0.0);
+    metrics::gauge!(LEADER).set(0.0);
 }

@@ -39,7 +39,8 @@ async fn ready(State(state): State<AppState>) -> Response {
                 "node": node,
                 "store": store,
                 "draining": false,
-                "bus": "local",
+                "bus": state.relay.kind(),
+                "bus_state": state.relay.state().as_str(),
                 "rooms": state.hub.room_count(),
             });
             (StatusCode::OK, Json(body)).into_response()

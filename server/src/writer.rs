@@ -6,8 +6,8 @@
 //! latency, a busy room commits in batches (one transaction, one counter update, many rows), and
 //! an idle room costs nothing: its entry is removed when its last commit finishes.
 //!
-//! After a commit the new messages are serialized once and handed to the hub (local sessions);
-//! only then is each sender acknowledged. Nothing is acknowledged that was not committed.
+//! After a commit the new messages are serialized once and handed to the bus (other nodes) and
+//! the hub (local sessions); only then is each sender acknowledged. Nothing is acknowledged that was not committed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,6 +16,7 @@ use std::time::Instant;
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::oneshot;
 
+use crate::bus::{Bus, BusMessage};
 use crate::hub::{Hub, Live};
 use crate::metrics as m;
 use crate::protocol;
@@ -56,16 +57,19 @@ pub struct Writers {
 struct Shared {
     store: Arc<dyn Store>,
     hub: Hub,
+    /// Other nodes, when this node is part of a cluster with a bus.
+    bus: Option<Arc<dyn Bus>>,
     /// A std mutex: held only to push or take a queue, never across an `.await`.
     rooms: Mutex<HashMap<Arc<str>, RoomQueue>>,
 }
 
 impl Writers {
-    pub fn new(store: Arc<dyn Store>, hub: Hub) -> Writers {
+    pub fn new(store: Arc<dyn Store>, hub: Hub, bus: Option<Arc<dyn Bus>>) -> Writers {
         Writers {
             shared: Arc::new(Shared {
                 store,
                 hub,
+                bus,
                 rooms: Mutex::new(HashMap::new()),
             }),
         }
@@ -148,9 +152,18 @@ impl Shared {
                 for a in appended.iter().filter(|a| !a.duplicate) {
                     fresh += 1;
                     let frame = Utf8Bytes::from(protocol::message_frame(&a.message));
-                    self.hub.publish(Arc::new(Live {
+                    let seq = a.message.seq;
+                    if let Some(bus) = &self.bus {
+                        // Same bytes for the other nodes; never waits on the network.
+                        bus.publish(&BusMessage {
+                            room: Arc::clone(room),
+                            seq,
+                            frame: frame.clone(),
+                        });
+                    }
+                    let _ = self.hub.publish(Arc::new(Live {
                         room: Arc::clone(room),
-                        seq: a.message.seq,
+                        seq,
                         frame,
                     }));
                 }

@@ -153,11 +153,11 @@ impl<'a> Outbound<'a> {
     async fn join(&mut self, room: String, since: Option<u64>, r: Option<Ref>) -> Result<(), Stop> {
         let room: Arc<str> = Arc::from(room);
         let rejoin = self.rooms.contains_key(&room);
-        if !rejoin {
-            self.state
+        let opened = !rejoin
+            && self
+                .state
                 .hub
                 .subscribe(&room, self.id, self.subscriber.clone());
-        }
         let info = match self.state.store.room_info(&room).await {
             Ok(info) => info,
             Err(e) => {
@@ -176,6 +176,9 @@ impl<'a> Outbound<'a> {
             Some(since) if since.saturating_add(1) < info.first => (info.first - 1, true),
             Some(since) => (since, false),
         };
+        if opened {
+            self.state.hub.init_head(&room, info.head);
+        }
         self.rooms
             .insert(Arc::clone(&room), Cursor::new(sent, info.head));
         if !rejoin {

@@ -104,6 +104,26 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> StoreResult<Vec<StoredMessage>>;
 
+    /// The heads of those of `rooms` that were ever written to (others are left out), in one
+    /// query: how a node finds messages it missed on the bus.
+    async fn room_heads(&self, rooms: &[String]) -> StoreResult<Vec<(String, u64)>>;
+
+    /// Retention: deletes at most `limit` messages committed before `ts_ms` (milliseconds since
+    /// the Unix epoch), oldest first, from any rooms, and returns how many it deleted.
+    ///
+    /// Only a prefix of each room is ever deleted, so what is stored of a room stays one run of
+    /// seqs, `first..=head`, and a replay from `first` has no gap. A message is deleted only
+    /// together with, or after, every earlier message of its room: an old message stored after a
+    /// newer one (the clocks of two nodes disagree) waits until that one is old too. Each room's
+    /// prefix goes in one statement, so running this on several nodes at once is harmless.
+    ///
+    /// The room's head is never touched: seqs continue after it, and `room_info().first` moves
+    /// up (to `head + 1` once nothing is left). The idempotency key lives on the message row, so
+    /// it expires with its message: a retry with the same `idem` after that stores a new message.
+    ///
+    /// A result below `limit` means whatever old messages are left have to wait for a later call.
+    async fn delete_before(&self, ts_ms: i64, limit: usize) -> StoreResult<u64>;
+
     /// Cheap liveness check used by `/ready`.
     async fn ping(&self) -> StoreResult<()>;
 

@@ -220,6 +220,47 @@ impl Store for SqliteStore {
         Ok(messages)
     }
 
+    async fn room_heads(&self, rooms: &[String]) -> StoreResult<Vec<(String, u64)>> {
+        // The list travels as one JSON array: SQLite has no array parameters.
+        let list =
+            serde_json::to_string(rooms).map_err(|e| classify(sqlx::Error::Encode(Box::new(e))))?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT room, head FROM rooms WHERE room IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(list)
+        .fetch_all(&self.readers)
+        .await
+        .map_err(classify)?;
+        rows.into_iter()
+            .map(|(room, head)| Ok((room, batch::seq_from_db(head).map_err(classify)?)))
+            .collect()
+    }
+
+    async fn delete_before(&self, ts_ms: i64, limit: usize) -> StoreResult<u64> {
+        let rooms: Vec<String> = sqlx::query_scalar(OLDEST_ROOMS)
+            .bind(ts_ms)
+            .bind(batch::limit_to_db(limit))
+            .fetch_all(&self.readers)
+            .await
+            .map_err(classify)?;
+        let mut deleted = 0;
+        for room in rooms {
+            let budget = limit.saturating_sub(deleted);
+            if budget == 0 {
+                break;
+            }
+            let done = sqlx::query(DELETE_PREFIX)
+                .bind(&room)
+                .bind(ts_ms)
+                .bind(batch::limit_to_db(budget))
+                .execute(&self.writer)
+                .await
+                .map_err(classify)?;
+            deleted += usize::try_from(done.rows_affected()).unwrap_or(usize::MAX);
+        }
+        Ok(u64::try_from(deleted).unwrap_or(u64::MAX))
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1")
             .execute(&self.readers)
@@ -232,6 +273,25 @@ impl Store for SqliteStore {
         "sqlite"
     }
 }
+
+/// [`Store::delete_before`], first step: the rooms of the `?2` oldest messages older than `?1`;
+/// the same query as the Postgres store's.
+const OLDEST_ROOMS: &str = "\
+    SELECT room FROM ( \
+        SELECT room, ts_ms FROM messages WHERE ts_ms < ?1 ORDER BY ts_ms LIMIT ?2 \
+    ) AS oldest \
+    GROUP BY room ORDER BY min(ts_ms)";
+
+/// [`Store::delete_before`], second step, once per room: deletes at most `?3` messages of the
+/// prefix of room `?1` older than `?2`; the same query as the Postgres store's, which explains it.
+const DELETE_PREFIX: &str = "\
+    WITH first_n AS ( \
+        SELECT seq, ts_ms FROM messages WHERE room = ?1 ORDER BY seq LIMIT ?3 \
+    ) \
+    DELETE FROM messages WHERE room = ?1 AND seq IN ( \
+        SELECT seq FROM first_n WHERE seq < ( \
+            SELECT COALESCE(min(CASE WHEN ts_ms >= ?2 THEN seq END), max(seq) + 1) \
+            FROM first_n))";
 
 /// Reads the columns `seq, id, sender, body, ts_ms` of `row`.
 fn message_from_row(room: &str, row: &SqliteRow) -> Result<StoredMessage, sqlx::Error> {

@@ -1,0 +1,284 @@
+//! The node's link to the rest of the cluster: bus subscriptions, remote messages, head checks.
+//!
+//! - Subscriptions follow the hub: a room is subscribed on the bus when it gets its first local
+//!   session and unsubscribed when it loses its last, so a node's bus traffic is proportional to
+//!   its own rooms. After a reconnect (or any hint of loss) every local room is subscribed again.
+//! - Messages from other nodes go into the hub like local ones; sessions' cursors drop
+//!   duplicates and repair gaps.
+//! - Head checks: the heads of all local rooms are read from the database in one query, every
+//!   `SEQCAST_HEAD_CHECK_INTERVAL` while the bus is up (to find a lost *last* message, which no
+//!   later message reveals), every `SEQCAST_POLL_INTERVAL` while it is down or absent (then this
+//!   is how messages of other nodes arrive), and at once after a subscription or a reconnect. A
+//!   room found behind is read from the database once and fed into the hub.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, BusEvent, BusState};
+use crate::config::Config;
+use crate::hub::{Hub, Live, RoomChange};
+use crate::metrics as m;
+use crate::protocol;
+use crate::store::{Store, StoreResult};
+
+/// Messages read per page while repairing a room.
+const REPAIR_PAGE: usize = 500;
+
+/// What `/ready` shows of the cluster link. Cheap to clone.
+#[derive(Clone)]
+pub struct RelayStatus {
+    shared: Arc<StatusInner>,
+}
+
+struct StatusInner {
+    /// "redis", "none" (Postgres without Redis: polling), or "local" (a single SQLite node).
+    kind: &'static str,
+    up: AtomicBool,
+}
+
+impl RelayStatus {
+    /// A single node: no other node to hear from.
+    pub fn local() -> RelayStatus {
+        RelayStatus {
+            shared: Arc::new(StatusInner {
+                kind: "local",
+                up: AtomicBool::new(true),
+            }),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        self.shared.kind
+    }
+
+    pub fn state(&self) -> BusState {
+        if self.shared.up.load(Ordering::Acquire) {
+            BusState::Up
+        } else {
+            BusState::Down
+        }
+    }
+
+    fn bus_up(&self) -> bool {
+        self.shared.up.load(Ordering::Acquire)
+    }
+}
+
+/// Starts the relay tasks; they stop with `stop`.
+pub fn spawn(
+    config: &Config,
+    store: Arc<dyn Store>,
+    hub: Hub,
+    changes: mpsc::UnboundedReceiver<RoomChange>,
+    bus: Option<(Arc<dyn Bus>, mpsc::Receiver<BusEvent>)>,
+    stop: CancellationToken,
+) -> RelayStatus {
+    let kind = bus.as_ref().map_or("none", |(b, _)| b.kind());
+    let status = RelayStatus {
+        shared: Arc::new(StatusInner {
+            kind,
+            up: AtomicBool::new(false),
+        }),
+    };
+    let check = Arc::new(Notify::new());
+    let resubscribe = Arc::new(Notify::new());
+    let (bus, events) = match bus {
+        Some((bus, events)) => (Some(bus), Some(events)),
+        None => (None, None),
+    };
+    tokio::spawn(subscriptions(
+        bus,
+        hub.clone(),
+        changes,
+        Arc::clone(&check),
+        Arc::clone(&resubscribe),
+        stop.clone(),
+    ));
+    if let Some(events) = events {
+        tokio::spawn(bus_events(
+            events,
+            hub.clone(),
+            status.clone(),
+            Arc::clone(&check),
+            resubscribe,
+            stop.clone(),
+        ));
+    }
+    let intervals = (config.head_check_interval, config.poll_interval);
+    tokio::spawn(head_checks(
+        store,
+        hub,
+        status.clone(),
+        check,
+        intervals,
+        stop,
+    ));
+    status
+}
+
+/// Keeps the bus subscriptions equal to the hub's rooms.
+async fn subscriptions(
+    bus: Option<Arc<dyn Bus>>,
+    hub: Hub,
+    mut changes: mpsc::UnboundedReceiver<RoomChange>,
+    check: Arc<Notify>,
+    resubscribe: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            change = changes.recv() => match change {
+                None => return,
+                Some(RoomChange::Opened(room)) => {
+                    if let Some(bus) = &bus {
+                        if let Err(e) = bus.subscribe(&room).await {
+                            tracing::debug!(room = %room, error = %e, "subscribe failed; renewed when the bus is back");
+                        }
+                    }
+                    // Messages committed elsewhere between the join's head read and the
+                    // subscription travelled before we listened: look for them now.
+                    check.notify_one();
+                }
+                Some(RoomChange::Closed(room)) => {
+                    if let Some(bus) = &bus {
+                        if let Err(e) = bus.unsubscribe(&room).await {
+                            tracing::debug!(room = %room, error = %e, "unsubscribe failed");
+                        }
+                    }
+                }
+            },
+            _ = resubscribe.notified() => {
+                let Some(bus) = &bus else { continue };
+                for room in hub.rooms() {
+                    if let Err(e) = bus.subscribe(&room).await {
+                        tracing::debug!(error = %e, "resubscribe interrupted; retried on the next reconnect");
+                        break;
+                    }
+                }
+                check.notify_one();
+            }
+        }
+    }
+}
+
+/// Feeds messages of other nodes into the hub and tracks the bus state.
+async fn bus_events(
+    mut events: mpsc::Receiver<BusEvent>,
+    hub: Hub,
+    status: RelayStatus,
+    check: Arc<Notify>,
+    resubscribe: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => return,
+            event = events.recv() => match event {
+                Some(event) => event,
+                None => return,
+            },
+        };
+        match event {
+            BusEvent::Message(msg) => {
+                let live = Arc::new(Live {
+                    room: msg.room,
+                    seq: msg.seq,
+                    frame: msg.frame,
+                });
+                let seq = live.seq;
+                if let (Some(previous), _) = hub.publish(live) {
+                    if previous > 0 && seq > previous + 1 {
+                        // Lost or reordered on the bus; each session's cursor reads what it lacks.
+                        metrics::counter!(m::GAPS_DETECTED).increment(1);
+                    }
+                }
+            }
+            BusEvent::MaybeLost => {
+                resubscribe.notify_one();
+                check.notify_one();
+            }
+            BusEvent::State(state) => {
+                status
+                    .shared
+                    .up
+                    .store(state == BusState::Up, Ordering::Release);
+                // Either way the head-check pace changes; check now.
+                check.notify_one();
+            }
+        }
+    }
+}
+
+/// Compares the heads of local rooms with the database and feeds what is missing into the hub.
+async fn head_checks(
+    store: Arc<dyn Store>,
+    hub: Hub,
+    status: RelayStatus,
+    check: Arc<Notify>,
+    (when_up, when_down): (std::time::Duration, std::time::Duration),
+    stop: CancellationToken,
+) {
+    loop {
+        let pause = if status.bus_up() { when_up } else { when_down };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+            _ = check.notified() => {}
+        }
+        if let Err(e) = check_heads(store.as_ref(), &hub).await {
+            tracing::warn!(error = %e, "head check failed");
+        }
+    }
+}
+
+async fn check_heads(store: &dyn Store, hub: &Hub) -> StoreResult<()> {
+    let local = hub.seeded_heads();
+    if local.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = local.iter().map(|(room, _)| room.to_string()).collect();
+    let heads = store.room_heads(&names).await?;
+    for (room, db_head) in heads {
+        // Re-read: a message may have arrived while the query ran.
+        let known = hub.head(&room);
+        if db_head > known {
+            metrics::counter!(m::GAPS_DETECTED).increment(1);
+            let repaired = repair(store, hub, Arc::from(room.as_str()), known, db_head).await?;
+            metrics::counter!(m::MESSAGES_REPAIRED).increment(repaired);
+        }
+    }
+    Ok(())
+}
+
+/// Reads `(after, upto]` of `room` and hands it to the hub, serialized once per message.
+async fn repair(
+    store: &dyn Store,
+    hub: &Hub,
+    room: Arc<str>,
+    mut after: u64,
+    upto: u64,
+) -> StoreResult<u64> {
+    let mut count = 0;
+    while after < upto {
+        let page = store
+            .read_after(&room, after, Some(upto), REPAIR_PAGE)
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for message in &page {
+            let frame = Utf8Bytes::from(protocol::message_frame(message));
+            let _ = hub.publish(Arc::new(Live {
+                room: Arc::clone(&room),
+                seq: message.seq,
+                frame,
+            }));
+            count += 1;
+        }
+    }
+    Ok(count)
+}
