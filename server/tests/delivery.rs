@@ -32,7 +32,6 @@ store_tests!(
 /// Nodes sharing one Postgres database (no Redis): a client receives every message exactly once
 /// in order whichever node it and the sender are on (`protocol.md`, "Guarantees").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "cross-node fan-out without Redis (polling Postgres) is not implemented yet"]
 async fn nodes_sharing_postgres_deliver_across_nodes() {
     support::server::run_scenario("nodes_sharing_postgres_deliver_across_nodes", async {
         const TOTAL: usize = 2_000;

@@ -198,8 +198,8 @@ impl Shared {
                 _ = tick.tick() => {}
             }
             let probe = async {
-                let a = self.publisher.ping::<String>(None).await;
-                let b = self.subscriber.ping::<String>(None).await;
+                let a = self.publisher.ping::<fred::types::Value>(None).await;
+                let b = self.subscriber.ping::<fred::types::Value>(None).await;
                 a.is_ok() && b.is_ok()
             };
             match tokio::time::timeout(self.timeout, probe).await {

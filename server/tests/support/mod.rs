@@ -1,3 +1,5 @@
+pub mod cluster;
 pub mod postgres;
+pub mod redis;
 pub mod server;
 pub mod ws;
