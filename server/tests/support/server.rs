@@ -310,6 +310,41 @@ impl TestServer {
         assert!(status.success(), "kill -TERM {} failed: {status}", self.pid);
     }
 
+    /// Sends `signal` (a name such as `STOP`) through the `kill` command.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid.to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("run kill -{signal}: {e}"));
+        assert!(
+            status.success(),
+            "kill -{signal} {} failed: {status}",
+            self.pid
+        );
+    }
+
+    /// Freezes the process (SIGSTOP): its sockets stay open but nothing is read or written.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Thaws a process frozen by [`pause`](Self::pause) (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    /// Kills the process at once (SIGKILL, also when paused), as a crash would, and reaps it.
+    pub fn kill(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.child
+                .kill()
+                .unwrap_or_else(|e| panic!("SIGKILL seqcast (pid {}): {e}", self.pid));
+        }
+        self.child
+            .wait()
+            .unwrap_or_else(|e| panic!("wait for the killed seqcast (pid {}): {e}", self.pid));
+    }
+
     /// Waits for the process to exit, at most `deadline`; panics if it is still running then.
     pub async fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
         let start = Instant::now();
