@@ -18,6 +18,7 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::hub::{Hub, SessionId};
+use crate::jobs::{self, Jobs};
 use crate::relay::{self, RelayStatus};
 use crate::store::Store;
 use crate::writer::Writers;
@@ -40,6 +41,8 @@ pub struct Shared {
     pub metrics: PrometheusHandle,
     /// The cluster link's state, for `/ready`.
     pub relay: RelayStatus,
+    /// Leader election and background jobs.
+    pub jobs: Jobs,
     next_session: AtomicU64,
 }
 
@@ -64,14 +67,15 @@ impl AppState {
         metrics: PrometheusHandle,
         background: CancellationToken,
     ) -> anyhow::Result<AppState> {
-        let (hub, bus, relay) = if store.kind() == "sqlite" {
+        let (hub, bus, relay, redis) = if store.kind() == "sqlite" {
             if config.redis_url.is_some() {
                 tracing::warn!("REDIS_URL ignored: a SQLite node is a single node");
             }
-            (Hub::new(), None, RelayStatus::local())
+            (Hub::new(), None, RelayStatus::local(), None)
         } else {
             let (changes_tx, changes) = mpsc::unbounded_channel();
             let hub = Hub::with_changes(changes_tx);
+            let mut redis = None;
             let bus = match &config.redis_url {
                 Some(url) => {
                     let (bus, events) = RedisBus::start(
@@ -80,6 +84,7 @@ impl AppState {
                         config.redis_timeout,
                         background.clone(),
                     )?;
+                    redis = Some(bus.client());
                     Some((Arc::new(bus) as Arc<dyn Bus>, events))
                 }
                 None => None,
@@ -91,10 +96,11 @@ impl AppState {
                 hub.clone(),
                 changes,
                 bus,
-                background,
+                background.clone(),
             );
-            (hub, publisher, relay)
+            (hub, publisher, relay, redis)
         };
+        let jobs = jobs::spawn(&config, Arc::clone(&store), redis, background);
         let writers = Writers::new(Arc::clone(&store), hub.clone(), bus);
         let auth = Authenticator::new(config.jwt_secret.as_deref(), config.api_key.as_deref());
         Ok(AppState(Arc::new(Shared {
@@ -107,6 +113,7 @@ impl AppState {
             shutdown: CancellationToken::new(),
             metrics,
             relay,
+            jobs,
             next_session: AtomicU64::new(1),
         })))
     }

@@ -19,6 +19,7 @@
 //! - [`bus`]: the `Bus` trait with Redis and in-process transports between nodes.
 //! - [`relay`]: bus subscriptions, messages from other nodes, and head checks against the
 //!   database that find what the bus lost (or, without Redis, carry everything).
+//! - [`jobs`]: leader election through Redis and the background jobs (retention).
 //! - [`session`]: one connection; its outbound half keeps a cursor per room and reads the
 //!   database whenever it is behind the live stream (join with `since`, gaps, slow clients).
 //! - [`api`], [`ws`], [`ops`]: the HTTP surface; [`app`] ties state and router together.
@@ -51,6 +52,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use app::AppState;
+
+/// How long a stopping node waits for its background jobs (and the leader lock's release).
+const JOBS_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 pub use config::Config;
 
 /// Serves a node on `listener` until `shutdown` resolves, then drains: `/ready` turns 503, new
@@ -111,6 +115,14 @@ pub async fn serve(
     match tokio::time::timeout_at(deadline, server_task).await {
         Ok(result) => result.context("http server task")?.context("http server")?,
         Err(_) => tracing::warn!("drain timeout: HTTP connections still open"),
+    }
+    // Release the leader lock (if held) so another node takes over at once, not after its TTL.
+    background.cancel();
+    if tokio::time::timeout(JOBS_STOP_TIMEOUT, state.jobs.stopped())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background jobs did not stop in time");
     }
     upkeep.abort();
     tracing::info!("stopped");

@@ -38,6 +38,8 @@ pub const GAPS_DETECTED: &str = "seqcast_gaps_detected_total";
 pub const MESSAGES_REPAIRED: &str = "seqcast_messages_repaired_total";
 /// 1 while this node holds the leader lock for background jobs (gauge).
 pub const LEADER: &str = "seqcast_leader";
+/// Messages deleted by the retention job (counter).
+pub const RETENTION_DELETED: &str = "seqcast_retention_deleted_total";
 
 /// Installs the process-wide recorder once and returns its handle. The recorder is global to the
 /// process, so a second server in the same process (tests) shares it.
@@ -117,6 +119,7 @@ fn describe() {
         "Messages read from the database to fill gaps"
     );
     describe_gauge!(LEADER, "1 while this node is the leader");
+    describe_counter!(RETENTION_DELETED, "Messages deleted by retention");
     // Make every series visible from the first scrape, before anything happened.
     metrics::gauge!(CONNECTIONS_OPEN).set(0.0);
     metrics::gauge!(SESSIONS_JOINED).set(0.0);

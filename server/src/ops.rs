@@ -41,6 +41,7 @@ async fn ready(State(state): State<AppState>) -> Response {
                 "draining": false,
                 "bus": state.relay.kind(),
                 "bus_state": state.relay.state().as_str(),
+                "leader": state.jobs.is_leader(),
                 "rooms": state.hub.room_count(),
             });
             (StatusCode::OK, Json(body)).into_response()

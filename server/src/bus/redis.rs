@@ -233,6 +233,13 @@ impl Shared {
     }
 }
 
+impl RedisBus {
+    /// The bus's command connection, shared with the leader election.
+    pub fn client(&self) -> Client {
+        self.shared.publisher.clone()
+    }
+}
+
 #[async_trait]
 impl Bus for RedisBus {
     fn kind(&self) -> &'static str {

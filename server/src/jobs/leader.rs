@@ -20,8 +20,7 @@ use uuid::Uuid;
 
 use crate::config::Config;
 
-/// 1 while this node leads, else 0 (gauge).
-pub const LEADER: &str = "seqcast_leader";
+use crate::metrics::LEADER;
 
 /// Extends the lock by `ARGV[2]` ms if it still holds our value `ARGV[1]`; 1 if it did.
 const EXTEND: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then \
@@ -242,6 +241,7 @@ impl Election {
                 }
             };
 
+            let answered = outcome.is_ok();
             match outcome {
                 Ok(true) => {
                     leadership.set_lease_end(Some(sent_at + self.config.lease()));
@@ -255,17 +255,17 @@ impl Election {
                 Err(e) => {
                     // The lease runs out by the clock unless a later attempt succeeds in time.
                     if redis_answers {
-                        tracing::warn!(error = %e, "leader election: Redis did not answer");
+                        tracing::warn!(error = %e, "leader election: Redis command failed");
                     } else {
-                        tracing::debug!(error = %e, "leader election: Redis did not answer");
+                        tracing::debug!(error = %e, "leader election: Redis command failed");
                     }
                     next_attempt = Instant::now() + self.config.retry_every();
                 }
             }
-            if outcome.is_ok() && !redis_answers {
+            if answered && !redis_answers {
                 tracing::info!("leader election: Redis answers again");
             }
-            redis_answers = outcome.is_ok();
+            redis_answers = answered;
             leadership.refresh();
         }
 
@@ -298,15 +298,21 @@ struct Lock {
 
 impl Lock {
     /// Makes the lock ours if it can, and returns whether it is ours now. A leader extends it
-    /// (compare-and-extend), anyone else sets it if absent (`SET NX PX`). Each tries the other
-    /// command when its own finds the key not as expected: the leader's lock may have expired
-    /// while it was not looking, and a command whose reply timed out may have set the key to our
-    /// value all the same.
+    /// (compare-and-extend), anyone else sets it if absent (`SET NX PX`); each tries the other
+    /// command when its own finds the key not as expected.
     async fn claim(&self, leading: bool) -> Result<bool, RedisError> {
         if leading {
-            Ok(self.extend().await? || self.set_if_absent().await?)
+            if self.extend().await? {
+                return Ok(true);
+            }
+            // The lock expired while this node was not looking: take it afresh if it is free.
+            self.set_if_absent().await
         } else {
-            Ok(self.set_if_absent().await? || self.extend().await?)
+            if self.set_if_absent().await? {
+                return Ok(true);
+            }
+            // An earlier attempt whose reply timed out may have set our value all the same.
+            self.extend().await
         }
     }
 

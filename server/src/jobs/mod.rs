@@ -24,8 +24,9 @@
 //! the clock at each call, not with a flag the election loop sets, so a node whose loop is stuck
 //! (Redis paused, unreachable, slow) stops leading on time all the same. Two nodes never believe
 //! they lead at the same instant, provided their clocks and Redis's run at the same rate to
-//! within the margin, and Redis does not lose the key (one Redis, no failover to a replica that
-//! missed the write, no `FLUSHALL`). Each Redis command times out after `SEQCAST_REDIS_TIMEOUT`.
+//! within the margin, and Redis does not lose the key: a restart without persistence, a failover
+//! to a replica that missed the write or a `FLUSHALL` can give two leaders for up to one lease.
+//! Each Redis command times out after `SEQCAST_REDIS_TIMEOUT`.
 //!
 //! # Why jobs are idempotent anyway
 //!

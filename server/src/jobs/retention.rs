@@ -11,8 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::Leadership;
 use crate::store::Store;
 
-/// Messages deleted by retention on this node (counter).
-pub const RETENTION_DELETED: &str = "seqcast_retention_deleted_total";
+use crate::metrics::RETENTION_DELETED;
 
 /// Messages deleted per statement: small enough that a batch holds no lock for long.
 pub const BATCH: usize = 1000;
@@ -75,6 +74,10 @@ async fn sweep(
         }
     }
     if total > 0 {
-        tracing::info!(deleted = total, cutoff_ms = cutoff, "retention: deleted old messages");
+        tracing::info!(
+            deleted = total,
+            cutoff_ms = cutoff,
+            "retention: deleted old messages"
+        );
     }
 }
