@@ -159,7 +159,7 @@ async fn post_message(
         )));
     }
     let max_body = state.config.max_message_bytes;
-    let bytes = axum::body::to_bytes(body, state.config.max_frame_bytes())
+    let bytes = axum::body::to_bytes(body, state.config.frame_limit().unwrap_or(usize::MAX))
         .await
         .map_err(|_| {
             ApiError::too_large(format!(

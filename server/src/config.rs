@@ -58,6 +58,46 @@ pub struct Config {
     pub retention: Option<Duration>,
     /// `SEQCAST_JOB_INTERVAL`: how often the leader runs the background jobs (retention).
     pub job_interval: Duration,
+
+    // --- Hardening (docs/security.md). For every limit, 0 turns it off. ---
+    /// `SEQCAST_JWT_PUBLIC_KEY`: path of a PEM public key (RSA: RS256, EC P-256: ES256) that
+    /// tokens may be signed with, besides (or instead of) the HS256 secret.
+    pub jwt_public_key: Option<String>,
+    /// `SEQCAST_JWT_AUDIENCE`: when set, tokens must carry this `aud`.
+    pub jwt_audience: Option<String>,
+    /// `SEQCAST_JWT_ISSUER`: when set, tokens must carry this `iss`.
+    pub jwt_issuer: Option<String>,
+    /// `SEQCAST_JWT_LEEWAY`: clock skew tolerated on `exp` and `nbf`, default 30 s.
+    pub jwt_leeway: Duration,
+    /// `SEQCAST_ALLOWED_ORIGINS`: browser origins allowed to open a WebSocket besides the
+    /// server's own (`*` = any). Requests without `Origin` (native clients) are always allowed.
+    pub allowed_origins: Vec<String>,
+    /// `SEQCAST_MAX_FRAME_BYTES`: largest WebSocket frame/message; default 2 x the body limit.
+    pub max_frame_bytes: usize,
+    /// `SEQCAST_MAX_ROOMS_PER_CONNECTION`, default 200.
+    pub max_rooms_per_connection: usize,
+    /// `SEQCAST_MAX_CONNECTIONS` per node, default 200000.
+    pub max_connections: usize,
+    /// `SEQCAST_MAX_CONNECTIONS_PER_USER` per node, default 50.
+    pub max_connections_per_user: usize,
+    /// `SEQCAST_MAX_CONNECTIONS_PER_IP` per node, default 0 (off).
+    pub max_connections_per_ip: usize,
+    /// `SEQCAST_TRUSTED_PROXIES`: comma-separated CIDRs whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<String>,
+    /// `SEQCAST_HANDSHAKE_TIMEOUT`: an HTTP connection that has not completed a request in this
+    /// time (idle keep-alive connections included) is closed. Default 10 s; 0 = off.
+    pub handshake_timeout: Duration,
+    /// `SEQCAST_PING_INTERVAL`: how often the server pings a WebSocket client, default 25 s.
+    pub ping_interval: Duration,
+    /// `SEQCAST_IDLE_TIMEOUT`: a connection from which nothing (pongs included) arrives this long
+    /// is closed, default 60 s.
+    pub idle_timeout: Duration,
+    /// `SEQCAST_SEND_RATE`: sends, joins and malformed frames per second per connection (token
+    /// bucket, burst 4x), default 50.
+    pub send_rate: u32,
+    /// `SEQCAST_USER_SEND_RATE`: sends per second per user across the cluster (through Redis;
+    /// per node without it), WebSocket and HTTP together, default 100.
+    pub user_send_rate: u32,
 }
 
 impl std::fmt::Debug for Config {
@@ -106,6 +146,22 @@ impl Default for Config {
             leader_ttl: Duration::from_secs(10),
             retention: None,
             job_interval: Duration::from_secs(60),
+            jwt_public_key: None,
+            jwt_audience: None,
+            jwt_issuer: None,
+            jwt_leeway: Duration::from_secs(30),
+            allowed_origins: Vec::new(),
+            max_frame_bytes: 2 * 65536,
+            max_rooms_per_connection: 200,
+            max_connections: 200_000,
+            max_connections_per_user: 50,
+            max_connections_per_ip: 0,
+            trusted_proxies: Vec::new(),
+            handshake_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            send_rate: 50,
+            user_send_rate: 100,
         }
     }
 }
@@ -156,6 +212,63 @@ impl Config {
                 *field = parse_positive_duration(name, &v)?;
             }
         }
+        c.jwt_public_key = get("SEQCAST_JWT_PUBLIC_KEY");
+        c.jwt_audience = get("SEQCAST_JWT_AUDIENCE");
+        c.jwt_issuer = get("SEQCAST_JWT_ISSUER");
+        if let Some(v) = get("SEQCAST_JWT_LEEWAY") {
+            c.jwt_leeway = parse_duration(&v).context("SEQCAST_JWT_LEEWAY")?;
+        }
+        c.allowed_origins = get("SEQCAST_ALLOWED_ORIGINS")
+            .map(|v| list(&v))
+            .unwrap_or_default();
+        c.trusted_proxies = get("SEQCAST_TRUSTED_PROXIES")
+            .map(|v| list(&v))
+            .unwrap_or_default();
+        // The frame limit follows the body limit unless set on its own.
+        c.max_frame_bytes = c.max_message_bytes.saturating_mul(2);
+        for (name, field) in [
+            ("SEQCAST_MAX_FRAME_BYTES", &mut c.max_frame_bytes),
+            (
+                "SEQCAST_MAX_ROOMS_PER_CONNECTION",
+                &mut c.max_rooms_per_connection,
+            ),
+            ("SEQCAST_MAX_CONNECTIONS", &mut c.max_connections),
+            (
+                "SEQCAST_MAX_CONNECTIONS_PER_USER",
+                &mut c.max_connections_per_user,
+            ),
+            (
+                "SEQCAST_MAX_CONNECTIONS_PER_IP",
+                &mut c.max_connections_per_ip,
+            ),
+        ] {
+            if let Some(v) = get(name) {
+                *field = v
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("{name}: bad number {v:?}"))?;
+            }
+        }
+        for (name, field) in [
+            ("SEQCAST_HANDSHAKE_TIMEOUT", &mut c.handshake_timeout),
+            ("SEQCAST_PING_INTERVAL", &mut c.ping_interval),
+            ("SEQCAST_IDLE_TIMEOUT", &mut c.idle_timeout),
+        ] {
+            if let Some(v) = get(name) {
+                *field = parse_duration(&v).with_context(|| name.to_string())?;
+            }
+        }
+        for (name, field) in [
+            ("SEQCAST_SEND_RATE", &mut c.send_rate),
+            ("SEQCAST_USER_SEND_RATE", &mut c.user_send_rate),
+        ] {
+            if let Some(v) = get(name) {
+                *field = v
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("{name}: bad number {v:?}"))?;
+            }
+        }
         if let Some(v) = get("SEQCAST_RETENTION") {
             c.retention = Some(parse_positive_duration("SEQCAST_RETENTION", &v)?);
         }
@@ -169,15 +282,17 @@ impl Config {
         Ok(c)
     }
 
-    /// Development mode: no token verification, anonymous clients, loopback only.
+    /// Development mode: no token verification, anonymous clients, loopback only. Either token
+    /// key (secret or public key) turns it off.
     pub fn dev_mode(&self) -> bool {
-        self.jwt_secret.is_none()
+        self.jwt_secret.is_none() && self.jwt_public_key.is_none()
     }
 
-    /// Largest WebSocket frame accepted: a `send` frame carries the body plus its envelope
-    /// (room, idem, ref) and JSON escaping, so twice the body limit leaves room for both.
-    pub fn max_frame_bytes(&self) -> usize {
-        self.max_message_bytes.saturating_mul(2).max(4096)
+    /// Largest WebSocket frame accepted (`None` = no limit of seqcast's own). By default a `send`
+    /// frame may carry the body plus its envelope (room, idem, ref) and JSON escaping: twice
+    /// the body limit leaves room for both.
+    pub fn frame_limit(&self) -> Option<usize> {
+        (self.max_frame_bytes > 0).then_some(self.max_frame_bytes)
     }
 
     /// Refuses configurations that are unsafe to serve with.
@@ -229,6 +344,15 @@ fn parse_count(name: &str, v: &str) -> anyhow::Result<usize> {
         bail!("{name}: must be greater than zero");
     }
     Ok(n)
+}
+
+/// Splits a comma-separated list, dropping blanks.
+fn list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 fn host_name() -> String {

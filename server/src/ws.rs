@@ -37,12 +37,16 @@ async fn upgrade(
     }
     let token = bearer_token(&headers).or(params.token.as_deref());
     let identity = state.auth.websocket(token);
-    let limit = state.config.max_frame_bytes();
+    // tungstenite's own defaults (16 MiB frames, 64 MiB messages) stand when the limit is off.
+    let limit = state.config.frame_limit();
     // axum runs the upgraded connection in a task of its own that its graceful shutdown does
     // not wait for, so sessions are tracked here to be drained on SIGTERM.
     let sessions = state.sessions.clone();
-    ws.max_message_size(limit)
-        .max_frame_size(limit)
+    let ws = match limit {
+        Some(limit) => ws.max_message_size(limit).max_frame_size(limit),
+        None => ws,
+    };
+    ws
         // tungstenite zero-fills its read buffer to full capacity on first read; the 128 KiB
         // default would cost every idle connection 128 KiB of RSS. Larger frames still grow it.
         .read_buffer_size(READ_BUFFER_BYTES)
