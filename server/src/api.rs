@@ -14,6 +14,7 @@ use crate::app::AppState;
 use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::protocol::{self, validate_room};
+use crate::ratelimit;
 use crate::store::NewMessage;
 use crate::writer::CommitError;
 
@@ -157,6 +158,12 @@ async fn post_message(
         return Err(ApiError::forbidden(format!(
             "not allowed to send to room {room:?}"
         )));
+    }
+    // Counted before the body is read: a refused POST costs the node next to nothing.
+    if !caller.is_server() {
+        if let Err(wait) = state.user_limits.acquire(&caller.user).await {
+            return Ok(ratelimit::http_refusal(wait));
+        }
     }
     let max_body = state.config.max_message_bytes;
     let bytes = axum::body::to_bytes(body, state.config.frame_limit().unwrap_or(usize::MAX))

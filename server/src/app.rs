@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::trace::TraceLayer;
 
+use crate::admission::Admission;
 use crate::auth::Authenticator;
 use crate::bus::redis::RedisBus;
 use crate::bus::Bus;
@@ -19,6 +20,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::hub::{Hub, SessionId};
 use crate::jobs::{self, Jobs};
+use crate::ratelimit::UserLimiter;
 use crate::relay::{self, RelayStatus};
 use crate::store::Store;
 use crate::writer::Writers;
@@ -31,6 +33,8 @@ pub struct AppState(Arc<Shared>);
 pub struct Shared {
     pub config: Config,
     pub auth: Authenticator,
+    /// Origins, client addresses and connection counts checked at the WebSocket upgrade.
+    pub admission: Admission,
     pub store: Arc<dyn Store>,
     pub hub: Hub,
     pub writers: Writers,
@@ -43,6 +47,8 @@ pub struct Shared {
     pub relay: RelayStatus,
     /// Leader election and background jobs.
     pub jobs: Jobs,
+    /// The per-user send rate (`SEQCAST_USER_SEND_RATE`), through Redis when there is one.
+    pub user_limits: UserLimiter,
     next_session: AtomicU64,
 }
 
@@ -67,6 +73,10 @@ impl AppState {
         metrics: PrometheusHandle,
         background: CancellationToken,
     ) -> anyhow::Result<AppState> {
+        // First: a malformed origin or proxy range stops the node before anything is spawned.
+        let admission = Admission::new(&config)?;
+        // Likewise an unreadable or unsupported token key (SEQCAST_JWT_PUBLIC_KEY).
+        let auth = Authenticator::from_config(&config)?;
         let (hub, bus, relay, redis) = if store.kind() == "sqlite" {
             if config.redis_url.is_some() {
                 tracing::warn!("REDIS_URL ignored: a SQLite node is a single node");
@@ -100,12 +110,13 @@ impl AppState {
             );
             (hub, publisher, relay, redis)
         };
+        let user_limits = UserLimiter::new(&config, redis.clone(), background.clone());
         let jobs = jobs::spawn(&config, Arc::clone(&store), redis, background);
         let writers = Writers::new(Arc::clone(&store), hub.clone(), bus);
-        let auth = Authenticator::new(config.jwt_secret.as_deref(), config.api_key.as_deref());
         Ok(AppState(Arc::new(Shared {
             config,
             auth,
+            admission,
             store,
             hub,
             writers,
@@ -114,6 +125,7 @@ impl AppState {
             metrics,
             relay,
             jobs,
+            user_limits,
             next_session: AtomicU64::new(1),
         })))
     }

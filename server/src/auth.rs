@@ -1,23 +1,34 @@
 //! Who a client is and which rooms it may touch.
 //!
-//! A client presents a JWT (HS256, `SEQCAST_JWT_SECRET`) or, over HTTP, the server API key.
-//! Without a secret the node is in development mode and everyone is an anonymous user with access
-//! to every room. Room permissions are glob patterns in which `*` matches any run of characters.
+//! A client presents a JWT or, over HTTP (and the WebSocket), the server API key. Tokens are
+//! verified with the HS256 secret (`SEQCAST_JWT_SECRET`), a PEM public key
+//! (`SEQCAST_JWT_PUBLIC_KEY`: RSA for RS256, EC P-256 for ES256), or either of the two when both
+//! are set. Each key accepts only its own algorithm: a token's `alg` header picks among the
+//! configured keys and never changes how a key is used, so `alg: none` and algorithm confusion
+//! (an HS256 token "signed" with the public key's bytes) fail.
+//!
+//! Without any key the node is in development mode and everyone is an anonymous user with
+//! access to every room. Room permissions are glob patterns in which `*` matches any run of
+//! characters.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use anyhow::{bail, Context};
+use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
-/// Clock skew tolerated on `exp`, in seconds.
-const LEEWAY_SECS: u64 = 30;
+use crate::config::Config;
 
-/// The claims seqcast reads from a token.
+/// The claims seqcast reads from a token. `nbf`, `aud` and `iss` are checked by the verifier
+/// (see [`Authenticator`]) and not kept.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
     /// The user id, shown as `from` on the user's messages.
     pub sub: String,
-    /// Expiry, seconds since the Unix epoch.
+    /// Expiry, seconds since the Unix epoch. Required, and a JSON number: `"exp":"1700000000"`
+    /// is refused.
+    #[serde(deserialize_with = "numeric_date")]
     pub exp: u64,
     /// Patterns of rooms the user may join, read and send to.
     #[serde(default)]
@@ -95,35 +106,162 @@ pub enum AuthError {
     Missing,
     #[error("token expired")]
     Expired,
+    #[error("token not yet valid")]
+    NotYetValid,
     #[error("invalid token")]
     Invalid,
+}
+
+/// Why a connection's `auth` frame (a token refresh) was refused; the old token stays in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RefreshError {
+    /// The new token does not verify (`unauthorized`).
+    #[error(transparent)]
+    Unauthorized(#[from] AuthError),
+    /// The new token is valid but names another user (`forbidden`): a connection keeps its user.
+    #[error("the token is for another user; a connection cannot change its user")]
+    OtherUser,
+}
+
+/// What tokens must satisfy besides their signature.
+#[derive(Debug, Clone, Default)]
+pub struct TokenRules {
+    /// Required `aud` (`SEQCAST_JWT_AUDIENCE`).
+    pub audience: Option<String>,
+    /// Required `iss` (`SEQCAST_JWT_ISSUER`).
+    pub issuer: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf` (`SEQCAST_JWT_LEEWAY`), in whole seconds.
+    pub leeway: Duration,
+}
+
+/// A public key read from a PEM file, pinned to the one algorithm its type allows.
+#[derive(Clone)]
+pub struct PublicKey {
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+impl PublicKey {
+    /// Reads a PEM public key (`-----BEGIN PUBLIC KEY-----`, or PKCS#1
+    /// `-----BEGIN RSA PUBLIC KEY-----`): RSA keys verify RS256, EC P-256 keys ES256. Anything
+    /// else (a private key, a certificate, another curve, Ed25519) is refused with a reason.
+    pub fn from_pem(pem: &[u8]) -> anyhow::Result<PublicKey> {
+        let text = std::str::from_utf8(pem).context("not a PEM file (not text)")?;
+        let label = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("-----BEGIN ")?.strip_suffix("-----"))
+            .context("not a PEM file (no -----BEGIN ...----- line)")?;
+        match label {
+            "PUBLIC KEY" | "RSA PUBLIC KEY" => {}
+            l if l.contains("PRIVATE KEY") => bail!(
+                "this is a private key ({l}); give the public key instead \
+                 (openssl pkey -in private.pem -pubout)"
+            ),
+            l => bail!("expected -----BEGIN PUBLIC KEY-----, found {l}"),
+        }
+        if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
+            return Ok(PublicKey {
+                alg: Algorithm::RS256,
+                key,
+            });
+        }
+        if let Ok(key) = DecodingKey::from_ec_pem(pem) {
+            // jsonwebtoken reads the curve point only when it verifies a token. Verify a dummy
+            // token now, so a key that is not a P-256 point fails at start-up and not on every
+            // token: a usable key gets as far as the (bad) signature.
+            let probe = "eyJhbGciOiJFUzI1NiJ9.e30.AA"; // {"alg":"ES256"} . {} . 0x00
+            let outcome = jsonwebtoken::decode::<serde_json::Value>(
+                probe,
+                &key,
+                &Validation::new(Algorithm::ES256),
+            );
+            return match outcome.map_err(|e| e.into_kind()) {
+                Err(ErrorKind::InvalidSignature) => Ok(PublicKey {
+                    alg: Algorithm::ES256,
+                    key,
+                }),
+                _ => bail!("an EC key that is not on curve P-256 (ES256 is the only EC algorithm)"),
+            };
+        }
+        bail!("not an RSA or EC P-256 public key (only RS256 and ES256 are supported)")
+    }
+
+    /// The algorithm tokens signed with this key's private half must use.
+    pub fn algorithm(&self) -> Algorithm {
+        self.alg
+    }
+}
+
+/// One key tokens may be signed with, and the validation (algorithm pinned) that goes with it.
+#[derive(Clone)]
+struct TokenKey {
+    key: DecodingKey,
+    validation: Validation,
 }
 
 /// Verifies credentials. Cheap to clone.
 #[derive(Clone)]
 pub struct Authenticator {
-    jwt: Option<(DecodingKey, Validation)>,
+    /// At most one key per algorithm; empty in development mode.
+    keys: Vec<TokenKey>,
+    leeway: Duration,
     api_key: Option<String>,
 }
 
 impl Authenticator {
-    pub fn new(jwt_secret: Option<&str>, api_key: Option<&str>) -> Authenticator {
-        let jwt = jwt_secret.map(|secret| {
-            // Pinned to HS256: a token's own `alg` header never chooses the algorithm, so
-            // `alg: none` and algorithm-confusion tokens fail verification.
-            let mut v = Validation::new(Algorithm::HS256);
-            v.set_required_spec_claims(&["exp", "sub"]);
-            v.leeway = LEEWAY_SECS;
-            (DecodingKey::from_secret(secret.as_bytes()), v)
-        });
+    /// The node's authenticator: the secret, the public key file (read now: a missing or bad
+    /// file fails start-up), the token rules and the server key from `config`.
+    pub fn from_config(config: &Config) -> anyhow::Result<Authenticator> {
+        let public_key = match &config.jwt_public_key {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("SEQCAST_JWT_PUBLIC_KEY: cannot read {path}"))?;
+                let key = PublicKey::from_pem(&pem)
+                    .with_context(|| format!("SEQCAST_JWT_PUBLIC_KEY: {path}"))?;
+                Some(key)
+            }
+        };
+        let rules = TokenRules {
+            audience: config.jwt_audience.clone(),
+            issuer: config.jwt_issuer.clone(),
+            leeway: config.jwt_leeway,
+        };
+        Ok(Authenticator::new(
+            config.jwt_secret.as_deref(),
+            public_key,
+            &rules,
+            config.api_key.as_deref(),
+        ))
+    }
+
+    /// An authenticator with an HS256 `secret`, a `public_key`, both, or neither (development
+    /// mode).
+    pub fn new(
+        secret: Option<&str>,
+        public_key: Option<PublicKey>,
+        rules: &TokenRules,
+        api_key: Option<&str>,
+    ) -> Authenticator {
+        let hmac = secret.map(|s| (Algorithm::HS256, DecodingKey::from_secret(s.as_bytes())));
+        let public = public_key.map(|p| (p.alg, p.key));
+        let keys = hmac
+            .into_iter()
+            .chain(public)
+            .map(|(alg, key)| TokenKey {
+                key,
+                validation: validation(alg, rules),
+            })
+            .collect();
         Authenticator {
-            jwt,
+            keys,
+            leeway: Duration::from_secs(rules.leeway.as_secs()),
             api_key: api_key.map(str::to_string),
         }
     }
 
     pub fn dev_mode(&self) -> bool {
-        self.jwt.is_none()
+        self.keys.is_empty()
     }
 
     /// Authenticates a WebSocket client. In development mode the client is anonymous whatever it
@@ -147,20 +285,43 @@ impl Authenticator {
         self.bearer(token)
     }
 
+    /// Checks a fresh credential for a connection authenticated as `current` (the `auth`
+    /// frame). It must name the same principal: the same `sub`, and a token stays a token (the
+    /// server key stays the server key). In development mode nothing is checked and the
+    /// connection keeps its anonymous identity.
+    pub fn refresh(&self, current: &Identity, token: &str) -> Result<Identity, RefreshError> {
+        if self.dev_mode() {
+            return Ok(current.clone());
+        }
+        let fresh = self.bearer(Some(token))?;
+        if fresh.user != current.user || fresh.is_server() != current.is_server() {
+            return Err(RefreshError::OtherUser);
+        }
+        Ok(fresh)
+    }
+
+    /// How long from now until a token with this `exp` is no longer accepted (`exp` plus the
+    /// leeway); zero if that has passed.
+    pub fn time_left(&self, exp: u64) -> Duration {
+        let deadline = UNIX_EPOCH + Duration::from_secs(exp) + self.leeway;
+        deadline
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+    }
+
     fn bearer(&self, token: Option<&str>) -> Result<Identity, AuthError> {
         let token = token.ok_or(AuthError::Missing)?;
         if self.is_api_key(token) {
             return Ok(Identity::server());
         }
-        let Some((key, validation)) = &self.jwt else {
-            return Err(AuthError::Invalid);
-        };
-        let data =
-            jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+        let c = self.verify(token).map_err(|e| {
+            tracing::debug!(reason = ?e, "token refused");
+            match e {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 _ => AuthError::Invalid,
-            })?;
-        let c = data.claims;
+            }
+        })?;
         if c.sub.is_empty() {
             return Err(AuthError::Invalid);
         }
@@ -174,6 +335,20 @@ impl Authenticator {
         })
     }
 
+    /// The header's `alg` only selects among the configured keys, each of which verifies with
+    /// its own algorithm alone.
+    fn verify(&self, token: &str) -> Result<Claims, ErrorKind> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| e.into_kind())?;
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.validation.algorithms == [header.alg])
+            .ok_or(ErrorKind::InvalidAlgorithm)?;
+        jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
+            .map(|data| data.claims)
+            .map_err(|e| e.into_kind())
+    }
+
     fn is_api_key(&self, token: &str) -> bool {
         self.api_key
             .as_deref()
@@ -181,10 +356,41 @@ impl Authenticator {
     }
 }
 
-/// Seconds until `exp` (plus the leeway) passes; zero if it already has.
-pub fn until_expiry(exp: u64) -> std::time::Duration {
-    let deadline = exp.saturating_add(LEEWAY_SECS);
-    std::time::Duration::from_secs(deadline.saturating_sub(unix_now()))
+/// The checks a token verified with `alg` must pass: `exp` and `sub` present, `exp`/`nbf`
+/// numeric and in force (with the leeway), `aud`/`iss` when configured. A token that carries an
+/// `aud` is refused when no audience is configured (RFC 7519: a recipient not named in `aud`
+/// must reject it), so tokens minted for another service do not work here.
+fn validation(alg: Algorithm, rules: &TokenRules) -> Validation {
+    let mut v = Validation::new(alg);
+    let mut required = vec!["exp", "sub"];
+    v.leeway = rules.leeway.as_secs();
+    v.validate_exp = true;
+    v.validate_nbf = true;
+    if let Some(aud) = &rules.audience {
+        v.set_audience(&[aud]);
+        required.push("aud");
+    }
+    if let Some(iss) = &rules.issuer {
+        v.set_issuer(&[iss]);
+        required.push("iss");
+    }
+    v.set_required_spec_claims(&required);
+    v
+}
+
+/// A NumericDate: a JSON number of seconds (a fraction is dropped); a string is refused.
+fn numeric_date<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Number {
+        Int(u64),
+        Float(f64),
+    }
+    match Number::deserialize(d)? {
+        Number::Int(n) => Ok(n),
+        Number::Float(f) if f.is_finite() && f >= 0.0 && f < u64::MAX as f64 => Ok(f as u64),
+        Number::Float(_) => Err(serde::de::Error::custom("exp out of range")),
+    }
 }
 
 pub fn unix_now() -> u64 {
@@ -194,11 +400,30 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Signs a token (the `seqcast token` command and tests).
-pub fn mint(secret: &str, claims: &Claims) -> Result<String, jsonwebtoken::errors::Error> {
+/// Signs an HS256 token (the `seqcast token` command and tests), with `aud` and `iss` when
+/// given.
+pub fn mint(
+    secret: &str,
+    claims: &Claims,
+    audience: Option<&str>,
+    issuer: Option<&str>,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    #[derive(Serialize)]
+    struct Signed<'a> {
+        #[serde(flatten)]
+        claims: &'a Claims,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        aud: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        iss: Option<&'a str>,
+    }
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
-        claims,
+        &Signed {
+            claims,
+            aud: audience,
+            iss: issuer,
+        },
         &EncodingKey::from_secret(secret.as_bytes()),
     )
 }
@@ -236,6 +461,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn patterns() {
@@ -253,6 +479,43 @@ mod tests {
         assert!(pattern_matches("**", "abc"));
     }
 
+    // Public keys only (generated with openssl for these tests; the private halves were
+    // discarded).
+    const RSA_SPKI: &str = "-----BEGIN PUBLIC KEY-----
+MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAy8PH0ZQieEOPcBLUKLk3
+ihhCokr4l2uGEsZxIkrLZrP442a2hV9Bh5n/VEBhyzwDbP/XSymIncB2WIW/GEpZ
+BA2sC1RHmlnoUwxfLqFNweR5wGn+TBeE3fCJr8dpX+RZ9Mw6eA67aw8dvsElHd6c
+EmmirrCRUaSIcTvrPCDTbSvozxAF+CPOmqf4YOgTDEURgHVi5waWp12bZddz5K48
+iwNXSqvN6dMq/P3GXbBqBZa8KjNm6FZgH+Kj1ff0d9PQ/IwP3YsyCZgr4FZrQLWD
+Lg6851WR7KiBquoVFilckjA5N0F9ZKvw8Y8Dh3lVQWFrrY4YkULhWrscKqFfP9Cf
+8wIDAQAB
+-----END PUBLIC KEY-----
+";
+    const RSA_PKCS1: &str = "-----BEGIN RSA PUBLIC KEY-----
+MIIBCgKCAQEAy8PH0ZQieEOPcBLUKLk3ihhCokr4l2uGEsZxIkrLZrP442a2hV9B
+h5n/VEBhyzwDbP/XSymIncB2WIW/GEpZBA2sC1RHmlnoUwxfLqFNweR5wGn+TBeE
+3fCJr8dpX+RZ9Mw6eA67aw8dvsElHd6cEmmirrCRUaSIcTvrPCDTbSvozxAF+CPO
+mqf4YOgTDEURgHVi5waWp12bZddz5K48iwNXSqvN6dMq/P3GXbBqBZa8KjNm6FZg
+H+Kj1ff0d9PQ/IwP3YsyCZgr4FZrQLWDLg6851WR7KiBquoVFilckjA5N0F9ZKvw
+8Y8Dh3lVQWFrrY4YkULhWrscKqFfP9Cf8wIDAQAB
+-----END RSA PUBLIC KEY-----
+";
+    const P256: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAENV6KQGBkml1hq8m67svlpAJYmFNM
+0NxQQTGOmaCjoaoY28g7SuUOATRRM2cdyAt5mf3eyfjughmI1O2+fMK4wA==
+-----END PUBLIC KEY-----
+";
+    const P384: &str = "-----BEGIN PUBLIC KEY-----
+MHYwEAYHKoZIzj0CAQYFK4EEACIDYgAEScEFIx0TZF4pi9r5+/lkjCUfJwBa+FFd
+rvjfQnzGmSkpsMNaVQcavGK4rBt5K83DytxqKbew+xKmvlHr/FmJpbbWRFa+S2z0
+TmYdCvqvjSj/B1pOHbsdpZ8XtglisVeb
+-----END PUBLIC KEY-----
+";
+    const ED25519: &str = "-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEA/3L8YmRgG01iGBiUQYz/gAscd7OzkHNjQxEAupYNM0k=
+-----END PUBLIC KEY-----
+";
+
     fn claims(exp: u64) -> Claims {
         Claims {
             sub: "alice".into(),
@@ -262,21 +525,42 @@ mod tests {
         }
     }
 
+    fn hs256(secret: &str) -> Authenticator {
+        Authenticator::new(
+            Some(secret),
+            None,
+            &TokenRules {
+                leeway: Duration::from_secs(30),
+                ..TokenRules::default()
+            },
+            Some("key"),
+        )
+    }
+
+    fn sign(claims: &serde_json::Value, secret: &[u8]) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .unwrap()
+    }
+
     #[test]
     fn tokens() {
-        let auth = Authenticator::new(Some("s3cret"), Some("key"));
-        let ok = mint("s3cret", &claims(unix_now() + 60)).unwrap();
+        let auth = hs256("s3cret");
+        let ok = mint("s3cret", &claims(unix_now() + 60), None, None).unwrap();
         let id = auth.websocket(Some(&ok)).unwrap();
         assert_eq!(id.user, "alice");
         assert!(id.can_send("team-a") && !id.can_send("news") && id.can_read("news"));
         assert!(!id.can_read("general"));
 
-        let expired = mint("s3cret", &claims(unix_now() - 3600)).unwrap();
+        let expired = mint("s3cret", &claims(unix_now() - 3600), None, None).unwrap();
         assert_eq!(
             auth.websocket(Some(&expired)).unwrap_err(),
             AuthError::Expired
         );
-        let forged = mint("other", &claims(unix_now() + 60)).unwrap();
+        let forged = mint("other", &claims(unix_now() + 60), None, None).unwrap();
         assert_eq!(
             auth.websocket(Some(&forged)).unwrap_err(),
             AuthError::Invalid
@@ -291,9 +575,181 @@ mod tests {
         // {"alg":"none"} . {"sub":"mallory","exp":<far future>,"rooms":["*"]} . (no signature)
         let header = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0";
         let payload = "eyJzdWIiOiJtYWxsb3J5IiwiZXhwIjo0MTAyNDQ0ODAwLCJyb29tcyI6WyIqIl19";
-        let auth = Authenticator::new(Some("s3cret"), None);
+        let auth = hs256("s3cret");
         assert!(auth
             .websocket(Some(&format!("{header}.{payload}.")))
             .is_err());
+    }
+
+    #[test]
+    fn claim_formats_and_times() {
+        let auth = hs256("s3cret");
+        let now = unix_now();
+        let check = |claims: serde_json::Value| auth.websocket(Some(&sign(&claims, b"s3cret")));
+        assert!(check(json!({"sub": "a", "exp": now + 60})).is_ok());
+        assert!(
+            check(json!({"sub": "a", "exp": (now + 60) as f64 + 0.5})).is_ok(),
+            "a fractional NumericDate is a number"
+        );
+        for (what, claims) in [
+            ("missing exp", json!({"sub": "a"})),
+            (
+                "string exp",
+                json!({"sub": "a", "exp": (now + 60).to_string()}),
+            ),
+            (
+                "string nbf",
+                json!({"sub": "a", "exp": now + 60, "nbf": now.to_string()}),
+            ),
+            ("missing sub", json!({"exp": now + 60})),
+            ("empty sub", json!({"sub": "", "exp": now + 60})),
+            (
+                "aud without a configured audience",
+                json!({"sub": "a", "exp": now + 60, "aud": "other-service"}),
+            ),
+        ] {
+            assert_eq!(check(claims).unwrap_err(), AuthError::Invalid, "{what}");
+        }
+        // The 30 s leeway on both ends.
+        assert!(check(json!({"sub": "a", "exp": now - 10})).is_ok());
+        assert!(check(json!({"sub": "a", "exp": now + 60, "nbf": now + 10})).is_ok());
+        assert_eq!(
+            check(json!({"sub": "a", "exp": now - 40})).unwrap_err(),
+            AuthError::Expired
+        );
+        assert_eq!(
+            check(json!({"sub": "a", "exp": now + 600, "nbf": now + 300})).unwrap_err(),
+            AuthError::NotYetValid
+        );
+    }
+
+    #[test]
+    fn audience_and_issuer_when_configured() {
+        let rules = TokenRules {
+            audience: Some("chat".into()),
+            issuer: Some("https://id.example".into()),
+            leeway: Duration::from_secs(1),
+        };
+        let auth = Authenticator::new(Some("s3cret"), None, &rules, None);
+        let exp = unix_now() + 60;
+        let check = |claims: serde_json::Value| auth.websocket(Some(&sign(&claims, b"s3cret")));
+        let iss = "https://id.example";
+        assert!(check(json!({"sub": "a", "exp": exp, "aud": "chat", "iss": iss})).is_ok());
+        assert!(check(json!({"sub": "a", "exp": exp, "aud": ["x", "chat"], "iss": iss})).is_ok());
+        for claims in [
+            json!({"sub": "a", "exp": exp, "aud": "other", "iss": iss}),
+            json!({"sub": "a", "exp": exp, "iss": iss}),
+            json!({"sub": "a", "exp": exp, "aud": "chat", "iss": "https://evil.example"}),
+            json!({"sub": "a", "exp": exp, "aud": "chat"}),
+        ] {
+            assert_eq!(
+                check(claims.clone()).unwrap_err(),
+                AuthError::Invalid,
+                "{claims}"
+            );
+        }
+        let minted = mint("s3cret", &claims(exp), Some("chat"), Some(iss)).unwrap();
+        assert!(
+            auth.websocket(Some(&minted)).is_ok(),
+            "mint adds aud and iss"
+        );
+    }
+
+    #[test]
+    fn public_keys_are_detected_and_pinned() {
+        assert_eq!(
+            PublicKey::from_pem(RSA_SPKI.as_bytes())
+                .unwrap()
+                .algorithm(),
+            Algorithm::RS256
+        );
+        assert_eq!(
+            PublicKey::from_pem(RSA_PKCS1.as_bytes())
+                .unwrap()
+                .algorithm(),
+            Algorithm::RS256
+        );
+        assert_eq!(
+            PublicKey::from_pem(P256.as_bytes()).unwrap().algorithm(),
+            Algorithm::ES256
+        );
+        let private =
+            "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n";
+        for (what, pem) in [
+            ("P-384", P384),
+            ("Ed25519", ED25519),
+            ("private key", private),
+            ("garbage", "hello"),
+            (
+                "broken base64",
+                "-----BEGIN PUBLIC KEY-----\n!!!!\n-----END PUBLIC KEY-----\n",
+            ),
+        ] {
+            let e = PublicKey::from_pem(pem.as_bytes()).err();
+            assert!(e.is_some(), "{what} must be refused");
+        }
+
+        // Algorithm confusion: an HS256 token whose "secret" is the public key file.
+        let exp = unix_now() + 60;
+        let confused = sign(&json!({"sub": "a", "exp": exp}), RSA_SPKI.as_bytes());
+        let rules = TokenRules::default();
+        let key = || PublicKey::from_pem(RSA_SPKI.as_bytes()).unwrap();
+        let public_only = Authenticator::new(None, Some(key()), &rules, None);
+        assert!(!public_only.dev_mode(), "a public key alone ends dev mode");
+        assert_eq!(
+            public_only.websocket(Some(&confused)).unwrap_err(),
+            AuthError::Invalid
+        );
+        let both = Authenticator::new(Some("s3cret"), Some(key()), &rules, None);
+        assert_eq!(
+            both.websocket(Some(&confused)).unwrap_err(),
+            AuthError::Invalid
+        );
+        let hs = sign(&json!({"sub": "a", "exp": exp}), b"s3cret");
+        assert!(both.websocket(Some(&hs)).is_ok(), "the secret still works");
+    }
+
+    #[test]
+    fn refresh_keeps_the_principal() {
+        let auth = hs256("s3cret");
+        let now = unix_now();
+        let alice = auth
+            .websocket(Some(
+                &mint("s3cret", &claims(now + 60), None, None).unwrap(),
+            ))
+            .unwrap();
+        let later = mint("s3cret", &claims(now + 600), None, None).unwrap();
+        assert_eq!(auth.refresh(&alice, &later).unwrap().exp, Some(now + 600));
+        let mut bob = claims(now + 600);
+        bob.sub = "bob".into();
+        let bob = mint("s3cret", &bob, None, None).unwrap();
+        assert_eq!(
+            auth.refresh(&alice, &bob).unwrap_err(),
+            RefreshError::OtherUser
+        );
+        assert_eq!(
+            auth.refresh(&alice, "key").unwrap_err(),
+            RefreshError::OtherUser,
+            "a user cannot become the server"
+        );
+        assert_eq!(
+            auth.refresh(&alice, "garbage").unwrap_err(),
+            RefreshError::Unauthorized(AuthError::Invalid)
+        );
+        let dev = Authenticator::new(None, None, &TokenRules::default(), None);
+        let anon = Identity::anonymous();
+        assert_eq!(dev.refresh(&anon, "anything").unwrap().user, anon.user);
+    }
+
+    #[test]
+    fn time_left_counts_the_leeway() {
+        let auth = hs256("s3cret");
+        let now = unix_now();
+        let left = auth.time_left(now + 10);
+        assert!(
+            left > Duration::from_secs(38) && left <= Duration::from_secs(40),
+            "{left:?}"
+        );
+        assert_eq!(auth.time_left(now - 100), Duration::ZERO);
     }
 }

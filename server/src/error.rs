@@ -46,6 +46,12 @@ impl ApiError {
         }
     }
 
+    /// A connection limit refused the request (`limit_exceeded`: 429, or 503 for the node's
+    /// own limit).
+    pub fn limit_exceeded(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError::new(status, ErrorCode::LimitExceeded, message)
+    }
+
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

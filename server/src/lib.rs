@@ -23,10 +23,14 @@
 //! - [`session`]: one connection; its outbound half keeps a cursor per room and reads the
 //!   database whenever it is behind the live stream (join with `since`, gaps, slow clients).
 //! - [`api`], [`ws`], [`ops`]: the HTTP surface; [`app`] ties state and router together.
+//! - [`listener`]: the HTTP server loop (request deadlines, peer addresses, graceful stop).
+//! - [`admission`]: who may connect: origins, client addresses, connection limits.
+//! - [`ratelimit`]: send rates per connection and per user (token buckets, Redis leases).
 //! - [`metrics`]: Prometheus names and exporter.
 //!
 //! [`serve`] runs a node on a listener until a shutdown future resolves, then drains.
 
+pub mod admission;
 pub mod api;
 pub mod app;
 pub mod auth;
@@ -35,17 +39,18 @@ pub mod config;
 pub mod error;
 pub mod hub;
 pub mod jobs;
+pub mod listener;
 pub mod metrics;
 pub mod ops;
 pub mod protocol;
+pub mod ratelimit;
 pub mod relay;
 pub mod session;
 pub mod store;
 pub mod writer;
 pub mod ws;
 
-use std::future::{Future, IntoFuture};
-use std::net::SocketAddr;
+use std::future::Future;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -84,16 +89,21 @@ pub async fn serve(
     let state = AppState::start(config, store, handle, background.clone())?;
 
     let http_stop = CancellationToken::new();
-    let app = app::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let server =
-        axum::serve(listener, app).with_graceful_shutdown(http_stop.clone().cancelled_owned());
-    let mut server_task = tokio::spawn(server.into_future());
+    let request_timeout =
+        (!state.config.handshake_timeout.is_zero()).then_some(state.config.handshake_timeout);
+    let mut server_task = tokio::spawn(listener::serve(
+        listener,
+        app::router(state.clone()),
+        request_timeout,
+        http_stop.clone(),
+    ));
 
     tokio::select! {
         _ = shutdown => {}
         result = &mut server_task => {
             upkeep.abort();
-            return result.context("http server task")?.context("http server");
+            result.context("http server task")?;
+            anyhow::bail!("the HTTP server stopped on its own");
         }
     }
 
@@ -113,7 +123,7 @@ pub async fn serve(
     }
     http_stop.cancel();
     match tokio::time::timeout_at(deadline, server_task).await {
-        Ok(result) => result.context("http server task")?.context("http server")?,
+        Ok(result) => result.context("http server task")?,
         Err(_) => tracing::warn!("drain timeout: HTTP connections still open"),
     }
     // Release the leader lock (if held) so another node takes over at once, not after its TTL.

@@ -68,6 +68,7 @@ fn serve() -> anyhow::Result<()> {
                 .with_context(|| format!("binding {}", config.listen))?;
             let addr = listener.local_addr()?;
             tracing::info!(config = ?config, "starting");
+            let shutdown = shutdown_signal()?;
             println!("seqcast listening on http://{addr}");
             if config.dev_mode() {
                 println!("development mode (no SEQCAST_JWT_SECRET): anonymous clients, loopback only");
@@ -76,25 +77,24 @@ fn serve() -> anyhow::Result<()> {
             } else {
                 println!("  WebSocket: ws://{addr}/v1/ws?token=<JWT>   (mint one: seqcast token --sub alice)");
             }
-            seqcast::serve(config, listener, shutdown_signal()).await
+            seqcast::serve(config, listener, shutdown).await
         })
 }
 
 /// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now, and returns a future that resolves on either.
+/// Installed before the listening line is printed: a supervisor that signals as soon as it sees
+/// that line must get a drain, not the default disposition (immediate death).
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM; stopping on SIGINT only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-    }
+    })
 }
 
 fn token(sub: String, rooms: &str, read: &str, ttl: &str) -> anyhow::Result<()> {
@@ -116,7 +116,11 @@ fn token(sub: String, rooms: &str, read: &str, ttl: &str) -> anyhow::Result<()> 
         rooms: list(rooms),
         read: list(read),
     };
-    println!("{}", auth::mint(&secret, &claims)?);
+    // The server refuses tokens without the `aud`/`iss` it is configured to require.
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let (audience, issuer) = (env("SEQCAST_JWT_AUDIENCE"), env("SEQCAST_JWT_ISSUER"));
+    let token = auth::mint(&secret, &claims, audience.as_deref(), issuer.as_deref())?;
+    println!("{token}");
     Ok(())
 }
 

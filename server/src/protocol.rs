@@ -22,6 +22,9 @@ pub enum ErrorCode {
     NotJoined,
     TooLarge,
     RateLimited,
+    /// A configured limit was reached: rooms per connection (the connection stays), or
+    /// connections per node, user or address (at the upgrade, over HTTP).
+    LimitExceeded,
     Unavailable,
     Internal,
 }
@@ -35,6 +38,7 @@ impl ErrorCode {
             ErrorCode::NotJoined => "not_joined",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
@@ -79,6 +83,21 @@ pub enum ClientFrame {
     Ping {
         reply_ref: Option<Ref>,
     },
+    /// A fresh token for the connection (`{"type":"auth","token":...}`).
+    Auth {
+        token: Token,
+        reply_ref: Option<Ref>,
+    },
+}
+
+/// A token sent in an `auth` frame; its `Debug` output hides it, so it never reaches a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(pub String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
 }
 
 /// The fields of a client frame, as raw JSON. A field given as `null` is `Some("null")`, not
@@ -97,6 +116,8 @@ struct Envelope<'a> {
     body: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     idem: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    token: Option<&'a RawValue>,
 }
 
 /// Deserializes a field that is present (even as `null`) into `Some`.
@@ -178,6 +199,14 @@ pub fn parse_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, Fr
             })
         }
         "ping" => Ok(ClientFrame::Ping { reply_ref }),
+        "auth" => {
+            let token = required_str(env.token)
+                .ok_or_else(|| bad_here("missing or invalid `token` (a string)"))?;
+            Ok(ClientFrame::Auth {
+                token: Token(token),
+                reply_ref,
+            })
+        }
         other => Err(bad_here(&format!("unknown frame type {other:?}"))),
     }
 }
@@ -273,6 +302,22 @@ pub fn left_frame(room: &str, r: Option<&Ref>) -> String {
     with_ref(format!(r#"{{"type":"left","room":"{room}"}}"#), r)
 }
 
+/// A `left` the client did not ask for, e.g. `"reason":"forbidden"` when a refreshed token no
+/// longer allows the room. `reason` is a fixed code that needs no escaping.
+pub fn left_reason_frame(room: &str, reason: &str) -> String {
+    format!(r#"{{"type":"left","room":"{room}","reason":"{reason}"}}"#)
+}
+
+/// The reply to an `auth` frame: the new token's expiry, absent for a connection that does not
+/// expire (development mode, the server key).
+pub fn authed_frame(exp: Option<u64>, r: Option<&Ref>) -> String {
+    let obj = match exp {
+        Some(exp) => format!(r#"{{"type":"authed","exp":{exp}}}"#),
+        None => r#"{"type":"authed"}"#.to_string(),
+    };
+    with_ref(obj, r)
+}
+
 pub fn ack_frame(m: &StoredMessage, r: Option<&Ref>) -> String {
     let obj = format!(
         r#"{{"type":"ack","room":"{}","seq":{},"id":"{}","ts":"{}"}}"#,
@@ -361,6 +406,8 @@ mod tests {
             r#"{"type":"join","room":""}"#,
             r#"{"type":"join","room":"a","since":-1}"#,
             r#"{"type":"ping","ref":{"a":1}}"#,
+            r#"{"type":"auth"}"#,
+            r#"{"type":"auth","token":42}"#,
         ] {
             assert_eq!(parse(bad).unwrap_err().code, ErrorCode::BadRequest, "{bad}");
         }
@@ -396,5 +443,27 @@ mod tests {
         let v: Value =
             serde_json::from_str(&error_frame(ErrorCode::NotJoined, "x\"y", Some(&r))).unwrap();
         assert_eq!(v["code"], "not_joined");
+        let v: Value =
+            serde_json::from_str(&error_frame(ErrorCode::LimitExceeded, "", None)).unwrap();
+        assert_eq!(v["code"], "limit_exceeded");
+        let v: Value = serde_json::from_str(&left_reason_frame("g", "forbidden")).unwrap();
+        assert_eq!(v, json!({"type":"left","room":"g","reason":"forbidden"}));
+        let v: Value = serde_json::from_str(&authed_frame(Some(1_700_000_000), Some(&r))).unwrap();
+        assert_eq!(v, json!({"type":"authed","exp":1_700_000_000,"ref":"a"}));
+        let v: Value = serde_json::from_str(&authed_frame(None, None)).unwrap();
+        assert_eq!(v, json!({"type":"authed"}));
+    }
+
+    #[test]
+    fn auth_frames_parse_and_hide_the_token() {
+        let frame = parse(r#"{"type":"auth","token":"abc.def.ghi","ref":9}"#).unwrap();
+        assert_eq!(
+            frame,
+            ClientFrame::Auth {
+                token: Token("abc.def.ghi".into()),
+                reply_ref: Some(Ref("9".into()))
+            }
+        );
+        assert!(!format!("{frame:?}").contains("abc.def"));
     }
 }

@@ -1,6 +1,13 @@
-//! `GET /v1/ws`: authenticates, applies frame limits and hands the socket to a session.
+//! `GET /v1/ws`: admits, authenticates, applies frame limits and hands the socket to a session.
+//!
+//! Admission ([`crate::admission`]) runs before the upgrade: a foreign browser origin gets 403,
+//! a full node 503, a user or address at its connection limit 429 (`limit_exceeded`). The
+//! connection's [`Permit`](crate::admission::Permit) then lives as long as its session.
 
-use axum::extract::{Query, State, WebSocketUpgrade};
+use std::net::SocketAddr;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{ConnectInfo, Query, State, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -27,7 +34,8 @@ struct WsParams {
 
 async fn upgrade(
     State(state): State<AppState>,
-    Query(params): Query<WsParams>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    params: Result<Query<WsParams>, QueryRejection>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -35,8 +43,35 @@ async fn upgrade(
         return ApiError::unavailable("the node is shutting down; connect to another")
             .into_response();
     }
+    if let Err(e) = state.admission.check_origin(&headers) {
+        return e.into_response();
+    }
+    // axum's own rejection would be logged with its text; this one says nothing of the query,
+    // which may hold a token.
+    let Ok(Query(params)) = params else {
+        return ApiError::bad_request("malformed query string").into_response();
+    };
+    let ip = state.admission.client_ip(peer, &headers);
+    let mut permit = match state.admission.admit(ip) {
+        Ok(permit) => permit,
+        Err(refusal) => {
+            tracing::debug!(%ip, ?refusal, "WebSocket connection refused");
+            return ApiError::from(refusal).into_response();
+        }
+    };
     let token = bearer_token(&headers).or(params.token.as_deref());
     let identity = state.auth.websocket(token);
+    if let Ok(identity) = &identity {
+        // The server key is a trusted backend, not a person: it is counted per node only.
+        let admitted = match identity.is_server() {
+            true => Ok(()),
+            false => permit.admit_user(&identity.user),
+        };
+        if let Err(refusal) = admitted {
+            tracing::debug!(%ip, user = %identity.user, ?refusal, "WebSocket connection refused");
+            return ApiError::from(refusal).into_response();
+        }
+    }
     // tungstenite's own defaults (16 MiB frames, 64 MiB messages) stand when the limit is off.
     let limit = state.config.frame_limit();
     // axum runs the upgraded connection in a task of its own that its graceful shutdown does
@@ -50,5 +85,11 @@ async fn upgrade(
         // tungstenite zero-fills its read buffer to full capacity on first read; the 128 KiB
         // default would cost every idle connection 128 KiB of RSS. Larger frames still grow it.
         .read_buffer_size(READ_BUFFER_BYTES)
-        .on_upgrade(move |socket| sessions.track_future(session::run(socket, state, identity)))
+        .on_upgrade(move |socket| {
+            sessions.track_future(async move {
+                // Held until the session ends; dropped unused if the upgrade fails.
+                let _permit = permit;
+                session::run(socket, state, identity).await;
+            })
+        })
 }

@@ -1,5 +1,7 @@
 //! The delivery guarantees under load (`protocol.md`, "Guarantees" and the 4008 close code):
 //! joins racing a live sender, a large replay, and slow consumers. On SQLite and on Postgres.
+//! Every node runs with `SEQCAST_SEND_RATE=0`: these senders pipeline thousands of messages on
+//! one connection, far past the default per-connection rate.
 #![allow(clippy::unwrap_used)]
 
 #[allow(dead_code)]
@@ -35,9 +37,15 @@ store_tests!(
 async fn nodes_sharing_postgres_deliver_across_nodes() {
     support::server::run_scenario("nodes_sharing_postgres_deliver_across_nodes", async {
         const TOTAL: usize = 2_000;
-        let a = TestServer::start(ServerOptions::new(StoreKind::Postgres).node_id("node-a")).await;
+        let a = TestServer::start(
+            ServerOptions::new(StoreKind::Postgres)
+                .env("SEQCAST_SEND_RATE", "0")
+                .node_id("node-a"),
+        )
+        .await;
         let b = TestServer::start(
             ServerOptions::new(StoreKind::Postgres)
+                .env("SEQCAST_SEND_RATE", "0")
                 .node_id("node-b")
                 .database_url(a.database_url.clone()),
         )
@@ -96,7 +104,7 @@ async fn nodes_sharing_postgres_deliver_across_nodes() {
 
 async fn joins_racing_a_live_sender_get_every_seq_exactly_once(store: StoreKind) {
     const TOTAL: usize = 10_000;
-    let server = TestServer::start(ServerOptions::new(store)).await;
+    let server = TestServer::start(ServerOptions::new(store).env("SEQCAST_SEND_RATE", "0")).await;
     let (progress_tx, mut progress) = tokio::sync::watch::channel(0_usize);
     let mut sender = WsClient::connect(&server).await;
     let sending = tokio::spawn(async move {
@@ -177,7 +185,7 @@ async fn joins_racing_a_live_sender_get_every_seq_exactly_once(store: StoreKind)
 
 async fn join_since_0_replays_a_large_room_in_order(store: StoreKind) {
     const SENDERS: usize = 4;
-    let server = TestServer::start(ServerOptions::new(store)).await;
+    let server = TestServer::start(ServerOptions::new(store).env("SEQCAST_SEND_RATE", "0")).await;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for s in 0..SENDERS {
@@ -287,7 +295,12 @@ impl Flood {
 }
 
 async fn stalled_reader_resumes_and_loses_nothing(store: StoreKind) {
-    let server = TestServer::start(ServerOptions::new(store).write_timeout("300s")).await;
+    let server = TestServer::start(
+        ServerOptions::new(store)
+            .env("SEQCAST_SEND_RATE", "0")
+            .write_timeout("300s"),
+    )
+    .await;
     let mut stalled = start_flood(&server).await.finish().await;
 
     // Resume reading: everything, in order, exactly once.
@@ -307,7 +320,12 @@ async fn stalled_reader_resumes_and_loses_nothing(store: StoreKind) {
 }
 
 async fn stalled_reader_is_closed_with_4008(store: StoreKind) {
-    let server = TestServer::start(ServerOptions::new(store).write_timeout("2s")).await;
+    let server = TestServer::start(
+        ServerOptions::new(store)
+            .env("SEQCAST_SEND_RATE", "0")
+            .write_timeout("2s"),
+    )
+    .await;
     let mut flood = start_flood(&server).await;
 
     // The server gives up on the stalled client after the write timeout; it then queues the
@@ -360,6 +378,7 @@ async fn tiny_outbound_queue_falls_back_to_the_database_without_loss(store: Stor
     const TOTAL: usize = 10_000;
     let server = TestServer::start(
         ServerOptions::new(store)
+            .env("SEQCAST_SEND_RATE", "0")
             .outbound_queue(4)
             .write_timeout("60s"),
     )

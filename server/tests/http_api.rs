@@ -63,7 +63,8 @@ fn page_seqs(page: &Value, room: &str, bodies: &HashMap<u64, usize>) -> Vec<u64>
 }
 
 async fn messages_after_limit_and_has_more(store: StoreKind) {
-    let server = TestServer::start(ServerOptions::new(store)).await;
+    // Seeding sends hundreds of messages on one connection: no per-connection rate limit.
+    let server = TestServer::start(ServerOptions::new(store).env("SEQCAST_SEND_RATE", "0")).await;
     let bodies = seed(&server, "general", 1100).await;
     let http = Http::new(&server);
 
@@ -131,7 +132,8 @@ async fn messages_after_limit_and_has_more(store: StoreKind) {
 }
 
 async fn messages_before_pages_backwards_in_ascending_order(store: StoreKind) {
-    let server = TestServer::start(ServerOptions::new(store)).await;
+    // Seeding sends hundreds of messages on one connection: no per-connection rate limit.
+    let server = TestServer::start(ServerOptions::new(store).env("SEQCAST_SEND_RATE", "0")).await;
     let bodies = seed(&server, "general", 250).await;
     let http = Http::new(&server);
 

@@ -7,12 +7,14 @@ use axum::extract::ws::{Message, WebSocket};
 use futures_util::stream::{FuturesUnordered, SplitStream};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{close, Control};
 use crate::app::AppState;
-use crate::auth::Identity;
+use crate::auth::{Identity, RefreshError};
 use crate::protocol::{self, ClientFrame, ErrorCode, Ref};
+use crate::ratelimit::{Refusal, SessionLimits};
 use crate::store::NewMessage;
 use crate::writer::{CommitError, CommitResult};
 
@@ -28,11 +30,18 @@ type PendingAck = Pin<Box<dyn Future<Output = (Option<Ref>, CommitResult)> + Sen
 pub(super) async fn run(
     mut stream: SplitStream<WebSocket>,
     state: &AppState,
-    identity: &Identity,
+    mut identity: Identity,
     control: mpsc::Sender<Control>,
     stop: CancellationToken,
 ) {
     let mut in_flight: FuturesUnordered<PendingAck> = FuturesUnordered::new();
+    let mut limits = SessionLimits::new(state, &identity);
+    // Idle detection: `last_received` moves with every frame (cheap); the timer is re-armed
+    // from it only when it fires.
+    let idle_timeout = state.config.idle_timeout;
+    let mut last_received = Instant::now();
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
     loop {
         let next = tokio::select! {
             biased;
@@ -40,34 +49,56 @@ pub(super) async fn run(
             Some((reply_ref, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
                 Control::Reply(ack_or_error(outcome, reply_ref.as_ref()))
             }
-            frame = stream.next(), if in_flight.len() < MAX_SENDS_IN_FLIGHT => match frame {
-                Some(Ok(Message::Text(text))) => {
-                    match handle_text(text.as_str(), state, identity) {
-                        Handled::Control(c) => c,
-                        Handled::Commit(fut) => {
-                            in_flight.push(fut);
-                            continue;
+            frame = stream.next(), if in_flight.len() < MAX_SENDS_IN_FLIGHT => {
+                last_received = Instant::now();
+                match frame {
+                    Some(Ok(Message::Text(text))) => {
+                        match handle_text(text.as_str(), state, &mut identity, &mut limits).await {
+                            Handled::Control(c) => c,
+                            Handled::Commit(fut) => {
+                                in_flight.push(fut);
+                                continue;
+                            }
                         }
                     }
-                }
-                Some(Ok(Message::Binary(_))) => Control::Reply(protocol::error_frame(
-                    ErrorCode::BadRequest,
-                    "binary frames are not supported; send JSON text frames",
-                    None,
-                )),
-                // tungstenite answers pings itself.
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                Some(Ok(Message::Close(_))) | None => return,
-                Some(Err(e)) => {
-                    if let Some(code) = close_code_for(&e) {
-                        // The outbound half sends the close frame; stop reading.
-                        let _ = control.send(Control::Close(code, "frame too large")).await;
-                    } else {
-                        tracing::debug!(error = %e, "websocket read failed");
+                    Some(Ok(Message::Binary(_))) => match limits.admit_malformed() {
+                        Err(refusal) => refused(refusal),
+                        Ok(()) => Control::Reply(protocol::error_frame(
+                            ErrorCode::BadRequest,
+                            "binary frames are not supported; send JSON text frames",
+                            None,
+                        )),
+                    },
+                    // tungstenite answers pings itself.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Close(_))) | None => return,
+                    Some(Err(e)) => {
+                        if let Some(code) = close_code_for(&e) {
+                            // The outbound half sends the close frame; stop reading.
+                            let _ = control.send(Control::Close(code, "frame too large")).await;
+                        } else {
+                            tracing::debug!(error = %e, "websocket read failed");
+                        }
+                        return;
                     }
-                    return;
                 }
             },
+            // After the read branch (`biased`): a frame that is already waiting wins over the
+            // timer, so time spent not reading (backpressure) never counts as client silence.
+            _ = &mut idle, if !idle_timeout.is_zero() => {
+                let reading = in_flight.len() < MAX_SENDS_IN_FLIGHT;
+                if !reading {
+                    last_received = Instant::now();
+                }
+                let deadline = last_received + idle_timeout;
+                if deadline > Instant::now() {
+                    idle.as_mut().reset(deadline);
+                    continue;
+                }
+                tracing::debug!("closing an idle connection");
+                let _ = control.send(Control::Close(close::GOING_AWAY, "idle timeout")).await;
+                return;
+            }
         };
         // Waits while the outbound half is blocked on a client that does not read.
         if control.send(next).await.is_err() {
@@ -81,8 +112,18 @@ enum Handled {
     Commit(PendingAck),
 }
 
-fn handle_text(text: &str, state: &AppState, identity: &Identity) -> Handled {
-    let frame = match protocol::parse_client_frame(text, state.config.max_message_bytes) {
+async fn handle_text(
+    text: &str,
+    state: &AppState,
+    identity: &mut Identity,
+    limits: &mut SessionLimits,
+) -> Handled {
+    let parsed = protocol::parse_client_frame(text, state.config.max_message_bytes);
+    // Rate limits (`ratelimit`): a refused frame is answered, not executed.
+    if let Err(refusal) = limits.admit(&parsed).await {
+        return Handled::Control(refused(refusal));
+    }
+    let frame = match parsed {
         Ok(frame) => frame,
         Err(e) => {
             return Handled::Control(Control::Reply(protocol::error_frame(
@@ -142,6 +183,34 @@ fn handle_text(text: &str, state: &AppState, identity: &Identity) -> Handled {
         ClientFrame::Ping { reply_ref } => {
             Handled::Control(Control::Reply(protocol::pong_frame(reply_ref.as_ref())))
         }
+        // A refused token leaves the connection as it was, with its old token in force.
+        ClientFrame::Auth { token, reply_ref } => match state.auth.refresh(identity, &token.0) {
+            Ok(fresh) => {
+                *identity = fresh.clone();
+                Handled::Control(Control::Authed {
+                    identity: fresh,
+                    reply_ref,
+                })
+            }
+            Err(e) => {
+                let code = match e {
+                    RefreshError::Unauthorized(_) => ErrorCode::Unauthorized,
+                    RefreshError::OtherUser => ErrorCode::Forbidden,
+                };
+                Handled::Control(Control::Reply(protocol::error_frame(
+                    code,
+                    &e.to_string(),
+                    reply_ref.as_ref(),
+                )))
+            }
+        },
+    }
+}
+
+fn refused(refusal: Refusal) -> Control {
+    match refusal {
+        Refusal::Reply(frame) => Control::Reply(frame),
+        Refusal::Close => Control::Close(close::POLICY, "rate limit"),
     }
 }
 

@@ -12,6 +12,11 @@
 //! client's frames too, so a client cannot make the server buffer replies without bound. When
 //! either half ends, the other is told to end: inbound by a cancellation token, outbound by the
 //! control channel closing.
+//!
+//! Liveness and credentials: the outbound half pings every `SEQCAST_PING_INTERVAL` and closes
+//! the connection when its token (plus leeway) expires; the inbound half closes it (1001) when
+//! nothing at all arrives for `SEQCAST_IDLE_TIMEOUT`, and checks `auth` frames, whose new
+//! identity it uses from then on and hands to the outbound half in order.
 
 pub mod cursor;
 mod inbound;
@@ -36,6 +41,8 @@ const CONTROL_QUEUE: usize = 64;
 /// WebSocket close codes used by seqcast (see the protocol contract).
 pub mod close {
     pub const NORMAL: u16 = 1000;
+    /// Nothing arrived from the client for `SEQCAST_IDLE_TIMEOUT` (pongs included).
+    pub const GOING_AWAY: u16 = 1001;
     pub const POLICY: u16 = 1008;
     pub const TOO_LARGE: u16 = 1009;
     pub const INTERNAL: u16 = 1011;
@@ -54,6 +61,12 @@ enum Control {
     },
     Leave {
         room: String,
+        reply_ref: Option<Ref>,
+    },
+    /// The client's `auth` frame was accepted: `identity` replaces the connection's
+    /// credentials (rooms it no longer allows are left, the expiry moves) and `authed` answers.
+    Authed {
+        identity: Identity,
         reply_ref: Option<Ref>,
     },
     /// A ready reply frame (`ack`, `pong`, `error`).
@@ -82,7 +95,15 @@ pub async fn run(socket: WebSocket, state: AppState, identity: Result<Identity, 
     let stop_inbound = CancellationToken::new();
     tracing::debug!(session = id, user = %identity.user, "session open");
 
-    let inbound = inbound::run(stream, &state, &identity, control_tx, stop_inbound.clone());
+    // The inbound half keeps its own copy: an `auth` frame replaces it there, and the outbound
+    // half hears of the change in order through the control channel.
+    let inbound = inbound::run(
+        stream,
+        &state,
+        identity.clone(),
+        control_tx,
+        stop_inbound.clone(),
+    );
     let outbound = async {
         outbound::Outbound::new(&state, id, &identity, sink, subscriber)
             .run(control_rx, live_rx)

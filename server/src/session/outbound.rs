@@ -7,21 +7,27 @@
 //! Slow-client policy: every socket write must make progress within `SEQCAST_WRITE_TIMEOUT`.
 //! A client that reads slowly keeps up with its own pace (it falls behind the live stream and is
 //! fed from the database); one that accepts no bytes for the whole timeout is closed with 4008.
+//!
+//! It also pings the client every `SEQCAST_PING_INTERVAL` and closes the connection (1008) when
+//! its token expires; an `auth` refresh moves that deadline and leaves the rooms the new token
+//! does not allow.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use bytes::Bytes;
 use futures_util::stream::SplitSink;
 use futures_util::SinkExt;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
+use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 
 use super::cursor::{self, Cursor};
 use super::{close, Control};
 use crate::app::AppState;
-use crate::auth::{self, Identity};
+use crate::auth::Identity;
 use crate::hub::{Live, SessionId, Subscriber};
 use crate::metrics as m;
 use crate::protocol::{self, ErrorCode, Ref};
@@ -53,7 +59,8 @@ enum Stop {
 pub(super) struct Outbound<'a> {
     state: &'a AppState,
     id: SessionId,
-    expires: Option<u64>,
+    /// Fires when the connection's token (plus leeway) expires; moved by a refresh.
+    expiry: Pin<Box<Sleep>>,
     sink: SplitSink<WebSocket, Message>,
     subscriber: Subscriber,
     rooms: HashMap<Arc<str>, Cursor>,
@@ -74,7 +81,7 @@ impl<'a> Outbound<'a> {
         Outbound {
             state,
             id,
-            expires: identity.exp,
+            expiry: Box::pin(tokio::time::sleep_until(expiry_deadline(state, identity))),
             sink,
             subscriber,
             rooms: HashMap::new(),
@@ -90,15 +97,16 @@ impl<'a> Outbound<'a> {
     ) {
         let lag = Arc::clone(&self.subscriber.lag);
         let shutdown = self.state.shutdown.clone();
-        let expiry = tokio::time::sleep(self.expires.map_or(Duration::MAX / 4, auth::until_expiry));
-        tokio::pin!(expiry);
+        let mut ping = ping_timer(self.state.config.ping_interval);
         let stop = loop {
             let behind = self.rooms.values().any(Cursor::behind);
             let retry_at = self.retry_at;
             let step = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Err(Stop::Draining),
-                _ = &mut expiry => Err(Stop::Expired),
+                _ = &mut self.expiry => Err(Stop::Expired),
+                // Before the live stream, which a busy room keeps ready.
+                _ = next_tick(&mut ping) => self.write(vec![Message::Ping(Bytes::new())]).await,
                 cmd = control.recv() => match cmd {
                     Some(cmd) => self.control(cmd).await,
                     None => Err(Stop::ClientGone),
@@ -130,9 +138,7 @@ impl<'a> Outbound<'a> {
                 reply_ref,
             } => self.join(room, since, reply_ref).await,
             Control::Leave { room, reply_ref } => {
-                let frame = if self.rooms.remove(room.as_str()).is_some() {
-                    self.state.hub.unsubscribe(&room, self.id);
-                    metrics::gauge!(m::SESSIONS_JOINED).decrement(1.0);
+                let frame = if self.leave(&room) {
                     protocol::left_frame(&room, reply_ref.as_ref())
                 } else {
                     protocol::error_frame(
@@ -143,6 +149,10 @@ impl<'a> Outbound<'a> {
                 };
                 self.write(vec![Message::Text(frame.into())]).await
             }
+            Control::Authed {
+                identity,
+                reply_ref,
+            } => self.reauthenticated(&identity, reply_ref).await,
             Control::Reply(frame) => self.write(vec![Message::Text(frame.into())]).await,
             Control::Close(code, reason) => Err(Stop::Close(code, reason)),
         }
@@ -153,6 +163,15 @@ impl<'a> Outbound<'a> {
     async fn join(&mut self, room: String, since: Option<u64>, r: Option<Ref>) -> Result<(), Stop> {
         let room: Arc<str> = Arc::from(room);
         let rejoin = self.rooms.contains_key(&room);
+        let limit = self.state.config.max_rooms_per_connection;
+        if !rejoin && limit > 0 && self.rooms.len() >= limit {
+            let frame = protocol::error_frame(
+                ErrorCode::LimitExceeded,
+                &format!("a connection may be joined to at most {limit} rooms; leave one first"),
+                r.as_ref(),
+            );
+            return self.write(vec![Message::Text(frame.into())]).await;
+        }
         let opened = !rejoin
             && self
                 .state
@@ -186,6 +205,41 @@ impl<'a> Outbound<'a> {
         }
         let frame = protocol::joined_frame(&room, info.head, info.first, truncated, r.as_ref());
         self.write(vec![Message::Text(frame.into())]).await
+    }
+
+    /// Unsubscribes from `room`; false if the session was not joined to it.
+    fn leave(&mut self, room: &str) -> bool {
+        if self.rooms.remove(room).is_none() {
+            return false;
+        }
+        self.state.hub.unsubscribe(room, self.id);
+        metrics::gauge!(m::SESSIONS_JOINED).decrement(1.0);
+        true
+    }
+
+    /// A refreshed token is in force: rooms it no longer allows are left (each with a `left`
+    /// frame carrying `"reason":"forbidden"`), the expiry moves to its `exp`, then `authed`.
+    async fn reauthenticated(&mut self, identity: &Identity, r: Option<Ref>) -> Result<(), Stop> {
+        let revoked: Vec<Arc<str>> = self
+            .rooms
+            .keys()
+            .filter(|room| !identity.can_read(room))
+            .cloned()
+            .collect();
+        let mut frames = Vec::with_capacity(revoked.len() + 1);
+        for room in revoked {
+            self.leave(&room);
+            frames.push(Message::Text(
+                protocol::left_reason_frame(&room, "forbidden").into(),
+            ));
+        }
+        self.expiry
+            .as_mut()
+            .reset(expiry_deadline(self.state, identity));
+        frames.push(Message::Text(
+            protocol::authed_frame(identity.exp, r.as_ref()).into(),
+        ));
+        self.write(frames).await
     }
 
     /// Writes the first live frame and whatever else is queued, up to a batch, in one flush.
@@ -342,6 +396,37 @@ impl Drop for Outbound<'_> {
         if self.counted_catching_up {
             metrics::gauge!(m::SESSIONS_CATCHING_UP).decrement(1.0);
         }
+    }
+}
+
+/// When the identity's token stops being accepted; far away for identities that do not expire.
+fn expiry_deadline(state: &AppState, identity: &Identity) -> Instant {
+    match identity.exp {
+        Some(exp) => Instant::now() + state.auth.time_left(exp),
+        // What tokio itself uses for "never": about 30 years.
+        None => Instant::now() + Duration::from_secs(86400 * 365 * 30),
+    }
+}
+
+/// The keep-alive ping timer (`SEQCAST_PING_INTERVAL`); `None` when pings are off. The first
+/// ping goes out one interval after the connection opens.
+fn ping_timer(period: Duration) -> Option<Interval> {
+    if period.is_zero() {
+        return None;
+    }
+    let mut timer = tokio::time::interval_at(Instant::now() + period, period);
+    // A session stuck writing for a while sends one ping afterwards, not a burst.
+    timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    Some(timer)
+}
+
+/// The next ping tick; never, when pings are off.
+async fn next_tick(timer: &mut Option<Interval>) {
+    match timer {
+        Some(timer) => {
+            timer.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -50,10 +50,13 @@ impl Cluster {
         let database_url = TestPostgres::shared().fresh_database().await;
         let mut nodes = Vec::with_capacity(count);
         for index in 0..count {
+            // Senders pipeline thousands of messages per connection, some as anonymous
+            // development-mode clients: no per-connection rate limit (`env` may set one).
             let mut options = ServerOptions::new(StoreKind::Postgres)
                 .database_url(database_url.clone())
                 .node_id(format!("n{index}"))
-                .api_key(API_KEY);
+                .api_key(API_KEY)
+                .env("SEQCAST_SEND_RATE", "0");
             if let Some(redis) = &redis {
                 options = options.redis_url(redis.url());
             }

@@ -14,6 +14,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -130,6 +131,8 @@ pub struct ServerOptions {
     pub listen: String,
     /// Any further environment variables.
     pub env: Vec<(String, String)>,
+    /// Keep the child's stderr lines for [`TestServer::logs`] (they are forwarded either way).
+    pub capture_logs: bool,
 }
 
 impl ServerOptions {
@@ -147,6 +150,7 @@ impl ServerOptions {
             node_id: None,
             listen: "127.0.0.1:0".to_owned(),
             env: Vec::new(),
+            capture_logs: false,
         }
     }
 
@@ -194,6 +198,10 @@ impl ServerOptions {
         self.env.push((key.into(), value.into()));
         self
     }
+    pub fn capture_logs(mut self) -> Self {
+        self.capture_logs = true;
+        self
+    }
 }
 
 /// A running `seqcast` process.
@@ -205,6 +213,8 @@ pub struct TestServer {
     pub options: ServerOptions,
     child: Child,
     _database: Option<TestDatabase>,
+    /// The child's stderr lines so far, when [`ServerOptions::capture_logs`] was set.
+    logs: Arc<Mutex<Vec<String>>>,
 }
 
 impl TestServer {
@@ -255,7 +265,9 @@ impl TestServer {
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", seqcast_bin()));
         let pid = child.id();
-        forward_stderr(pid, child.stderr.take().expect("piped stderr"));
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let capture = options.capture_logs.then(|| Arc::clone(&logs));
+        forward_stderr(pid, child.stderr.take().expect("piped stderr"), capture);
         let (tx, rx) = tokio::sync::oneshot::channel();
         watch_stdout(pid, child.stdout.take().expect("piped stdout"), tx);
 
@@ -283,7 +295,13 @@ impl TestServer {
             options,
             child,
             _database: database,
+            logs,
         }
+    }
+
+    /// The log lines (stderr) written so far; empty unless [`ServerOptions::capture_logs`].
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().expect("log buffer lock").clone()
     }
 
     /// `ws://127.0.0.1:PORT/v1/ws`
@@ -438,11 +456,20 @@ pub async fn run_seqcast(
     )
 }
 
-fn forward_stderr(pid: u32, stderr: impl Read + Send + 'static) {
+fn forward_stderr(
+    pid: u32,
+    stderr: impl Read + Send + 'static,
+    capture: Option<Arc<Mutex<Vec<String>>>>,
+) {
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
             match line {
-                Ok(line) => eprintln!("[seqcast {pid}] {line}"),
+                Ok(line) => {
+                    eprintln!("[seqcast {pid}] {line}");
+                    if let Some(capture) = &capture {
+                        capture.lock().expect("log buffer lock").push(line);
+                    }
+                }
                 Err(_) => break,
             }
         }

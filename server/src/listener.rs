@@ -1,0 +1,175 @@
+//! The HTTP server: accepts TCP connections and serves HTTP/1.1 on each with hyper.
+//!
+//! It does what `axum::serve` does (WebSocket upgrades, the peer address as
+//! [`ConnectInfo`], graceful shutdown) plus what it cannot: a deadline on the arrival of every
+//! request (`SEQCAST_HANDSHAKE_TIMEOUT`). A connection that has not sent a complete request
+//! head in that time is closed, whether it dribbles its headers (slowloris) or sits idle between
+//! keep-alive requests: hyper's header read timer starts whenever the connection waits for a
+//! request head, the first one or the next one, and only runs with a timer set. A request body
+//! must then arrive within the same time from the end of its head, or reading it fails and the
+//! connection is closed after the response.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::Request;
+use axum::Router;
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Sleep;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long accepting pauses after an error such as running out of file descriptors (as
+/// `axum::serve` does), so the loop does not spin while connections close.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+/// Serves `router` on `listener` until `stop` is cancelled, then stops accepting, lets each
+/// connection finish its request in flight (idle ones close at once) and returns when all
+/// have ended. Upgraded WebSocket connections are no longer HTTP connections: they are not
+/// waited for here (the caller drains sessions itself).
+///
+/// `request_timeout` is `SEQCAST_HANDSHAKE_TIMEOUT`; `None` turns the deadlines off.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    request_timeout: Option<Duration>,
+    stop: CancellationToken,
+) {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(request_timeout);
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) if is_connection_error(&e) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "accepting a connection failed; pausing");
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
+                }
+            }
+        };
+        connections.spawn(serve_connection(
+            http.clone(),
+            stream,
+            peer,
+            router.clone(),
+            request_timeout,
+            stop.clone(),
+        ));
+    }
+    // Closing the listening socket refuses new connections while the others finish.
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+/// Errors of one incoming connection (it was reset before it was accepted): not the listener's.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
+}
+
+async fn serve_connection(
+    http: http1::Builder,
+    stream: TcpStream,
+    peer: SocketAddr,
+    router: Router,
+    request_timeout: Option<Duration>,
+    stop: CancellationToken,
+) {
+    // Chat frames are small and latency matters more than packet count.
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "TCP_NODELAY not set");
+    }
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let mut request = request.map(|body| match request_timeout {
+            Some(timeout) if !http_body::Body::is_end_stream(&body) => {
+                Body::new(DeadlineBody::new(body, timeout))
+            }
+            _ => Body::new(body),
+        });
+        request.extensions_mut().insert(ConnectInfo(peer));
+        // A router is always ready: no `poll_ready` needed before `call`.
+        tower_service::Service::call(&mut router.clone(), request)
+    });
+    let connection = http
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    let mut connection = std::pin::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = stop.cancelled() => {
+            // Finish the request in flight, if any, then close.
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        // Header timeouts, resets, malformed requests: the client's doing, not the server's.
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// A request body that must be received in full by a deadline; past it, reading it fails.
+struct DeadlineBody {
+    inner: Incoming,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl DeadlineBody {
+    fn new(inner: Incoming, timeout: Duration) -> DeadlineBody {
+        DeadlineBody {
+            inner,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+}
+
+impl http_body::Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|result| result.map_err(Into::into)));
+        }
+        if this.deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(
+                "the request body did not arrive within SEQCAST_HANDSHAKE_TIMEOUT".into(),
+            )));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
