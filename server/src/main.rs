@@ -75,7 +75,12 @@ fn serve() -> anyhow::Result<()> {
                 println!("  WebSocket: ws://{addr}/v1/ws   then send {{\"type\":\"join\",\"room\":\"general\"}}");
                 println!("  HTTP:      curl -d '{{\"body\":\"hi\"}}' http://{addr}/v1/rooms/general/messages");
             } else {
-                println!("  WebSocket: ws://{addr}/v1/ws?token=<JWT>   (mint one: seqcast token --sub alice)");
+                let hint = if config.jwt_secret.is_some() {
+                    "   (mint one: seqcast token --sub alice)"
+                } else {
+                    "   (signed with the key of SEQCAST_JWT_PUBLIC_KEY)"
+                };
+                println!("  WebSocket: ws://{addr}/v1/ws?token=<JWT>{hint}");
             }
             seqcast::serve(config, listener, shutdown).await
         })
