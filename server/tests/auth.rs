@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use support::server::{
     run_scenario, run_seqcast, sign_claims, unsigned_token, ServerOptions, StoreKind, TestServer,
 };
-use support::ws::{Auth, Event, Http, WsClient, RECV_DEADLINE};
+use support::ws::{expect_rejected, Auth, Event, Http, WsClient, RECV_DEADLINE};
 
 const SECRET: &str = "auth-test-secret";
 const API_KEY: &str = "auth-test-api-key";
@@ -138,25 +138,6 @@ async fn strict_server(rsa: &KeyPair) -> TestServer {
     .await
 }
 
-/// The upgrade succeeds, then an `unauthorized` error frame and close 1008 follow.
-async fn expect_rejected(server: &TestServer, token: &str, what: &str) {
-    let mut client = match WsClient::try_connect(&server.ws_url(), Auth::Query(token)).await {
-        Ok(client) => client,
-        Err(e) => panic!("{what}: the upgrade itself failed ({e}); expected 1008 in-band"),
-    };
-    let (end, frames) = client.drain_until_end(RECV_DEADLINE).await;
-    assert!(
-        frames
-            .iter()
-            .any(|f| f["type"] == "error" && f["code"] == "unauthorized"),
-        "{what}: expected an `unauthorized` error frame before the close, got {frames:?}"
-    );
-    match end {
-        Event::Closed { code, .. } => assert_eq!(code, Some(1008), "{what}: close code"),
-        other => panic!("{what}: expected close 1008, got {other:?}"),
-    }
-}
-
 /// The token opens a working connection.
 async fn expect_accepted(server: &TestServer, token: &str, what: &str) -> WsClient {
     let mut client = WsClient::try_connect(&server.ws_url(), Auth::Header(token))
@@ -235,7 +216,7 @@ async fn every_bad_token_kind_is_refused_with_1008() {
             ("three garbage parts", "a.b.c".to_owned()),
         ];
         for (what, token) in &bad {
-            expect_rejected(&server, token, what).await;
+            expect_rejected(&server, Auth::Query(token), what).await;
         }
 
         // Both keys are in force at once, each for its own algorithm.
@@ -302,10 +283,10 @@ async fn a_public_key_alone_pins_its_algorithm() {
             ),
             ("alg none", unsigned_token(&plain("alice"))),
         ] {
-            expect_rejected(&rsa_server, &token, what).await;
+            expect_rejected(&rsa_server, Auth::Query(&token), what).await;
         }
         // The public key ends development mode: no anonymous clients.
-        expect_rejected(&rsa_server, "", "no token").await;
+        expect_rejected(&rsa_server, Auth::Query(""), "no token").await;
 
         let ec_server = TestServer::start(
             ServerOptions::new(StoreKind::Sqlite)
@@ -321,7 +302,7 @@ async fn a_public_key_alone_pins_its_algorithm() {
                 sign_claims(&plain("bob"), &ec_pem),
             ),
         ] {
-            expect_rejected(&ec_server, &token, what).await;
+            expect_rejected(&ec_server, Auth::Query(&token), what).await;
         }
     })
     .await;

@@ -9,7 +9,9 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use support::server::{sign_claims, unsigned_token, Claims, ServerOptions, StoreKind, TestServer};
-use support::ws::{assert_ack, assert_message, Auth, Event, Http, WsClient, RECV_DEADLINE};
+use support::ws::{
+    assert_ack, assert_message, expect_rejected, Auth, Event, Http, WsClient, RECV_DEADLINE,
+};
 
 const SECRET: &str = "ws-protocol-test-secret";
 const API_KEY: &str = "ws-protocol-test-api-key";
@@ -479,25 +481,6 @@ async fn room_name_rules(store: StoreKind) {
     for room in ["a", "Az09_.:-x", "UPPER", "a.b:c-d_e", longest.as_str()] {
         client.join(room, None).await;
         assert_ack(&client.send_msg(room, json!(room)).await, room);
-    }
-}
-
-/// Connects with `auth` and expects an `unauthorized` error frame, then close 1008.
-async fn expect_rejected(server: &TestServer, auth: Auth<'_>, what: &str) {
-    let mut client = match WsClient::try_connect(&server.ws_url(), auth).await {
-        Ok(client) => client,
-        Err(e) => panic!("{what}: the upgrade should succeed, then be closed; got {e}"),
-    };
-    let (end, frames) = client.drain_until_end(RECV_DEADLINE).await;
-    assert!(
-        frames
-            .iter()
-            .any(|f| f["type"] == "error" && f["code"] == "unauthorized"),
-        "{what}: expected an `unauthorized` error frame before the close, got {frames:?}"
-    );
-    match end {
-        Event::Closed { code, .. } => assert_eq!(code, Some(1008), "{what}: close code"),
-        other => panic!("{what}: expected close 1008, got {other:?}"),
     }
 }
 

@@ -506,6 +506,26 @@ impl WsClient {
     }
 }
 
+/// Connects with `auth` and expects the upgrade to succeed, then an `unauthorized` error frame
+/// and close 1008 (how seqcast refuses a token: in-band, so browsers can see why).
+pub async fn expect_rejected(server: &TestServer, auth: Auth<'_>, what: &str) {
+    let mut client = match WsClient::try_connect(&server.ws_url(), auth).await {
+        Ok(client) => client,
+        Err(e) => panic!("{what}: the upgrade should succeed, then be closed; got {e}"),
+    };
+    let (end, frames) = client.drain_until_end(RECV_DEADLINE).await;
+    assert!(
+        frames
+            .iter()
+            .any(|f| f["type"] == "error" && f["code"] == "unauthorized"),
+        "{what}: expected an `unauthorized` error frame before the close, got {frames:?}"
+    );
+    match end {
+        Event::Closed { code, .. } => assert_eq!(code, Some(1008), "{what}: close code"),
+        other => panic!("{what}: expected close 1008, got {other:?}"),
+    }
+}
+
 /// Asserts `frame` is an `ack` for `room` with a seq, a UUID id and an RFC 3339 ts.
 pub fn assert_ack(frame: &Value, room: &str) {
     assert_eq!(frame["type"], "ack", "expected an ack, got {frame}");
