@@ -100,3 +100,27 @@ pub(super) fn seq_from_db(value: i64) -> Result<u64, sqlx::Error> {
 pub(super) fn id_from_db(value: &str) -> Result<Uuid, sqlx::Error> {
     Uuid::parse_str(value).map_err(|err| sqlx::Error::Decode(Box::new(err)))
 }
+
+/// The budget loop of `Store::delete_before`, shared by both stores: deletes the old prefix of
+/// each room in turn (`delete(room, budget)` returns how many rows it removed) until `limit`
+/// messages are gone or the rooms run out. Returns how many were deleted.
+pub(super) async fn delete_prefixes<F, Fut>(
+    rooms: Vec<String>,
+    limit: usize,
+    mut delete: F,
+) -> Result<u64, sqlx::Error>
+where
+    F: FnMut(String, i64) -> Fut,
+    Fut: std::future::Future<Output = Result<u64, sqlx::Error>>,
+{
+    let mut deleted = 0usize;
+    for room in rooms {
+        let budget = limit.saturating_sub(deleted);
+        if budget == 0 {
+            break;
+        }
+        let done = delete(room, limit_to_db(budget)).await?;
+        deleted = deleted.saturating_add(usize::try_from(done).unwrap_or(usize::MAX));
+    }
+    Ok(u64::try_from(deleted).unwrap_or(u64::MAX))
+}

@@ -243,22 +243,17 @@ impl Store for SqliteStore {
             .fetch_all(&self.readers)
             .await
             .map_err(classify)?;
-        let mut deleted = 0;
-        for room in rooms {
-            let budget = limit.saturating_sub(deleted);
-            if budget == 0 {
-                break;
-            }
+        batch::delete_prefixes(rooms, limit, |room, budget| async move {
             let done = sqlx::query(DELETE_PREFIX)
-                .bind(&room)
+                .bind(room)
                 .bind(ts_ms)
-                .bind(batch::limit_to_db(budget))
+                .bind(budget)
                 .execute(&self.writer)
-                .await
-                .map_err(classify)?;
-            deleted += usize::try_from(done.rows_affected()).unwrap_or(usize::MAX);
-        }
-        Ok(u64::try_from(deleted).unwrap_or(u64::MAX))
+                .await?;
+            Ok(done.rows_affected())
+        })
+        .await
+        .map_err(classify)
     }
 
     async fn ping(&self) -> StoreResult<()> {
