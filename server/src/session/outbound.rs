@@ -35,8 +35,8 @@ use crate::store::StoreError;
 
 /// Messages read from the database per catch-up step.
 const CATCH_UP_PAGE: usize = 500;
-/// Live frames written per socket flush.
-const LIVE_BATCH: usize = 64;
+/// Frames (live messages, or queued replies) written per socket flush.
+const WRITE_BATCH: usize = 64;
 /// Pause before retrying a catch-up read that failed (database unreachable).
 const CATCH_UP_RETRY: Duration = Duration::from_millis(500);
 
@@ -108,7 +108,7 @@ impl<'a> Outbound<'a> {
                 // Before the live stream, which a busy room keeps ready.
                 _ = next_tick(&mut ping) => self.write(vec![Message::Ping(Bytes::new())]).await,
                 cmd = control.recv() => match cmd {
-                    Some(cmd) => self.control(cmd).await,
+                    Some(cmd) => self.controls(cmd, &mut control).await,
                     None => Err(Stop::ClientGone),
                 },
                 _ = lag.wait() => {
@@ -128,6 +128,37 @@ impl<'a> Outbound<'a> {
             }
         };
         self.finish(stop).await;
+    }
+
+    /// Handles `first` and whatever else the inbound half has queued, up to a batch: replies
+    /// that are waiting go out in one flush. A client that pipelines (or floods) gets one socket
+    /// write per batch instead of one per reply; the syscall per reply was most of the node's CPU
+    /// under a garbage-frame flood.
+    async fn controls(
+        &mut self,
+        first: Control,
+        queue: &mut mpsc::Receiver<Control>,
+    ) -> Result<(), Stop> {
+        let mut replies = Vec::new();
+        let mut next = Some(first);
+        while let Some(cmd) = next.take() {
+            match cmd {
+                Control::Reply(frame) => {
+                    replies.push(Message::Text(frame.into()));
+                    if replies.len() < WRITE_BATCH {
+                        next = queue.try_recv().ok();
+                    }
+                }
+                // Anything else keeps its place in the order: the replies before it go first.
+                other => {
+                    if !replies.is_empty() {
+                        self.write(std::mem::take(&mut replies)).await?;
+                    }
+                    return self.control(other).await;
+                }
+            }
+        }
+        self.write(replies).await
     }
 
     async fn control(&mut self, cmd: Control) -> Result<(), Stop> {
@@ -256,7 +287,7 @@ impl<'a> Outbound<'a> {
                     frames.push(Message::Text(item.frame.clone()));
                 }
             }
-            if frames.len() < LIVE_BATCH {
+            if frames.len() < WRITE_BATCH {
                 next = queue.try_recv().ok();
             }
         }
