@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::hub::{Hub, SessionId};
 use crate::jobs::{self, Jobs};
-use crate::ratelimit::UserLimiter;
+use crate::ratelimit::{ExcessAllowance, UserLimiter};
 use crate::relay::{self, RelayStatus};
 use crate::store::Store;
 use crate::writer::Writers;
@@ -49,6 +49,9 @@ pub struct Shared {
     pub jobs: Jobs,
     /// The per-user send rate (`SEQCAST_USER_SEND_RATE`), through Redis when there is one.
     pub user_limits: UserLimiter,
+    /// The node-wide allowance for frames from over-rate connections
+    /// (`SEQCAST_EXCESS_FRAME_RATE`).
+    pub excess: ExcessAllowance,
     next_session: AtomicU64,
 }
 
@@ -110,6 +113,7 @@ impl AppState {
             );
             (hub, publisher, relay, redis)
         };
+        let excess = ExcessAllowance::new(config.excess_frame_rate);
         let user_limits = UserLimiter::new(&config, redis.clone(), background.clone());
         let jobs = jobs::spawn(&config, Arc::clone(&store), redis, background);
         let writers = Writers::new(Arc::clone(&store), hub.clone(), bus);
@@ -126,6 +130,7 @@ impl AppState {
             relay,
             jobs,
             user_limits,
+            excess,
             next_session: AtomicU64::new(1),
         })))
     }

@@ -98,6 +98,10 @@ pub struct Config {
     /// `SEQCAST_USER_SEND_RATE`: sends per second per user across the cluster (through Redis;
     /// per node without it), WebSocket and HTTP together, default 100.
     pub user_send_rate: u32,
+    /// `SEQCAST_EXCESS_FRAME_RATE`: frames per second the whole node reads from connections that
+    /// are over their own `SEQCAST_SEND_RATE` (token bucket, burst a tenth of a second); past
+    /// it those connections are not read until it refills. Default 10000.
+    pub excess_frame_rate: u32,
 }
 
 impl std::fmt::Debug for Config {
@@ -137,6 +141,7 @@ impl std::fmt::Debug for Config {
             .field("idle_timeout", &self.idle_timeout)
             .field("send_rate", &self.send_rate)
             .field("user_send_rate", &self.user_send_rate)
+            .field("excess_frame_rate", &self.excess_frame_rate)
             .finish()
     }
 }
@@ -178,6 +183,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(60),
             send_rate: 50,
             user_send_rate: 100,
+            excess_frame_rate: 10_000,
         }
     }
 }
@@ -277,6 +283,7 @@ impl Config {
         for (name, field) in [
             ("SEQCAST_SEND_RATE", &mut c.send_rate),
             ("SEQCAST_USER_SEND_RATE", &mut c.user_send_rate),
+            ("SEQCAST_EXCESS_FRAME_RATE", &mut c.excess_frame_rate),
         ] {
             if let Some(v) = get(name) {
                 *field = v

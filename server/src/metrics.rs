@@ -40,6 +40,16 @@ pub const MESSAGES_REPAIRED: &str = "seqcast_messages_repaired_total";
 pub const LEADER: &str = "seqcast_leader";
 /// Messages deleted by the retention job (counter).
 pub const RETENTION_DELETED: &str = "seqcast_retention_deleted_total";
+/// `rate_limited` errors sent and 429s answered (counter, label `limit`: `connection` or `user`).
+pub const RATE_LIMITED: &str = "seqcast_rate_limited_total";
+/// Connections closed (1008) for sustained tenfold abuse of their rate (counter).
+pub const RATE_LIMIT_CLOSED: &str = "seqcast_rate_limit_closed_total";
+/// 1 while the per-user limit is counted in Redis, 0 while this node counts it alone (gauge; only
+/// with `REDIS_URL`).
+pub const RATE_LIMIT_REDIS_UP: &str = "seqcast_rate_limit_redis_up";
+/// Times an over-rate connection was not read because the node's allowance for excess frames
+/// (`SEQCAST_EXCESS_FRAME_RATE`) was spent (counter).
+pub const EXCESS_DEFERRED: &str = "seqcast_excess_frames_deferred_total";
 
 /// Installs the process-wide recorder once and returns its handle. The recorder is global to the
 /// process, so a second server in the same process (tests) shares it.
@@ -120,6 +130,19 @@ fn describe() {
     );
     describe_gauge!(LEADER, "1 while this node is the leader");
     describe_counter!(RETENTION_DELETED, "Messages deleted by retention");
+    describe_counter!(RATE_LIMITED, "Frames and requests refused as rate_limited");
+    describe_counter!(
+        RATE_LIMIT_CLOSED,
+        "Connections closed for tenfold abuse of their rate"
+    );
+    describe_gauge!(
+        RATE_LIMIT_REDIS_UP,
+        "1 while the per-user rate is counted in Redis"
+    );
+    describe_counter!(
+        EXCESS_DEFERRED,
+        "Reads of over-rate connections put off (node excess allowance spent)"
+    );
     // Make every series visible from the first scrape, before anything happened.
     metrics::gauge!(CONNECTIONS_OPEN).set(0.0);
     metrics::gauge!(SESSIONS_JOINED).set(0.0);

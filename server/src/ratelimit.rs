@@ -36,6 +36,7 @@ use crate::app::AppState;
 use crate::auth::Identity;
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::metrics as m;
 use crate::protocol::{self, ClientFrame, ErrorCode, FrameError, Ref};
 
 /// A bucket holds this many seconds of its rate: the burst is 4x the rate.
@@ -60,14 +61,6 @@ const MAX_LEASE: u32 = 64;
 const REDIS_RETRY: Duration = Duration::from_millis(500);
 /// How often idle users are forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
-
-/// `rate_limited` errors sent and 429s answered (counter, label `limit`: `connection` or `user`).
-pub const RATE_LIMITED: &str = "seqcast_rate_limited_total";
-/// Connections closed (1008) for sustained tenfold abuse of their rate (counter).
-pub const RATE_LIMIT_CLOSED: &str = "seqcast_rate_limit_closed_total";
-/// 1 while the per-user limit is counted in Redis, 0 while this node counts it alone (gauge; only
-/// with `REDIS_URL`).
-pub const RATE_LIMIT_REDIS_UP: &str = "seqcast_rate_limit_redis_up";
 
 /// Takes up to `ARGV[3]` tokens from the bucket `KEYS[1]`, refilled at `ARGV[1]` tokens per
 /// second up to `ARGV[2]`, by Redis's clock (so node clocks do not matter). Returns
@@ -125,11 +118,29 @@ impl TokenBucket {
         })
     }
 
-    /// Takes one token, or says how long until there is one.
-    pub fn try_take(&mut self, now: Instant) -> Result<(), Duration> {
+    /// A full bucket holding `burst` tokens (at least one), or `None` for rate 0 (no limit).
+    pub fn with_burst(rate: u32, burst: u32, now: Instant) -> Option<TokenBucket> {
+        let mut bucket = TokenBucket::new(rate, now)?;
+        bucket.burst = f64::from(burst.max(1));
+        bucket.tokens = bucket.burst;
+        Some(bucket)
+    }
+
+    fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
         self.updated = self.updated.max(now);
+    }
+
+    /// Whether a token is there to take at `now`.
+    pub fn has_token(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= 1.0
+    }
+
+    /// Takes one token, or says how long until there is one.
+    pub fn try_take(&mut self, now: Instant) -> Result<(), Duration> {
+        self.refill(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             Ok(())
@@ -187,6 +198,45 @@ impl AbuseWatch {
     }
 }
 
+/// The node-wide allowance for *excess* frames: those read from a connection that is over its
+/// own `SEQCAST_SEND_RATE` (its bucket is empty, so the frame will be refused or is free
+/// anyway). Each costs a token of one node-wide bucket (`SEQCAST_EXCESS_FRAME_RATE`); without
+/// one, the connection is not read until there is (the kernel's buffers fill and TCP slows the
+/// sender down).
+///
+/// Why: answering a refused frame costs the node about as much as serving a good one (read,
+/// parse, error frame, write), and a few hundred connections flooding at once could otherwise
+/// take all of the node's CPU from the clients within their rate. With the allowance the node
+/// spends a bounded share on floods, whatever their size; one abuser alone still gets far more
+/// than ten times its rate, so the tenfold-abuse close ([`AbuseWatch`]) still finds it.
+pub struct ExcessAllowance {
+    bucket: Option<Mutex<TokenBucket>>,
+}
+
+impl ExcessAllowance {
+    /// `rate` excess frames per second for the node, with a tenth of a second of burst; 0 = no
+    /// limit.
+    pub fn new(rate: u32) -> ExcessAllowance {
+        ExcessAllowance {
+            bucket: TokenBucket::with_burst(rate, rate / 10, Instant::now()).map(Mutex::new),
+        }
+    }
+
+    /// Takes one token for an excess frame, or says how long until there is one.
+    pub fn try_take(&self, now: Instant) -> Result<(), Duration> {
+        let Some(bucket) = &self.bucket else {
+            return Ok(());
+        };
+        let mut bucket = bucket.lock().unwrap_or_else(PoisonError::into_inner);
+        let result = bucket.try_take(now);
+        drop(bucket);
+        if result.is_err() {
+            metrics::counter!(m::EXCESS_DEFERRED).increment(1);
+        }
+        result
+    }
+}
+
 /// Why a frame is not executed.
 #[derive(Debug)]
 pub enum Refusal {
@@ -232,7 +282,7 @@ impl SessionLimits {
         self.charge_connection(reply_ref)?;
         if let (true, Some((limiter, user))) = (send, &self.user) {
             if let Err(wait) = limiter.acquire(user).await {
-                metrics::counter!(RATE_LIMITED, "limit" => "user").increment(1);
+                metrics::counter!(m::RATE_LIMITED, "limit" => "user").increment(1);
                 let message = format!(
                     "too many messages from this user (SEQCAST_USER_SEND_RATE); retry in {} ms",
                     wait.as_millis().max(1)
@@ -247,6 +297,14 @@ impl SessionLimits {
         Ok(())
     }
 
+    /// Whether the connection is over its rate: the next rate-counted frame would be refused.
+    /// Its next frame (of any kind) is then excess and waits for the node's [`ExcessAllowance`].
+    pub fn over_rate(&mut self, now: Instant) -> bool {
+        self.connection
+            .as_mut()
+            .is_some_and(|(bucket, _)| !bucket.has_token(now))
+    }
+
     /// Charges a frame that is not a JSON text frame (a binary frame): malformed.
     pub fn admit_malformed(&mut self) -> Result<(), Refusal> {
         self.charge_connection(None)
@@ -258,12 +316,12 @@ impl SessionLimits {
         };
         let now = Instant::now();
         if abuse.record(now) {
-            metrics::counter!(RATE_LIMIT_CLOSED).increment(1);
+            metrics::counter!(m::RATE_LIMIT_CLOSED).increment(1);
             tracing::info!("closing a connection that exceeds its rate tenfold");
             return Err(Refusal::Close);
         }
         bucket.try_take(now).map_err(|wait| {
-            metrics::counter!(RATE_LIMITED, "limit" => "connection").increment(1);
+            metrics::counter!(m::RATE_LIMITED, "limit" => "connection").increment(1);
             let message = format!(
                 "too many frames on this connection (SEQCAST_SEND_RATE); retry in {} ms",
                 wait.as_millis().max(1)
@@ -279,7 +337,7 @@ impl SessionLimits {
 
 /// The answer to an HTTP request past the user's rate: 429 `rate_limited` with `Retry-After`.
 pub fn http_refusal(wait: Duration) -> Response {
-    metrics::counter!(RATE_LIMITED, "limit" => "user").increment(1);
+    metrics::counter!(m::RATE_LIMITED, "limit" => "user").increment(1);
     let message = format!(
         "too many messages from this user (SEQCAST_USER_SEND_RATE); retry in {} ms",
         wait.as_millis().max(1)
@@ -395,7 +453,7 @@ impl UserLimiter {
                 stop,
             });
             // Unknown until the first probe answers (the connection is made in the background).
-            metrics::gauge!(RATE_LIMIT_REDIS_UP).set(0.0);
+            metrics::gauge!(m::RATE_LIMIT_REDIS_UP).set(0.0);
             buckets.failed(None);
             buckets
         });
@@ -616,7 +674,7 @@ impl RedisBuckets {
         if health.usable {
             health.usable = false;
             self.usable.store(false, Ordering::Release);
-            metrics::gauge!(RATE_LIMIT_REDIS_UP).set(0.0);
+            metrics::gauge!(m::RATE_LIMIT_REDIS_UP).set(0.0);
             tracing::warn!(
                 error = error.unwrap_or("unknown"),
                 "Redis unusable for the user rate limit: limiting per node"
@@ -638,7 +696,7 @@ impl RedisBuckets {
                 health.usable = true;
                 health.probing = false;
                 self.usable.store(true, Ordering::Release);
-                metrics::gauge!(RATE_LIMIT_REDIS_UP).set(1.0);
+                metrics::gauge!(m::RATE_LIMIT_REDIS_UP).set(1.0);
                 tracing::info!("Redis usable for the user rate limit: limiting across nodes");
                 return;
             }

@@ -359,6 +359,44 @@ async fn tenfold_abuse_closes_the_connection() {
     .await;
 }
 
+/// Node-wide: frames from a connection over its own rate are read no faster than the node's
+/// excess allowance (`SEQCAST_EXCESS_FRAME_RATE`, burst a tenth of it), and each still gets its
+/// `rate_limited` reply. Without the allowance the 300 replies below take a fraction of a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn excess_frames_wait_for_the_node_allowance() {
+    bounded("excess_frames_wait_for_the_node_allowance", async {
+        let server = node(&[
+            ("SEQCAST_SEND_RATE", "10"),
+            ("SEQCAST_USER_SEND_RATE", "0"),
+            ("SEQCAST_EXCESS_FRAME_RATE", "100"),
+        ])
+        .await;
+        let alice = token("alice");
+        let mut client = WsClient::connect_with(&server, Auth::Header(&alice)).await;
+        let start = Instant::now();
+        let refs = burst(&mut client, 300, send_frame("excess")).await;
+        let tally = tally_replies(&mut client, &refs).await;
+        let elapsed = start.elapsed().as_secs_f64();
+        eprintln!("excess: {tally:?} in {elapsed:.3}s");
+        assert_eq!(tally.acks + tally.refused, 300);
+        // In T seconds at most 40 + 10 T frames are within the connection's rate and at most
+        // 10 + 100 T are excess: 300 frames need T >= 250 / 110 = 2.27 s.
+        assert!(
+            elapsed >= 2.2,
+            "300 frames answered in {elapsed:.3}s: faster than the allowance permits"
+        );
+        let metrics = Http::new(&server).metrics().await;
+        let deferred = metric_value(&metrics, "seqcast_excess_frames_deferred_total");
+        assert!(
+            deferred.is_some_and(|n| n > 0.0),
+            "deferrals are counted: {deferred:?}"
+        );
+        // Still served, and within its rate again once the burst has refilled.
+        client.ping().await;
+    })
+    .await;
+}
+
 /// Per user over HTTP: POSTs past the burst get 429 `rate_limited` with `Retry-After`; the user's
 /// WebSocket sends share the bucket; other users and the server key are not affected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,6 +22,15 @@ use crate::writer::{CommitError, CommitResult};
 /// client's frames until one completes: pipelining is allowed, unbounded buffering is not.
 const MAX_SENDS_IN_FLIGHT: usize = 256;
 
+/// Client frames handled in one turn of the session's task before it yields to the others.
+///
+/// A client that pipelines (or floods) has its next frames already in the read buffer, so its
+/// task could otherwise handle hundreds of them per poll while every other task on the worker
+/// waits: under a garbage flood, an honest client's message waited one such turn of every
+/// flooding session at each hop (inbound, writer, outbound). Short turns keep the wait short;
+/// the flooder's total work is the same.
+const FRAMES_PER_TURN: u32 = 8;
+
 /// How long a closed connection waits for the client's close reply.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -42,14 +51,28 @@ pub(super) async fn run(
     let mut last_received = Instant::now();
     let idle = tokio::time::sleep(idle_timeout);
     tokio::pin!(idle);
+    let mut turn = 0_u32;
     loop {
+        turn += 1;
+        if turn == FRAMES_PER_TURN {
+            turn = 0;
+            tokio::task::yield_now().await;
+        }
+        let mut read = in_flight.len() < MAX_SENDS_IN_FLIGHT;
+        // Over its rate, the connection's next frame is excess: it is read only with a token of
+        // the node's allowance (`ratelimit::ExcessAllowance`), else after a pause.
+        let mut excess_wait = None;
+        if read && limits.over_rate(Instant::now()) {
+            excess_wait = state.excess.try_take(Instant::now()).err();
+            read = excess_wait.is_none();
+        }
         let next = tokio::select! {
             biased;
             _ = stop.cancelled() => return drain_until_closed(&mut stream).await,
             Some((reply_ref, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
                 Control::Reply(ack_or_error(outcome, reply_ref.as_ref()))
             }
-            frame = stream.next(), if in_flight.len() < MAX_SENDS_IN_FLIGHT => {
+            frame = stream.next(), if read => {
                 last_received = Instant::now();
                 match frame {
                     Some(Ok(Message::Text(text))) => {
@@ -83,11 +106,13 @@ pub(super) async fn run(
                     }
                 }
             },
+            _ = tokio::time::sleep(excess_wait.unwrap_or_default()), if excess_wait.is_some() => {
+                continue;
+            }
             // After the read branch (`biased`): a frame that is already waiting wins over the
             // timer, so time spent not reading (backpressure) never counts as client silence.
             _ = &mut idle, if !idle_timeout.is_zero() => {
-                let reading = in_flight.len() < MAX_SENDS_IN_FLIGHT;
-                if !reading {
+                if !read {
                     last_received = Instant::now();
                 }
                 let deadline = last_received + idle_timeout;
