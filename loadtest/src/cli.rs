@@ -57,6 +57,10 @@ pub struct Common {
     /// (`connections` reports the RSS per connection from it).
     #[arg(long, global = true, value_delimiter = ',')]
     pub server_pid: Vec<u32>,
+    /// Other processes whose CPU time over the run is reported, with their children's
+    /// (e.g. `postgres=PID` of the postmaster, whose backends are its children), repeatable.
+    #[arg(long, global = true, value_parser = parse_watch)]
+    pub watch_pid: Vec<(String, u32)>,
     /// A name for this run, copied into the report (e.g. `throughput-100-rooms`).
     #[arg(long, global = true)]
     pub label: Option<String>,
@@ -152,6 +156,17 @@ pub struct Catchup {
     pub fill_timeout: Duration,
 }
 
+/// Parses `NAME=PID`.
+fn parse_watch(text: &str) -> Result<(String, u32), String> {
+    let (name, pid) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=PID, got {text:?}"))?;
+    let pid = pid
+        .parse()
+        .map_err(|_| format!("not a process id in {text:?}"))?;
+    Ok((name.to_owned(), pid))
+}
+
 /// Parses `500ms`, `10s`, `5m` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -184,5 +199,12 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("3h").is_err());
+    }
+
+    #[test]
+    fn watched_processes() {
+        assert_eq!(parse_watch("postgres=42"), Ok(("postgres".to_owned(), 42)));
+        assert!(parse_watch("postgres").is_err());
+        assert!(parse_watch("postgres=x").is_err());
     }
 }

@@ -140,6 +140,15 @@ impl Report {
                     ),
                 ));
             }
+            for (name, secs) in &cpu.watched_cpu_secs {
+                rows.push((
+                    format!("{name} CPU"),
+                    format!(
+                        "{secs:.2} s = {:.0}% of a core",
+                        100.0 * secs / cpu.wall_secs
+                    ),
+                ));
+            }
             if let Some(busy) = cpu.machine_busy_percent {
                 rows.push(("machine busy".into(), format!("{busy:.0}%")));
             }

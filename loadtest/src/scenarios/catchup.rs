@@ -100,7 +100,7 @@ pub async fn run(ctx: &Ctx, args: &Catchup) -> Result<Report> {
         ctx.io_timeout,
     )
     .await?;
-    let cpu = CpuMeter::start(&ctx.server_pids);
+    let cpu = CpuMeter::start(&ctx.server_pids, &ctx.watched);
     let join_sent = Instant::now();
     let subscriber = Subscriber::join_on(ws, 0, room, Some(0), ctx.io_timeout).await?;
     let joined = Instant::now();

@@ -66,7 +66,7 @@ pub async fn run(ctx: &Ctx, args: &Connections) -> Result<Report> {
         .map(|&pid| stats::rss_kib(Some(pid)))
         .collect();
     let own_before = stats::rss_kib(None);
-    let cpu = CpuMeter::start(&ctx.server_pids);
+    let cpu = CpuMeter::start(&ctx.server_pids, &ctx.watched);
 
     // Connect and join.
     let connect_start = Instant::now();

@@ -33,6 +33,8 @@ pub struct Ctx {
     pub drain_timeout: Duration,
     pub io_timeout: Duration,
     pub server_pids: Vec<u32>,
+    /// Further processes whose CPU is reported (`--watch-pid`).
+    pub watched: Vec<(String, u32)>,
     pub connect_concurrency: usize,
     /// `{prefix}-{run id}`: the start of every room name of this run.
     pub run_prefix: String,
@@ -58,6 +60,7 @@ impl Ctx {
             drain_timeout: common.drain_timeout,
             io_timeout: common.io_timeout,
             server_pids: common.server_pid.clone(),
+            watched: common.watch_pid.clone(),
             connect_concurrency: common.connect_concurrency.max(1),
             run_prefix: format!("{}-{started}-{}", common.room_prefix, std::process::id()),
         })

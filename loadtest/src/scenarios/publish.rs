@@ -64,7 +64,7 @@ pub async fn run(ctx: &Ctx, plan: Plan) -> Result<Report> {
         .collect();
     drop(finals_rx);
 
-    let cpu = CpuMeter::start(&ctx.server_pids);
+    let cpu = CpuMeter::start(&ctx.server_pids, &ctx.watched);
     let start = Instant::now();
     let stop_at = start + ctx.duration;
     let publisher_tasks: Vec<_> = publishers
