@@ -3,7 +3,8 @@
 #
 # The integration tests start throwaway Postgres servers (initdb/postgres) and Redis servers
 # (redis-server); this installs the Debian packages when those programs are missing, then runs
-# `cargo test` for the whole workspace. Its exit status is cargo's.
+# `cargo test` for the whole workspace and a short fuzz run (fuzz/run.sh). It fails when any
+# step fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,4 +48,7 @@ if ! command -v initdb >/dev/null 2>&1; then
     fi
 fi
 
-exec cargo test --workspace --locked
+cargo test --workspace --locked
+
+# The fuzz smoke run: both libFuzzer targets, 15 s each, on the stable toolchain (fuzz/run.sh).
+bash fuzz/run.sh 15

@@ -19,6 +19,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::config::Config;
+pub use crate::protocol::pattern_matches;
 
 /// The claims seqcast reads from a token. `nbf`, `aud` and `iss` are checked by the verifier
 /// (see [`Authenticator`]) and not kept.
@@ -428,32 +429,6 @@ pub fn mint(
     )
 }
 
-/// Whole-name glob match where `*` matches any run of characters (including none).
-///
-/// Greedy two-pointer matching with backtracking to the last `*`: linear in practice and
-/// O(len(pattern) * len(name)) in the worst case, with names capped at 128 characters.
-pub fn pattern_matches(pattern: &str, name: &str) -> bool {
-    let (p, n) = (pattern.as_bytes(), name.as_bytes());
-    let (mut pi, mut ni) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ni < n.len() {
-        if pi < p.len() && p[pi] == b'*' {
-            star = Some((pi, ni));
-            pi += 1;
-        } else if pi < p.len() && p[pi] == n[ni] {
-            pi += 1;
-            ni += 1;
-        } else if let Some((sp, sn)) = star {
-            pi = sp + 1;
-            ni = sn + 1;
-            star = Some((sp, sn + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == b'*')
-}
-
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -462,22 +437,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn patterns() {
-        assert!(pattern_matches("*", "general"));
-        assert!(pattern_matches("*", ""));
-        assert!(pattern_matches("team-*", "team-"));
-        assert!(pattern_matches("team-*", "team-blue"));
-        assert!(!pattern_matches("team-*", "team"));
-        assert!(!pattern_matches("team-*", "Team-blue"), "case-sensitive");
-        assert!(!pattern_matches("general", "general2"), "whole name");
-        assert!(!pattern_matches("general", "xgeneral"));
-        assert!(pattern_matches("a*b*c", "a-x-b-y-c"));
-        assert!(!pattern_matches("a*b*c", "a-x-c-y-b"));
-        assert!(pattern_matches("*-log", "x-log-log"));
-        assert!(pattern_matches("**", "abc"));
-    }
 
     // Public keys only (generated with openssl for these tests; the private halves were
     // discarded).

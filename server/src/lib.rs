@@ -42,7 +42,8 @@ pub mod jobs;
 pub mod listener;
 pub mod metrics;
 pub mod ops;
-pub mod protocol;
+/// The wire protocol, a crate of its own (`protocol/`) so that fuzzing builds it alone.
+pub use seqcast_protocol as protocol;
 pub mod ratelimit;
 pub mod relay;
 pub mod session;

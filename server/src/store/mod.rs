@@ -12,7 +12,6 @@ mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use uuid::Uuid;
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -28,18 +27,7 @@ pub struct NewMessage {
     pub idem: Option<String>,
 }
 
-/// A committed message as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredMessage {
-    pub room: String,
-    pub seq: u64,
-    pub id: Uuid,
-    pub sender: String,
-    /// Serialized JSON text, exactly as it was sent.
-    pub body: String,
-    /// Commit time, milliseconds since the Unix epoch.
-    pub ts_ms: i64,
-}
+pub use crate::protocol::StoredMessage;
 
 /// The outcome of one message of an [`Store::append`] batch.
 #[derive(Debug, Clone, PartialEq, Eq)]

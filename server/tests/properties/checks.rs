@@ -4,9 +4,9 @@
 //! Two drivers share this file:
 //! - `server/tests/properties.rs` (`cargo test --test properties`): proptest feeds these
 //!   functions random and structured inputs, a bounded number of cases per run (CI's smoke run);
-//! - `fuzz/fuzz_targets/*.rs` (`cargo +nightly fuzz run ...`): libFuzzer feeds them
-//!   coverage-guided inputs for as long as it is left running. They include this file by path,
-//!   so it depends on nothing but `seqcast`, `serde_json`, `uuid` and `std`.
+//! - `fuzz/fuzz_targets/*.rs` (`fuzz/run.sh`): libFuzzer feeds them coverage-guided inputs for
+//!   as long as it is left running. They include this file by path, so it depends on nothing
+//!   but `seqcast_protocol`, `serde_json`, `uuid` and `std`.
 //!
 //! A violated property panics (with the input in the message); that is how both drivers see it.
 #![allow(dead_code)] // each driver uses a different part
@@ -15,11 +15,10 @@ use std::collections::HashMap;
 
 use serde_json::value::RawValue;
 
-use seqcast::auth::pattern_matches;
-use seqcast::protocol::{
-    self, parse_client_frame, validate_room, ClientFrame, ErrorCode, Ref, MAX_ROOM_LEN,
+use seqcast_protocol::{
+    self as protocol, parse_client_frame, pattern_matches, validate_room, ClientFrame, ErrorCode,
+    Ref, StoredMessage, MAX_ROOM_LEN,
 };
-use seqcast::store::StoredMessage;
 
 /// Longest `idem` the protocol accepts, in bytes.
 pub const MAX_IDEM_BYTES: usize = 256;

@@ -1,14 +1,10 @@
-//! The wire protocol (`shared/protocol.md`): parsing client frames and writing server frames.
-//!
-//! Client frames are parsed into borrowed raw JSON pieces first, so a frame with a bad field still
-//! yields its `ref` for the error reply, and a message `body` is kept as the exact text the client
-//! sent: it is stored and replayed byte for byte and never re-serialized.
+//! Client frames in, server frames out.
 
 use chrono::{DateTime, SecondsFormat};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::store::StoredMessage;
+use crate::StoredMessage;
 
 /// Longest room name, in characters.
 pub const MAX_ROOM_LEN: usize = 128;
