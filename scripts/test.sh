@@ -29,6 +29,8 @@ have_postgres || missing+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 # The token tests (server/tests/auth.rs) generate RSA and EC keys with it.
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# libfuzzer-sys (fuzz/run.sh) compiles libFuzzer's C++ sources.
+command -v c++ >/dev/null 2>&1 || missing+=(g++)
 
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "scripts/test.sh: installing ${missing[*]}" >&2
