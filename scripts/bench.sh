@@ -45,6 +45,7 @@ case "${1:-}" in
 esac
 
 SUITE_START=$(date +%s)
+LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 FAILURES=()
 CONN_SKIPPED=()
 fail() {
@@ -405,7 +406,15 @@ jqr() {
 }
 # fmt VALUE [DECIMALS]: a number with thousands separators, or "n/a".
 fmt() {
-    if [ -z "${1:-}" ]; then echo "n/a"; else LC_ALL=en_US.UTF-8 printf "%'.${2:-0}f" "$1" 2>/dev/null || printf "%.${2:-0}f" "$1"; fi
+    if [ -z "${1:-}" ]; then
+        echo "n/a"
+        return
+    fi
+    local s int frac=""
+    s="$(printf "%.${2:-0}f" "$1")"
+    int="${s%%.*}"
+    [ "$s" != "$int" ] && frac=".${s#*.}"
+    echo "$(echo "$int" | sed -E ':a; s/^(-?[0-9]+)([0-9]{3})/\1,\2/; ta')$frac"
 }
 # verdict OK_EXPRESSION VALUES...: "pass" or "miss" (awk expression over $1, $2, ...).
 verdict() {
@@ -461,7 +470,7 @@ target_rows() {
 }
 
 scenario_rows() {
-    echo "| run | commits/s | deliveries/s | ack p50 / p99 (ms) | end-to-end p50 / p95 / p99 / max (ms) | lost / dup / out of order | errors | CPU: loadgen / nodes / Postgres / Redis (% of a core) | machine busy |"
+    echo "| run | commits/s | deliveries/s | ack p50 / p99 (ms) | end-to-end p50 / p95 / p99 / max (ms) | lost / dup / out of order | errors | CPU: loadgen / nodes / Postgres / Redis / anything else (% of a core) | machine busy |"
     echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     local f name
     for name in throughput-100-rooms throughput-1-room fanout latency catchup connections-50000 connections-100000; do
@@ -480,6 +489,11 @@ scenario_rows() {
           + (if .cpu.servers_cpu_secs == null then "-" else "\(.cpu.servers_cpu_secs / .cpu.wall_secs * 100 | n(0))" end)
           + " / " + (if .cpu.watched_cpu_secs.postgres == null then "-" else "\(.cpu.watched_cpu_secs.postgres / .cpu.wall_secs * 100 | n(0))" end)
           + " / " + (if .cpu.watched_cpu_secs.redis == null then "-" else "\(.cpu.watched_cpu_secs.redis / .cpu.wall_secs * 100 | n(0))" end)
+          + " / " + (if .cpu.machine_busy_percent == null then "-" else
+              ((.cpu.machine_busy_percent * .cpu.cpus)
+               - (.cpu.loadgen_cpu_secs + (.cpu.servers_cpu_secs // 0)
+                  + (.cpu.watched_cpu_secs.postgres // 0) + (.cpu.watched_cpu_secs.redis // 0))
+                 / .cpu.wall_secs * 100 | if . < 0 then 0 else . end | n(0)) end)
           + " | \(.cpu.machine_busy_percent|n(0))% |"' "$f"
     done
 }
@@ -504,7 +518,7 @@ write_doc() {
         echo
         echo "Everything below ran at once on one machine: Postgres, Redis, two seqcast nodes and the"
         echo "load generator (\`loadtest/\`), all competing for the same cores. The load generator's own"
-        echo "CPU use is in the last table; on a 2-core machine it takes a large share of what the"
+        echo "CPU use is in the Runs table; on a 2-core machine it takes a large share of what the"
         echo "server could otherwise use, so these figures are a floor for a server with the machine"
         echo "to itself."
         echo
@@ -518,6 +532,7 @@ write_doc() {
         echo "| Postgres | $pg_version |"
         echo "| Redis | $redis_version |"
         echo "| rustc | $(rustc --version 2>/dev/null) |"
+        echo "| load average (1, 5, 15 min) when the suite started | $LOAD_BEFORE |"
         echo
         echo "## Targets"
         echo
@@ -555,7 +570,9 @@ write_doc() {
         echo "  commits are the filling (4 publishers into one room); deliveries/s is the replay."
         echo "  connections: connect, join and hold; every connection must answer a ping afterwards."
         echo "- CPU is user + system time over the run from \`/proc\`: the load generator, the two"
-        echo "  nodes together (the connection runs: the one node), and the whole machine."
+        echo "  nodes together (the connection runs: the one node), Postgres (postmaster and backends),"
+        echo "  Redis; \"anything else\" is the rest of the machine's busy time (kernel work not charged"
+        echo "  to a process, and any other program running at the time), 200 = both cores."
         echo
         echo "Connection runs:"
         echo
