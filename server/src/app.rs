@@ -113,7 +113,7 @@ impl AppState {
             );
             (hub, publisher, relay, redis)
         };
-        let excess = ExcessAllowance::new(config.excess_frame_rate);
+        let excess = ExcessAllowance::new(config.excess_frame_rate, background.clone());
         let user_limits = UserLimiter::new(&config, redis.clone(), background.clone());
         let jobs = jobs::spawn(&config, Arc::clone(&store), redis, background);
         let writers = Writers::new(Arc::clone(&store), hub.clone(), bus);

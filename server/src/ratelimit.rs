@@ -118,14 +118,6 @@ impl TokenBucket {
         })
     }
 
-    /// A full bucket holding `burst` tokens (at least one), or `None` for rate 0 (no limit).
-    pub fn with_burst(rate: u32, burst: u32, now: Instant) -> Option<TokenBucket> {
-        let mut bucket = TokenBucket::new(rate, now)?;
-        bucket.burst = f64::from(burst.max(1));
-        bucket.tokens = bucket.burst;
-        Some(bucket)
-    }
-
     fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
@@ -200,40 +192,72 @@ impl AbuseWatch {
 
 /// The node-wide allowance for *excess* frames: those read from a connection that is over its
 /// own `SEQCAST_SEND_RATE` (its bucket is empty, so the frame will be refused or is free
-/// anyway). Each costs a token of one node-wide bucket (`SEQCAST_EXCESS_FRAME_RATE`); without
-/// one, the connection is not read until there is (the kernel's buffers fill and TCP slows the
-/// sender down).
+/// anyway). Each costs a permit of one node-wide semaphore that a ticker refills at
+/// `SEQCAST_EXCESS_FRAME_RATE` per second (holding at most a tenth of a second of it); until it
+/// gets one, the connection is not read (the kernel's buffers fill and TCP slows the sender
+/// down).
 ///
 /// Why: answering a refused frame costs the node about as much as serving a good one (read,
 /// parse, error frame, write), and a few hundred connections flooding at once could otherwise
 /// take all of the node's CPU from the clients within their rate. With the allowance the node
 /// spends a bounded share on floods, whatever their size; one abuser alone still gets far more
-/// than ten times its rate, so the tenfold-abuse close ([`AbuseWatch`]) still finds it.
+/// than ten times its rate, so the tenfold-abuse close ([`AbuseWatch`]) still finds it. The
+/// semaphore queues its waiters in order, so each permit wakes one connection, not all of them.
+#[derive(Clone)]
 pub struct ExcessAllowance {
-    bucket: Option<Mutex<TokenBucket>>,
+    permits: Option<Arc<tokio::sync::Semaphore>>,
 }
 
+/// How often the excess allowance is refilled.
+const EXCESS_REFILL_EVERY: Duration = Duration::from_millis(10);
+
 impl ExcessAllowance {
-    /// `rate` excess frames per second for the node, with a tenth of a second of burst; 0 = no
-    /// limit.
-    pub fn new(rate: u32) -> ExcessAllowance {
+    /// `rate` excess frames per second for the node; 0 = no limit. The refill task stops with
+    /// `stop`.
+    pub fn new(rate: u32, stop: CancellationToken) -> ExcessAllowance {
+        if rate == 0 {
+            return ExcessAllowance { permits: None };
+        }
+        let burst = (rate / 10).max(1) as usize;
+        let semaphore = Arc::new(tokio::sync::Semaphore::new(burst));
+        let refill = Arc::clone(&semaphore);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(EXCESS_REFILL_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Whole permits per tick, the remainder carried over (rates below 100/s included).
+            let per_tick = f64::from(rate) * EXCESS_REFILL_EVERY.as_secs_f64();
+            let mut owed = 0.0_f64;
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                owed += per_tick;
+                let whole = owed.floor();
+                owed -= whole;
+                let room = burst.saturating_sub(refill.available_permits());
+                refill.add_permits((whole as usize).min(room));
+            }
+        });
         ExcessAllowance {
-            bucket: TokenBucket::with_burst(rate, rate / 10, Instant::now()).map(Mutex::new),
+            permits: Some(semaphore),
         }
     }
 
-    /// Takes one token for an excess frame, or says how long until there is one.
-    pub fn try_take(&self, now: Instant) -> Result<(), Duration> {
-        let Some(bucket) = &self.bucket else {
-            return Ok(());
+    /// Waits for a permit for one excess frame; at once when the allowance is off.
+    pub async fn acquire(&self) {
+        let Some(permits) = &self.permits else {
+            return;
         };
-        let mut bucket = bucket.lock().unwrap_or_else(PoisonError::into_inner);
-        let result = bucket.try_take(now);
-        drop(bucket);
-        if result.is_err() {
-            metrics::counter!(m::EXCESS_DEFERRED).increment(1);
+        if let Ok(permit) = permits.try_acquire() {
+            permit.forget();
+            return;
         }
-        result
+        metrics::counter!(m::EXCESS_DEFERRED).increment(1);
+        // The semaphore is never closed.
+        if let Ok(permit) = permits.acquire().await {
+            permit.forget();
+        }
     }
 }
 
@@ -497,7 +521,9 @@ impl UserShared {
                 Ok(())
             }
             Leased::Denied(wait) => Err(wait),
-            Leased::Empty => self.fetch_now(redis, user).await,
+            // Boxed: the Redis call's future is about 5 KiB, and every session's task would
+            // otherwise carry room for it while idle (see `session::inbound`).
+            Leased::Empty => Box::pin(self.fetch_now(redis, user)).await,
         }
     }
 

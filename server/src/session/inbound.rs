@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{close, Control};
+use super::{close, Control, JoinRequest, LeaveRequest};
 use crate::app::AppState;
 use crate::auth::{Identity, RefreshError};
 use crate::protocol::{self, ClientFrame, ErrorCode, Ref};
@@ -52,20 +52,19 @@ pub(super) async fn run(
     let idle = tokio::time::sleep(idle_timeout);
     tokio::pin!(idle);
     let mut turn = 0_u32;
+    // A permit of the node's excess allowance is held for the next frame.
+    let mut excess_permit = false;
     loop {
         turn += 1;
         if turn == FRAMES_PER_TURN {
             turn = 0;
             tokio::task::yield_now().await;
         }
-        let mut read = in_flight.len() < MAX_SENDS_IN_FLIGHT;
-        // Over its rate, the connection's next frame is excess: it is read only with a token of
-        // the node's allowance (`ratelimit::ExcessAllowance`), else after a pause.
-        let mut excess_wait = None;
-        if read && limits.over_rate(Instant::now()) {
-            excess_wait = state.excess.try_take(Instant::now()).err();
-            read = excess_wait.is_none();
-        }
+        let room_to_read = in_flight.len() < MAX_SENDS_IN_FLIGHT;
+        // Over its rate, the connection's next frame is excess: it is read only with a permit
+        // of the node's allowance (`ratelimit::ExcessAllowance`).
+        let wait_for_allowance = room_to_read && !excess_permit && limits.over_rate(Instant::now());
+        let read = room_to_read && !wait_for_allowance;
         let next = tokio::select! {
             biased;
             _ = stop.cancelled() => return drain_until_closed(&mut stream).await,
@@ -73,6 +72,7 @@ pub(super) async fn run(
                 Control::Reply(ack_or_error(outcome, reply_ref.as_ref()))
             }
             frame = stream.next(), if read => {
+                excess_permit = false;
                 last_received = Instant::now();
                 match frame {
                     Some(Ok(Message::Text(text))) => {
@@ -106,7 +106,8 @@ pub(super) async fn run(
                     }
                 }
             },
-            _ = tokio::time::sleep(excess_wait.unwrap_or_default()), if excess_wait.is_some() => {
+            () = state.excess.acquire(), if wait_for_allowance => {
+                excess_permit = true;
                 continue;
             }
             // After the read branch (`biased`): a frame that is already waiting wins over the
@@ -174,14 +175,14 @@ async fn handle_text(
             if !identity.can_read(&room) {
                 return forbidden(&room, "join", reply_ref.as_ref());
             }
-            Handled::Control(Control::Join {
+            Handled::Control(Control::Join(Box::new(JoinRequest {
                 room,
                 since,
                 reply_ref,
-            })
+            })))
         }
         ClientFrame::Leave { room, reply_ref } => {
-            Handled::Control(Control::Leave { room, reply_ref })
+            Handled::Control(Control::Leave(Box::new(LeaveRequest { room, reply_ref })))
         }
         ClientFrame::Send {
             room,
@@ -212,10 +213,7 @@ async fn handle_text(
         ClientFrame::Auth { token, reply_ref } => match state.auth.refresh(identity, &token.0) {
             Ok(fresh) => {
                 *identity = fresh.clone();
-                Handled::Control(Control::Authed {
-                    identity: fresh,
-                    reply_ref,
-                })
+                Handled::Control(Control::Authed(Box::new((fresh, reply_ref))))
             }
             Err(e) => {
                 let code = match e {
