@@ -20,7 +20,7 @@ use crate::error::ApiError;
 use crate::session;
 
 /// Initial read buffer per connection.
-const READ_BUFFER_BYTES: usize = 8 * 1024;
+const READ_BUFFER_BYTES: usize = 2 * 1024;
 
 pub fn routes() -> Router<AppState> {
     Router::new().route("/v1/ws", get(upgrade))

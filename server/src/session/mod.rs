@@ -52,28 +52,36 @@ pub mod close {
 }
 
 /// Work for the outbound half, in the order the client asked for it.
+///
+/// Kept to 32 bytes (the rare, larger requests are boxed): a channel allocates its first block
+/// of 32 slots up front, so every idle connection pays 32 x `size_of::<Control>()`.
 #[derive(Debug)]
 enum Control {
-    Join {
-        room: String,
-        since: Option<u64>,
-        reply_ref: Option<Ref>,
-    },
-    Leave {
-        room: String,
-        reply_ref: Option<Ref>,
-    },
-    /// The client's `auth` frame was accepted: `identity` replaces the connection's
+    Join(Box<JoinRequest>),
+    Leave(Box<LeaveRequest>),
+    /// The client's `auth` frame was accepted: the identity replaces the connection's
     /// credentials (rooms it no longer allows are left, the expiry moves) and `authed` answers.
-    Authed {
-        identity: Identity,
-        reply_ref: Option<Ref>,
-    },
+    Authed(Box<(Identity, Option<Ref>)>),
     /// A ready reply frame (`ack`, `pong`, `error`).
     Reply(String),
     /// Close the connection with this code and reason.
     Close(u16, &'static str),
 }
+
+#[derive(Debug)]
+struct JoinRequest {
+    room: String,
+    since: Option<u64>,
+    reply_ref: Option<Ref>,
+}
+
+#[derive(Debug)]
+struct LeaveRequest {
+    room: String,
+    reply_ref: Option<Ref>,
+}
+
+const _: () = assert!(std::mem::size_of::<Control>() <= 32);
 
 /// Serves an upgraded connection until it ends. `identity` is the outcome of authentication at
 /// the upgrade: a failure is reported in-band (an `error` frame, then close 1008), since browsers

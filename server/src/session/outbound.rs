@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 
 use super::cursor::{self, Cursor};
-use super::{close, Control};
+use super::{close, Control, JoinRequest, LeaveRequest};
 use crate::app::AppState;
 use crate::auth::Identity;
 use crate::hub::{Live, SessionId, Subscriber};
@@ -163,12 +163,18 @@ impl<'a> Outbound<'a> {
 
     async fn control(&mut self, cmd: Control) -> Result<(), Stop> {
         match cmd {
-            Control::Join {
-                room,
-                since,
-                reply_ref,
-            } => self.join(room, since, reply_ref).await,
-            Control::Leave { room, reply_ref } => {
+            Control::Join(join) => {
+                let JoinRequest {
+                    room,
+                    since,
+                    reply_ref,
+                } = *join;
+                // Boxed: a join is rare, and its future (a store read, then a write) would
+                // otherwise make every idle session's task larger by its size.
+                Box::pin(self.join(room, since, reply_ref)).await
+            }
+            Control::Leave(leave) => {
+                let LeaveRequest { room, reply_ref } = *leave;
                 let frame = if self.leave(&room) {
                     protocol::left_frame(&room, reply_ref.as_ref())
                 } else {
@@ -180,10 +186,10 @@ impl<'a> Outbound<'a> {
                 };
                 self.write(vec![Message::Text(frame.into())]).await
             }
-            Control::Authed {
-                identity,
-                reply_ref,
-            } => self.reauthenticated(&identity, reply_ref).await,
+            Control::Authed(authed) => {
+                let (identity, reply_ref) = *authed;
+                Box::pin(self.reauthenticated(&identity, reply_ref)).await
+            }
             Control::Reply(frame) => self.write(vec![Message::Text(frame.into())]).await,
             Control::Close(code, reason) => Err(Stop::Close(code, reason)),
         }
