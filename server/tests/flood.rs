@@ -2,9 +2,11 @@
 //! it.
 //!
 //! The honest client (its own thread and runtime) measures send -> receive latency of its own
-//! messages, paced under the default per-connection send rate, first on a quiet node, then while
-//! the garbage (another thread and runtime with one worker, so the attacker has one of the
-//! machine's two cores) holds 2,000 connections open:
+//! messages, paced under the default per-connection send rate, three times: on a quiet node;
+//! while the same flood is aimed at another node on the machine (the machine's floor: the
+//! attacker takes a core, but this node does none of the flood's work); and while the garbage
+//! (another thread and runtime with one worker, so the attacker has one of the machine's two
+//! cores) holds 2,000 connections open to this node:
 //! - 800 silent TCP connections that never send a byte (slowloris; the handshake timeout reaps
 //!   them);
 //! - 600 TCP connections that send junk: random bytes, endless header lines, upgrades without a
@@ -17,9 +19,9 @@
 //! Every connection that ends is reopened, a bounded number of times; every loop ends at the
 //! flood's stop signal or its hard deadline. The test asserts the honest client receives every
 //! message, in order, that a newcomer can connect and catch up during the flood, and that the
-//! flood really happened. It prints the honest client's p99 unloaded and under the flood on
-//! `FIGURE` lines (shown without `--nocapture`), and whether it stays within max(2 x unloaded
-//! p99 + 50 ms, 200 ms); timing is not asserted here (see the end of the test).
+//! flood really happened. It prints the three latency figures on `FIGURE` lines (shown without
+//! `--nocapture`) and whether the p99 under the flood is within 2x of the unloaded one; timing is
+//! not asserted here (see the end of the test).
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -98,58 +100,34 @@ async fn scenario(garbage: usize) {
 
     let unloaded = measure(&mut honest, room, 0, 0).await;
 
-    let stop = CancellationToken::new();
-    let stats = Arc::new(Stats::default());
-    let flood = {
-        let (stop, stats, addr) = (stop.clone(), stats.clone(), server.addr);
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(flood(addr, garbage, stop, stats));
-        })
+    // The machine's floor: the same flood aimed at another node on this machine, so the honest
+    // client and its node share the CPU with the attacker exactly as below, but the node does
+    // none of the flood's work. What the node adds under the flood is the difference.
+    let floor = {
+        let decoy =
+            TestServer::start(ServerOptions::new(StoreKind::Postgres).env("RUST_LOG", "error"))
+                .await;
+        let flood = Flood::start(decoy.addr, garbage);
+        flood.in_full_swing(garbage).await;
+        let floor = measure(&mut honest, room, HONEST_MESSAGES, unloaded.last_seq).await;
+        flood.alive("the floor measurement");
+        flood.stop().await;
+        floor
     };
-    // Stop the flood whatever happens below (a failed assertion included).
-    let _stop_flood = stop.clone().drop_guard();
 
-    let flood_alive = |what: &str| {
-        assert!(
-            !flood.is_finished(),
-            "the flood ended early, waiting for {what}"
-        );
-    };
-    let progress = || stats.summary();
-    wait_for(
-        CONNECT_WAVE_DEADLINE,
-        "the garbage connection wave",
-        progress,
-        || flood.is_finished() || stats.first_attempts.load(Ordering::Relaxed) >= garbage,
-    )
-    .await;
-    flood_alive("the connection wave");
-    wait_for(
-        Duration::from_secs(60),
-        "the garbage frames to flow",
-        progress,
-        || {
-            flood.is_finished()
-                || stats.ws_frames.load(Ordering::Relaxed) >= FRAMES_BEFORE_MEASURING
-        },
-    )
-    .await;
-    flood_alive("the garbage frames");
+    let flood = Flood::start(server.addr, garbage);
+    flood.in_full_swing(garbage).await;
+    let stats = Arc::clone(&flood.stats);
     let open_at_start = stats.open.load(Ordering::Relaxed);
     let frames_at_start = stats.ws_frames.load(Ordering::Relaxed);
     let measuring = Instant::now();
 
-    let last_unloaded_seq = unloaded.last_seq;
-    let loaded = measure(&mut honest, room, HONEST_MESSAGES, last_unloaded_seq).await;
+    let loaded = measure(&mut honest, room, 2 * HONEST_MESSAGES, floor.last_seq).await;
 
     let flood_rate = (stats.ws_frames.load(Ordering::Relaxed) - frames_at_start) as f64
         / measuring.elapsed().as_secs_f64();
     let open_at_end = stats.open.load(Ordering::Relaxed);
+    flood.alive("the measurement");
 
     // A newcomer connects during the flood and catches up from the database.
     let mut newcomer = WsClient::connect(&server).await;
@@ -163,27 +141,24 @@ async fn scenario(garbage: usize) {
     );
     let rss_during = server.rss_kib();
 
-    stop.cancel();
-    let joined = tokio::task::spawn_blocking(move || flood.join());
-    tokio::time::timeout(Duration::from_secs(30), joined)
-        .await
-        .expect("the flood threads stop within 30 s of the stop signal")
-        .unwrap()
-        .expect("the flood thread panicked");
+    flood.stop().await;
     honest.ping().await;
 
-    let bound = (2 * unloaded.p99() + Duration::from_millis(50)).max(Duration::from_millis(200));
+    let summary = |m: &Measurement| {
+        format!(
+            "p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
+            ms(m.percentile(50)),
+            ms(m.p99()),
+            ms(m.max())
+        )
+    };
     figure(format!(
         "FIGURE flood: honest send->receive latency over {HONEST_MESSAGES} messages at 40/s: \
-         unloaded p50 {:.1} ms p99 {:.1} ms max {:.1} ms; under flood p50 {:.1} ms p99 {:.1} ms \
-         max {:.1} ms (bound {:.1} ms)",
-        ms(unloaded.percentile(50)),
-        ms(unloaded.p99()),
-        ms(unloaded.max()),
-        ms(loaded.percentile(50)),
-        ms(loaded.p99()),
-        ms(loaded.max()),
-        ms(bound),
+         unloaded {}; flood aimed at another node (the machine's floor) {}; flood aimed at this \
+         node {}",
+        summary(&unloaded),
+        summary(&floor),
+        summary(&loaded),
     ));
     figure(format!(
         "FIGURE flood: garbage {garbage} connections (first connected: {:?}); open when \
@@ -208,19 +183,102 @@ async fn scenario(garbage: usize) {
         flood_rate > 1_000.0,
         "the flood must keep sending while the honest client measures: {flood_rate:.0} frames/s"
     );
-    // Timing is reported, not asserted: `cargo test` runs a debug build on a shared two-core box
-    // with the attacker in the same process, and the brief keeps timing targets out of
-    // `cargo test`. The 2x target is tracked in issue 4's notes and measured by `loadtest`.
+    // Timing is reported, not asserted: `cargo test` runs a debug build on a shared two-core box,
+    // and the brief keeps timing assertions out of `cargo test`. The target (p99 within 2x of
+    // unloaded) and the measured figures are in docs/security.md, "Flood test".
+    let two_x = 2 * unloaded.p99();
     figure(format!(
-        "FIGURE flood: honest p99 under the flood {:.1} ms vs unloaded {:.1} ms: {}",
+        "FIGURE flood: honest p99 {:.1} ms under the flood vs {:.1} ms unloaded ({:.1}x; 2x {}) and \
+         {:.1} ms with the flood aimed elsewhere (the node adds {:+.1} ms)",
         ms(loaded.p99()),
         ms(unloaded.p99()),
-        if loaded.p99() <= bound {
-            "within the target"
-        } else {
-            "OVER the target (not asserted)"
-        }
+        loaded.p99().as_secs_f64() / unloaded.p99().as_secs_f64(),
+        if loaded.p99() <= two_x { "met" } else { "not met" },
+        ms(floor.p99()),
+        ms(loaded.p99()) - ms(floor.p99()),
     ));
+}
+
+/// A garbage flood against one address, on a thread and runtime of its own (one worker, so the
+/// attacker has one of the machine's two cores). Stopped when dropped, whatever happens.
+struct Flood {
+    stop: CancellationToken,
+    stats: Arc<Stats>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flood {
+    fn start(addr: SocketAddr, garbage: usize) -> Flood {
+        let stop = CancellationToken::new();
+        let stats = Arc::new(Stats::default());
+        let thread = {
+            let (stop, stats) = (stop.clone(), stats.clone());
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(flood(addr, garbage, stop, stats));
+            })
+        };
+        Flood {
+            stop,
+            stats,
+            thread: Some(thread),
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    fn alive(&self, what: &str) {
+        assert!(!self.finished(), "the flood ended early, during {what}");
+    }
+
+    /// Waits until every garbage connection was tried once and the frames flow.
+    async fn in_full_swing(&self, garbage: usize) {
+        let stats = &self.stats;
+        let progress = || stats.summary();
+        wait_for(
+            CONNECT_WAVE_DEADLINE,
+            "the garbage connection wave",
+            progress,
+            || self.finished() || stats.first_attempts.load(Ordering::Relaxed) >= garbage,
+        )
+        .await;
+        self.alive("the connection wave");
+        wait_for(
+            Duration::from_secs(60),
+            "the garbage frames to flow",
+            progress,
+            || {
+                self.finished()
+                    || stats.ws_frames.load(Ordering::Relaxed) >= FRAMES_BEFORE_MEASURING
+            },
+        )
+        .await;
+        self.alive("the garbage frames");
+    }
+
+    /// Stops the flood and waits (with a deadline) for its thread.
+    async fn stop(mut self) {
+        self.stop.cancel();
+        let thread = self.thread.take().unwrap();
+        let joined = tokio::task::spawn_blocking(move || thread.join());
+        tokio::time::timeout(Duration::from_secs(30), joined)
+            .await
+            .expect("the flood thread stops within 30 s of the stop signal")
+            .unwrap()
+            .expect("the flood thread panicked");
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 /// Latencies of one measurement and the last seq it saw.
