@@ -3,8 +3,8 @@
 #
 # The integration tests start throwaway Postgres servers (initdb/postgres) and Redis servers
 # (redis-server); this installs the Debian packages when those programs are missing, then runs
-# `cargo test` for the whole workspace and a short fuzz run (fuzz/run.sh). It fails when any
-# step fails.
+# `cargo test` for the whole workspace, a short fuzz run (fuzz/run.sh) and the benchmark suite's
+# smoke run (scripts/bench.sh --smoke). It fails when any step fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,3 +54,8 @@ cargo test --workspace --locked
 
 # The fuzz smoke run: both libFuzzer targets, 15 s each, on the stable toolchain (fuzz/run.sh).
 bash fuzz/run.sh 15
+
+# The benchmark smoke run: every loadtest scenario for seconds against a throwaway 2-node cluster
+# (its own Postgres and Redis); fails on any lost, duplicate or out-of-order message, never on
+# timing (scripts/bench.sh, docs/benchmarks.md).
+bash scripts/bench.sh --smoke
