@@ -87,7 +87,8 @@ impl AppState {
             (Hub::new(), None, RelayStatus::local(), None)
         } else {
             let (changes_tx, changes) = mpsc::unbounded_channel();
-            let hub = Hub::with_changes(changes_tx);
+            let (holes_tx, holes) = mpsc::unbounded_channel();
+            let hub = Hub::clustered(changes_tx, holes_tx);
             let mut redis = None;
             let bus = match &config.redis_url {
                 Some(url) => {
@@ -107,7 +108,7 @@ impl AppState {
                 &config,
                 Arc::clone(&store),
                 hub.clone(),
-                changes,
+                (changes, holes),
                 bus,
                 background.clone(),
             );

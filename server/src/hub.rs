@@ -6,10 +6,19 @@
 //! that session and the session is told it lagged. A lagging session then reads what it missed
 //! from the database (see `session::cursor`), so a slow reader costs bounded memory, slows nobody
 //! else and loses nothing.
+//!
+//! In a cluster, messages of one room reach a node in two streams (its own commits, and the
+//! other nodes' through the bus), so seq 10 committed here can arrive before seq 9 committed
+//! elsewhere. Handed on like that, every session of the room would see a gap and read the
+//! database for it: with thousands of sessions, a read storm for every interleaving. So the hub
+//! keeps each room in order: a message beyond a hole is held (at most [`MAX_HELD`] per room)
+//! until the hole fills, from the bus or, if it stays open, from one database read by the relay
+//! (`relay::fill_holes`), and duplicates go no further. Sessions' cursors still repair anything
+//! that gets past (a full buffer, a failed read), so delivery never depends on this.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
@@ -58,15 +67,33 @@ pub struct Subscriber {
     pub lag: Arc<LagSignal>,
 }
 
+/// Messages held back per room while a hole below them is open; past it they all go out, holes
+/// and all.
+pub const MAX_HELD: usize = 1024;
+
 #[derive(Default)]
 struct RoomSubscribers {
-    /// Highest seq handed to this room's subscribers; a lagging session reads up to here.
+    /// Highest seq the hub has seen for this room (handed on or held); a lagging session reads
+    /// up to here.
     head: AtomicU64,
+    /// The room's order, kept only in a cluster; locked during a fan-out so that two publishers
+    /// (the room writer and the relay) cannot interleave.
+    order: Mutex<Order>,
     /// Set once `head` has been seeded from the database by the room's first join; until then
     /// head checks leave the room alone (from 0 they would replay its whole history).
     seeded: AtomicBool,
     /// A std lock: held only to clone handles or `try_send`, never across an `.await`.
     sessions: RwLock<HashMap<SessionId, Subscriber>>,
+}
+
+/// Where a room stands in its seq order (cluster only).
+#[derive(Default)]
+struct Order {
+    /// Every seq up to here was handed on (or is older than the room's first join); 0 until the
+    /// first join has read the head, and until then messages pass as they come.
+    delivered: u64,
+    /// Messages beyond a hole, by seq.
+    held: BTreeMap<u64, Arc<Live>>,
 }
 
 /// A room gained its first or lost its last local session: the bus subscription follows.
@@ -82,6 +109,9 @@ pub struct Hub {
     rooms: Arc<DashMap<Arc<str>, Arc<RoomSubscribers>>>,
     /// Where room openings and closings are reported (the relay), if anywhere.
     changes: Option<mpsc::UnboundedSender<RoomChange>>,
+    /// Where rooms that opened a hole are reported (the relay fills them); `None` on a single
+    /// node, whose rooms arrive in order and are not reordered.
+    holes: Option<mpsc::UnboundedSender<Arc<str>>>,
 }
 
 impl Hub {
@@ -89,12 +119,17 @@ impl Hub {
         Hub::default()
     }
 
-    /// A hub that reports rooms opening and closing on `changes`. Unbounded: at most one event
-    /// per join or leave, consumed by one task.
-    pub fn with_changes(changes: mpsc::UnboundedSender<RoomChange>) -> Hub {
+    /// The hub of a cluster node: reports rooms opening and closing on `changes` and rooms
+    /// that opened a hole on `holes`, and keeps rooms in order. Unbounded: at most one event per
+    /// join, leave or hole, consumed by one task.
+    pub fn clustered(
+        changes: mpsc::UnboundedSender<RoomChange>,
+        holes: mpsc::UnboundedSender<Arc<str>>,
+    ) -> Hub {
         Hub {
             rooms: Arc::default(),
             changes: Some(changes),
+            holes: Some(holes),
         }
     }
 
@@ -148,13 +183,21 @@ impl Hub {
     /// room's whole history). Never lowers it.
     pub fn init_head(&self, room: &str, head: u64) {
         if let Some(entry) = self.rooms.get(room) {
-            entry.head.fetch_max(head, Ordering::AcqRel);
+            let seen = entry.head.fetch_max(head, Ordering::AcqRel);
             entry.seeded.store(true, Ordering::Release);
+            if self.holes.is_some() {
+                // The order starts after what the joining session reads itself (up to `head`)
+                // and what was handed on before it read (nothing is held before this).
+                let mut order = lock(&entry.order);
+                order.delivered = order.delivered.max(head).max(seen);
+                Self::release_in_order(&entry, &mut order);
+            }
         }
     }
 
-    /// Delivers `live` to every session of its room. Returns the room's head before this
-    /// message (`None` if the room has no local session) and how many queues took it.
+    /// Hands `live` to every session of its room (in a cluster: in seq order, holding it back
+    /// while a hole below it is open). Returns the room's head before this message (`None` if
+    /// the room has no local session) and how many queues took it now.
     pub fn publish(&self, live: Arc<Live>) -> (Option<u64>, usize) {
         let Some(entry) = self.rooms.get(&*live.room).map(|e| Arc::clone(e.value())) else {
             return (None, 0);
@@ -162,17 +205,75 @@ impl Hub {
         // Raised before any queue sees the frame, so a session told it lagged will find a head
         // that covers the frame it lost.
         let previous = entry.head.fetch_max(live.seq, Ordering::AcqRel);
-        let sessions = read(&entry.sessions);
-        let mut queued = 0;
-        for sub in sessions.values() {
-            match sub.queue.try_send(Arc::clone(&live)) {
-                Ok(()) => queued += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => sub.lag.raise(),
-                // The session is going away and will unsubscribe itself.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+        let Some(holes) = &self.holes else {
+            return (Some(previous), fan_out(&entry, &live));
+        };
+        let mut order = lock(&entry.order);
+        let seq = live.seq;
+        if order.delivered == 0 {
+            // Not seeded yet: no order to keep.
+            return (Some(previous), fan_out(&entry, &live));
+        }
+        if seq <= order.delivered || order.held.contains_key(&seq) {
+            return (Some(previous), 0);
+        }
+        if seq == order.delivered + 1 {
+            order.delivered = seq;
+            let queued = fan_out(&entry, &live);
+            Self::release_in_order(&entry, &mut order);
+            return (Some(previous), queued);
+        }
+        let opened = order.held.is_empty();
+        let room = Arc::clone(&live.room);
+        order.held.insert(seq, live);
+        if order.held.len() > MAX_HELD {
+            Self::release_all(&entry, &mut order);
+        } else if opened {
+            // The receiver is gone only while the node stops.
+            let _ = holes.send(room);
+        }
+        (Some(previous), 0)
+    }
+
+    /// Hands on held messages that are next in order.
+    fn release_in_order(entry: &RoomSubscribers, order: &mut Order) {
+        while let Some(first) = order.held.first_entry() {
+            let seq = *first.key();
+            if seq > order.delivered + 1 {
+                break;
+            }
+            let live = first.remove();
+            if seq == order.delivered + 1 {
+                order.delivered = seq;
+                fan_out(entry, &live);
             }
         }
-        (Some(previous), queued)
+    }
+
+    /// Hands on everything held, holes and all: sessions read the holes from the database.
+    fn release_all(entry: &RoomSubscribers, order: &mut Order) {
+        for (seq, live) in std::mem::take(&mut order.held) {
+            order.delivered = seq;
+            fan_out(entry, &live);
+        }
+    }
+
+    /// The room's open hole, if it has one: every seq in `(after, before)` is missing while
+    /// `before` is held.
+    pub fn hole(&self, room: &str) -> Option<(u64, u64)> {
+        let entry = self.rooms.get(room)?;
+        let order = lock(&entry.order);
+        let (&before, _) = order.held.first_key_value()?;
+        Some((order.delivered, before))
+    }
+
+    /// Gives up on the room's hole: hands on everything held (sessions read the hole from the
+    /// database themselves).
+    pub fn release(&self, room: &str) {
+        if let Some(entry) = self.rooms.get(room).map(|e| Arc::clone(e.value())) {
+            let mut order = lock(&entry.order);
+            Self::release_all(&entry, &mut order);
+        }
     }
 
     /// The highest seq published to this room on this node (0 if none or no subscribers).
@@ -203,8 +304,27 @@ impl Hub {
     }
 }
 
+/// Offers `live` to every session of the room; returns how many queues took it.
+fn fan_out(entry: &RoomSubscribers, live: &Arc<Live>) -> usize {
+    let sessions = read(&entry.sessions);
+    let mut queued = 0;
+    for sub in sessions.values() {
+        match sub.queue.try_send(Arc::clone(live)) {
+            Ok(()) => queued += 1,
+            Err(mpsc::error::TrySendError::Full(_)) => sub.lag.raise(),
+            // The session is going away and will unsubscribe itself.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+    queued
+}
+
 // Lock poisoning only follows a panic while holding the lock, and the maps stay consistent
 // (every critical section is a single insert/remove/iteration), so recover the guard.
+fn lock<T>(lock: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    lock.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(|e| e.into_inner())
 }
@@ -265,6 +385,92 @@ mod tests {
         assert!(Arc::ptr_eq(&got, &m));
     }
 
+    fn seqs(rx: &mut mpsc::Receiver<Arc<Live>>) -> Vec<u64> {
+        std::iter::from_fn(|| rx.try_recv().ok().map(|l| l.seq)).collect()
+    }
+
+    fn clustered() -> (Hub, mpsc::UnboundedReceiver<Arc<str>>) {
+        let (changes, _) = mpsc::unbounded_channel();
+        let (holes_tx, holes) = mpsc::unbounded_channel();
+        (Hub::clustered(changes, holes_tx), holes)
+    }
+
+    #[test]
+    fn a_cluster_hub_keeps_each_room_in_order() {
+        let (hub, mut holes) = clustered();
+        let (a, mut rx, _) = sub(64);
+        hub.subscribe("r", 1, a);
+        // Before the first join has read the head there is no order to keep.
+        assert_eq!(hub.publish(live("r", 3)), (Some(0), 1));
+        hub.init_head("r", 5);
+        assert_eq!(seqs(&mut rx), vec![3]);
+
+        assert_eq!(hub.publish(live("r", 6)).1, 1, "next in order: handed on");
+        assert_eq!(hub.publish(live("r", 8)).1, 0, "beyond a hole: held");
+        assert_eq!(hub.publish(live("r", 9)).1, 0);
+        assert_eq!(hub.hole("r"), Some((6, 8)));
+        assert_eq!(
+            holes.try_recv().ok().as_deref(),
+            Some("r"),
+            "the hole is reported"
+        );
+        assert!(holes.try_recv().is_err(), "once per hole");
+        assert_eq!(hub.head("r"), 9, "the head counts held messages");
+        assert_eq!(hub.publish(live("r", 7)).1, 1, "the hole fills");
+        assert_eq!(seqs(&mut rx), vec![6, 7, 8, 9], "in order, each once");
+        assert_eq!(hub.hole("r"), None);
+        assert_eq!(
+            hub.publish(live("r", 8)).1,
+            0,
+            "a duplicate goes no further"
+        );
+        assert_eq!(hub.publish(live("r", 5)).1, 0);
+        assert!(seqs(&mut rx).is_empty());
+    }
+
+    #[test]
+    fn a_hole_given_up_or_too_long_releases_everything_held() {
+        let (hub, _holes) = clustered();
+        let (a, mut rx, _) = sub(4096);
+        hub.subscribe("r", 1, a);
+        hub.init_head("r", 1);
+        let _ = hub.publish(live("r", 3));
+        let _ = hub.publish(live("r", 4));
+        hub.release("r");
+        assert_eq!(seqs(&mut rx), vec![3, 4], "sessions read 2 themselves");
+        assert_eq!(hub.hole("r"), None);
+        assert_eq!(hub.publish(live("r", 5)).1, 1);
+
+        for seq in 7..7 + MAX_HELD as u64 {
+            assert_eq!(hub.publish(live("r", seq)).1, 0);
+        }
+        let _ = hub.publish(live("r", 7 + MAX_HELD as u64));
+        let got = seqs(&mut rx);
+        assert_eq!(
+            got.len(),
+            1 + MAX_HELD + 1,
+            "one past the limit lets them all go"
+        );
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "still in seq order");
+    }
+
+    #[test]
+    fn the_order_starts_after_what_passed_before_the_first_join_read_the_head() {
+        let (hub, mut holes) = clustered();
+        let (a, mut rx, _) = sub(64);
+        hub.subscribe("r", 1, a);
+        // Committed after the joining session read head 1, handed on before it seeded the room.
+        let _ = hub.publish(live("r", 2));
+        hub.init_head("r", 1);
+        assert_eq!(
+            hub.publish(live("r", 3)).1,
+            1,
+            "no hole at 2: it was handed on"
+        );
+        assert_eq!(seqs(&mut rx), vec![2, 3]);
+        assert!(holes.try_recv().is_err());
+    }
+
     #[test]
     fn rooms_are_removed_with_their_last_session() {
         let hub = Hub::new();
@@ -282,7 +488,7 @@ mod tests {
     #[test]
     fn openings_and_closings_are_reported_once_in_order() {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let hub = Hub::with_changes(tx);
+        let hub = Hub::clustered(tx, mpsc::unbounded_channel().0);
         let (a, _ra, _) = sub(1);
         let (b, _rb, _) = sub(1);
         assert!(hub.subscribe("r", 1, a.clone()));

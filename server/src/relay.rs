@@ -10,6 +10,9 @@
 //!   later message reveals), every `SEQCAST_POLL_INTERVAL` while it is down or absent (then this
 //!   is how messages of other nodes arrive), and at once after a subscription or a reconnect. A
 //!   room found behind is read from the database once and fed into the hub.
+//! - Holes: the hub holds a room's messages back while a seq below them is missing (see `hub`);
+//!   a hole still open after [`HOLE_GRACE`] (the message was lost, or is slow, on the bus) is
+//!   read from the database once for the whole node, and the held messages follow it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,6 +30,11 @@ use crate::store::{Store, StoreResult};
 
 /// Messages read per page while repairing a room.
 const REPAIR_PAGE: usize = 500;
+
+/// How long a hole may stay open before it is read from the database. A message committed on
+/// another node just before one committed here usually arrives through the bus within a
+/// millisecond or two; this bounds what a lost one costs its room's sessions.
+pub const HOLE_GRACE: std::time::Duration = std::time::Duration::from_millis(30);
 
 /// What `/ready` shows of the cluster link. Cheap to clone.
 #[derive(Clone)]
@@ -73,7 +81,10 @@ pub fn spawn(
     config: &Config,
     store: Arc<dyn Store>,
     hub: Hub,
-    changes: mpsc::UnboundedReceiver<RoomChange>,
+    (changes, holes): (
+        mpsc::UnboundedReceiver<RoomChange>,
+        mpsc::UnboundedReceiver<Arc<str>>,
+    ),
     bus: Option<(Arc<dyn Bus>, mpsc::Receiver<BusEvent>)>,
     stop: CancellationToken,
 ) -> RelayStatus {
@@ -108,6 +119,12 @@ pub fn spawn(
             stop.clone(),
         ));
     }
+    tokio::spawn(fill_holes(
+        Arc::clone(&store),
+        hub.clone(),
+        holes,
+        stop.clone(),
+    ));
     let intervals = (config.head_check_interval, config.poll_interval);
     tokio::spawn(head_checks(
         store,
@@ -253,6 +270,58 @@ async fn check_heads(store: &dyn Store, hub: &Hub) -> StoreResult<()> {
         }
     }
     Ok(())
+}
+
+/// Fills the holes the hub reports: each, if still open after [`HOLE_GRACE`], is read from the
+/// database once and handed to the hub, which then lets the held messages follow. A hole that
+/// cannot be filled (the database is unreachable, or retention deleted the messages) is given
+/// up: the held messages go out and each session reads what it lacks itself.
+async fn fill_holes(
+    store: Arc<dyn Store>,
+    hub: Hub,
+    mut holes: mpsc::UnboundedReceiver<Arc<str>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let room = tokio::select! {
+            _ = stop.cancelled() => return,
+            room = holes.recv() => match room {
+                Some(room) => room,
+                None => return,
+            },
+        };
+        // One task per open hole (the hub reports a room again only after its hole closed), so
+        // one slow read never delays another room's.
+        let (store, hub, stop) = (Arc::clone(&store), hub.clone(), stop.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                () = fill(store.as_ref(), &hub, room) => {}
+            }
+        });
+    }
+}
+
+async fn fill(store: &dyn Store, hub: &Hub, room: Arc<str>) {
+    tokio::time::sleep(HOLE_GRACE).await;
+    let Some((after, before)) = hub.hole(&room) else {
+        // Filled by the bus in the meantime (or the room closed).
+        return;
+    };
+    match repair(store, hub, Arc::clone(&room), after, before - 1).await {
+        Ok(repaired) => metrics::counter!(m::MESSAGES_REPAIRED).increment(repaired),
+        Err(e) => tracing::warn!(room = %room, error = %e, "reading a hole failed"),
+    }
+    if let Some((after_now, _)) = hub.hole(&room) {
+        if after_now <= after {
+            // Nothing came of it: let the sessions repair it themselves.
+            hub.release(&room);
+        } else {
+            // Filled, and a new hole opened meanwhile (its report is on its way or was
+            // dropped with this one): handle it as a fresh one.
+            Box::pin(fill(store, hub, room)).await;
+        }
+    }
 }
 
 /// Reads `(after, upto]` of `room` and hands it to the hub, serialized once per message.
