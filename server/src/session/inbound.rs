@@ -6,10 +6,10 @@ use std::pin::Pin;
 use axum::extract::ws::{Message, WebSocket};
 use futures_util::stream::{FuturesUnordered, SplitStream};
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::control::ControlQueue;
 use super::{close, Control, JoinRequest, LeaveRequest};
 use crate::app::AppState;
 use crate::auth::{Identity, RefreshError};
@@ -40,7 +40,7 @@ pub(super) async fn run(
     mut stream: SplitStream<WebSocket>,
     state: &AppState,
     mut identity: Identity,
-    control: mpsc::Sender<Control>,
+    control: &ControlQueue,
     stop: CancellationToken,
 ) {
     let mut in_flight: FuturesUnordered<PendingAck> = FuturesUnordered::new();

@@ -7,17 +7,18 @@
 //!   handles joins and leaves itself, so that subscribing, reading the head and sending `joined`
 //!   happen in order before any `message` frame of that room.
 //!
-//! The halves talk through a small bounded control channel: when the client stops reading, the
-//! outbound half blocks on the socket, the channel fills, and the inbound half stops reading the
+//! The halves talk through a small bounded queue ([`control`]): when the client stops reading,
+//! the outbound half blocks on the socket, the queue fills, and the inbound half stops reading the
 //! client's frames too, so a client cannot make the server buffer replies without bound. When
 //! either half ends, the other is told to end: inbound by a cancellation token, outbound by the
-//! control channel closing.
+//! queue reporting the inbound half gone.
 //!
 //! Liveness and credentials: the outbound half pings every `SEQCAST_PING_INTERVAL` and closes
 //! the connection when its token (plus leeway) expires; the inbound half closes it (1001) when
 //! nothing at all arrives for `SEQCAST_IDLE_TIMEOUT`, and checks `auth` frames, whose new
 //! identity it uses from then on and hands to the outbound half in order.
 
+mod control;
 pub mod cursor;
 mod inbound;
 mod outbound;
@@ -29,14 +30,12 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use self::control::ControlQueue;
 use crate::app::AppState;
 use crate::auth::{AuthError, Identity};
 use crate::hub::{LagSignal, Subscriber};
 use crate::metrics as m;
 use crate::protocol::{self, ErrorCode, Ref};
-
-/// Replies and commands buffered between the two halves.
-const CONTROL_QUEUE: usize = 64;
 
 /// WebSocket close codes used by seqcast (see the protocol contract).
 pub mod close {
@@ -94,7 +93,7 @@ pub async fn run(socket: WebSocket, state: AppState, identity: Result<Identity, 
     metrics::gauge!(m::CONNECTIONS_OPEN).increment(1.0);
     let id = state.next_session_id();
     let (sink, stream) = socket.split();
-    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    let control = ControlQueue::default();
     let (live_tx, live_rx) = mpsc::channel(state.config.outbound_queue);
     let subscriber = Subscriber {
         queue: live_tx,
@@ -109,13 +108,18 @@ pub async fn run(socket: WebSocket, state: AppState, identity: Result<Identity, 
         stream,
         &state,
         identity.clone(),
-        control_tx,
+        &control,
         stop_inbound.clone(),
     );
+    let inbound = async {
+        inbound.await;
+        control.inbound_gone();
+    };
     let outbound = async {
         outbound::Outbound::new(&state, id, &identity, sink, subscriber)
-            .run(control_rx, live_rx)
+            .run(&control, live_rx)
             .await;
+        control.outbound_gone();
         stop_inbound.cancel();
     };
     tokio::join!(inbound, outbound);

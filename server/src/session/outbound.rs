@@ -24,6 +24,7 @@ use futures_util::SinkExt;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 
+use super::control::ControlQueue;
 use super::cursor::{self, Cursor};
 use super::{close, Control, JoinRequest, LeaveRequest};
 use crate::app::AppState;
@@ -90,11 +91,7 @@ impl<'a> Outbound<'a> {
         }
     }
 
-    pub(super) async fn run(
-        mut self,
-        mut control: mpsc::Receiver<Control>,
-        mut live: mpsc::Receiver<Arc<Live>>,
-    ) {
+    pub(super) async fn run(mut self, control: &ControlQueue, mut live: mpsc::Receiver<Arc<Live>>) {
         let lag = Arc::clone(&self.subscriber.lag);
         let shutdown = self.state.shutdown.clone();
         let mut ping = ping_timer(self.state.config.ping_interval);
@@ -108,7 +105,7 @@ impl<'a> Outbound<'a> {
                 // Before the live stream, which a busy room keeps ready.
                 _ = next_tick(&mut ping) => self.write(vec![Message::Ping(Bytes::new())]).await,
                 cmd = control.recv() => match cmd {
-                    Some(cmd) => self.controls(cmd, &mut control).await,
+                    Some(cmd) => self.controls(cmd, control).await,
                     None => Err(Stop::ClientGone),
                 },
                 _ = lag.wait() => {
@@ -134,11 +131,7 @@ impl<'a> Outbound<'a> {
     /// that are waiting go out in one flush. A client that pipelines (or floods) gets one socket
     /// write per batch instead of one per reply; the syscall per reply was most of the node's CPU
     /// under a garbage-frame flood.
-    async fn controls(
-        &mut self,
-        first: Control,
-        queue: &mut mpsc::Receiver<Control>,
-    ) -> Result<(), Stop> {
+    async fn controls(&mut self, first: Control, queue: &ControlQueue) -> Result<(), Stop> {
         let mut replies = Vec::new();
         let mut next = Some(first);
         while let Some(cmd) = next.take() {
@@ -146,7 +139,7 @@ impl<'a> Outbound<'a> {
                 Control::Reply(frame) => {
                     replies.push(Message::Text(frame.into()));
                     if replies.len() < WRITE_BATCH {
-                        next = queue.try_recv().ok();
+                        next = queue.try_recv();
                     }
                 }
                 // Anything else keeps its place in the order: the replies before it go first.

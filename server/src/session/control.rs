@@ -1,0 +1,166 @@
+//! The queue between a session's two halves: replies and commands from the inbound half to the
+//! outbound half, in order, bounded (the inbound half waits for room, which is how a client that
+//! does not read stops being read).
+//!
+//! Both halves run in the session's one task (`tokio::join!`), one sending and one receiving, so
+//! the queue lives in that task and allocates nothing up front: a tokio channel cost every idle
+//! connection about 1.5 KiB (its shared state plus a first block of 32 slots). This is a
+//! `VecDeque` that allocates on first use, and two `Notify`s, whose stored permit covers the
+//! moment between finding the queue empty (or full) and waiting.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use super::Control;
+
+/// Commands and replies queued between the halves at most.
+const CAPACITY: usize = 64;
+
+#[derive(Default)]
+pub(super) struct ControlQueue {
+    inner: Mutex<Inner>,
+    /// Signalled when a command is queued or the inbound half is gone.
+    ready: Notify,
+    /// Signalled when a command is taken or the outbound half is gone.
+    space: Notify,
+}
+
+#[derive(Default)]
+struct Inner {
+    items: VecDeque<Control>,
+    inbound_gone: bool,
+    outbound_gone: bool,
+}
+
+impl ControlQueue {
+    /// Queues `cmd`, waiting for room; gives it back if the outbound half is gone.
+    pub(super) async fn send(&self, cmd: Control) -> Result<(), Control> {
+        loop {
+            {
+                let mut inner = self.lock();
+                if inner.outbound_gone {
+                    return Err(cmd);
+                }
+                if inner.items.len() < CAPACITY {
+                    inner.items.push_back(cmd);
+                    drop(inner);
+                    self.ready.notify_one();
+                    return Ok(());
+                }
+            }
+            self.space.notified().await;
+        }
+    }
+
+    /// The next command; `None` once the inbound half is gone and the queue is empty.
+    pub(super) async fn recv(&self) -> Option<Control> {
+        loop {
+            {
+                let mut inner = self.lock();
+                if let Some(cmd) = inner.items.pop_front() {
+                    drop(inner);
+                    self.space.notify_one();
+                    return Some(cmd);
+                }
+                if inner.inbound_gone {
+                    return None;
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// The next command if one is queued.
+    pub(super) fn try_recv(&self) -> Option<Control> {
+        let cmd = self.lock().items.pop_front();
+        if cmd.is_some() {
+            self.space.notify_one();
+        }
+        cmd
+    }
+
+    /// The inbound half ended: `recv` returns `None` once the queue is drained.
+    pub(super) fn inbound_gone(&self) {
+        self.lock().inbound_gone = true;
+        self.ready.notify_one();
+    }
+
+    /// The outbound half ended: `send` fails from now on.
+    pub(super) fn outbound_gone(&self) {
+        let mut inner = self.lock();
+        inner.outbound_gone = true;
+        // What is queued will never be written.
+        inner.items = VecDeque::new();
+        drop(inner);
+        self.space.notify_one();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every critical section is a push, a pop or a flag: consistent even after a panic.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn reply(n: usize) -> Control {
+        Control::Reply(n.to_string())
+    }
+
+    fn text(cmd: Control) -> String {
+        match cmd {
+            Control::Reply(s) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn in_order_bounded_and_closed_from_either_side() {
+        let queue = ControlQueue::default();
+        for n in 0..CAPACITY {
+            queue.send(reply(n)).await.unwrap();
+        }
+        // Full: the next send waits until something is taken.
+        let blocked = tokio::time::timeout(Duration::from_millis(50), queue.send(reply(999))).await;
+        assert!(blocked.is_err(), "a full queue makes the sender wait");
+        let (sent, first) = tokio::join!(queue.send(reply(CAPACITY)), async {
+            tokio::task::yield_now().await;
+            queue.recv().await
+        });
+        assert!(sent.is_ok());
+        assert_eq!(text(first.unwrap()), "0");
+        for n in 1..=CAPACITY {
+            assert_eq!(text(queue.try_recv().unwrap()), n.to_string());
+        }
+        assert!(queue.try_recv().is_none());
+
+        // The inbound half goes away: what is queued is still delivered, then `None`.
+        queue.send(reply(7)).await.unwrap();
+        queue.inbound_gone();
+        assert_eq!(text(queue.recv().await.unwrap()), "7");
+        assert!(queue.recv().await.is_none());
+
+        // The outbound half goes away: sends fail at once.
+        let queue = ControlQueue::default();
+        queue.outbound_gone();
+        assert!(queue.send(reply(1)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_receiver_is_woken_by_a_send() {
+        let queue = ControlQueue::default();
+        let (got, sent) = tokio::join!(queue.recv(), async {
+            tokio::task::yield_now().await;
+            queue.send(reply(5)).await
+        });
+        assert!(sent.is_ok());
+        assert_eq!(text(got.unwrap()), "5");
+    }
+}
