@@ -89,8 +89,11 @@ struct RoomSubscribers {
 /// Where a room stands in its seq order (cluster only).
 #[derive(Default)]
 struct Order {
-    /// Every seq up to here was handed on (or is older than the room's first join); 0 until the
-    /// first join has read the head, and until then messages pass as they come.
+    /// Set when the room's first join has read the head; until then messages pass as they come.
+    seeded: bool,
+    /// The highest seq that passed before the room was seeded.
+    passed: u64,
+    /// Every seq up to here was handed on (or is at most the head its first join read).
     delivered: u64,
     /// Messages beyond a hole, by seq.
     held: BTreeMap<u64, Arc<Live>>,
@@ -183,14 +186,16 @@ impl Hub {
     /// room's whole history). Never lowers it.
     pub fn init_head(&self, room: &str, head: u64) {
         if let Some(entry) = self.rooms.get(room) {
-            let seen = entry.head.fetch_max(head, Ordering::AcqRel);
+            entry.head.fetch_max(head, Ordering::AcqRel);
             entry.seeded.store(true, Ordering::Release);
             if self.holes.is_some() {
                 // The order starts after what the joining session reads itself (up to `head`)
-                // and what was handed on before it read (nothing is held before this).
+                // and what was handed on before (nothing is held before this).
                 let mut order = lock(&entry.order);
-                order.delivered = order.delivered.max(head).max(seen);
-                Self::release_in_order(&entry, &mut order);
+                if !order.seeded {
+                    order.seeded = true;
+                    order.delivered = head.max(order.passed);
+                }
             }
         }
     }
@@ -210,8 +215,9 @@ impl Hub {
         };
         let mut order = lock(&entry.order);
         let seq = live.seq;
-        if order.delivered == 0 {
-            // Not seeded yet: no order to keep.
+        if !order.seeded {
+            // No order to keep yet.
+            order.passed = order.passed.max(seq);
             return (Some(previous), fan_out(&entry, &live));
         }
         if seq <= order.delivered || order.held.contains_key(&seq) {
@@ -452,6 +458,17 @@ mod tests {
             "one past the limit lets them all go"
         );
         assert!(got.windows(2).all(|w| w[0] < w[1]), "still in seq order");
+    }
+
+    #[test]
+    fn a_new_room_is_kept_in_order_from_its_first_message() {
+        let (hub, _holes) = clustered();
+        let (a, mut rx, _) = sub(64);
+        hub.subscribe("r", 1, a);
+        hub.init_head("r", 0);
+        assert_eq!(hub.publish(live("r", 2)).1, 0, "1 is missing: held");
+        assert_eq!(hub.publish(live("r", 1)).1, 1);
+        assert_eq!(seqs(&mut rx), vec![1, 2]);
     }
 
     #[test]
