@@ -29,6 +29,9 @@ pub struct PublisherSpec {
     pub window: usize,
     /// Time between two sends; `None` = as fast as the window allows.
     pub interval: Option<Duration>,
+    /// Delay before the first paced send, so that publishers started together spread their
+    /// sends over the interval instead of all sending at the same instants.
+    pub start_offset: Duration,
     /// Shared count of sends left to all publishers of a run; `None` = until `stop_at`.
     pub budget: Option<Arc<AtomicU64>>,
     /// Padding appended to every body.
@@ -89,7 +92,7 @@ impl Publisher {
         let mut inflight: HashMap<u64, (usize, Instant)> = HashMap::with_capacity(spec.window);
         let mut next_ref: u64 = 1;
         let mut cursor = 0usize;
-        let mut next_send = Instant::now();
+        let mut next_send = Instant::now() + spec.start_offset;
         let mut budget_spent = false;
         let mut last_frame = Instant::now();
         let ack_deadline = stop_at + drain;

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use futures_util::future::join_all;
@@ -50,6 +50,7 @@ pub async fn run(ctx: &Ctx, args: &Catchup) -> Result<Report> {
             rooms: vec![(0, room.clone())],
             window: args.window.max(1),
             interval: None,
+            start_offset: Duration::ZERO,
             budget: Some(budget.clone()),
             pad: Arc::from(""),
         })

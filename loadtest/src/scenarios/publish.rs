@@ -166,6 +166,15 @@ fn publisher_specs(ctx: &Ctx, rooms: &[Arc<str>], plan: &Plan) -> Vec<PublisherS
                 rooms: own,
                 window: plan.window,
                 interval: plan.interval,
+                // Publisher p of P starts p/P of an interval late: the total rate arrives as a
+                // steady stream, not in bursts of P sends at once.
+                start_offset: plan
+                    .interval
+                    .map(|i| {
+                        i * u32::try_from(p).unwrap_or(0)
+                            / u32::try_from(plan.publishers).unwrap_or(1).max(1)
+                    })
+                    .unwrap_or_default(),
                 budget: None,
                 pad: pad.clone(),
             }
