@@ -12,6 +12,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use futures_util::FutureExt;
 use serde::Deserialize;
 
 use crate::api::bearer_token;
@@ -89,10 +90,11 @@ async fn upgrade(
         // default would cost every idle connection 128 KiB of RSS. Larger frames still grow it.
         .read_buffer_size(READ_BUFFER_BYTES)
         .on_upgrade(move |socket| {
-            sessions.track_future(async move {
+            // A combinator, not an async block: a block would keep room for the socket and the
+            // session future next to the session future it awaits (see `session::run`).
+            sessions.track_future(session::run(socket, state, identity).map(move |()| {
                 // Held until the session ends; dropped unused if the upgrade fails.
-                let _permit = permit;
-                session::run(socket, state, identity).await;
-            })
+                drop(permit);
+            }))
         })
 }
