@@ -3,8 +3,8 @@
 //! - Subscriptions follow the hub: a room is subscribed on the bus when it gets its first local
 //!   session and unsubscribed when it loses its last, so a node's bus traffic is proportional to
 //!   its own rooms. After a reconnect (or any hint of loss) every local room is subscribed again.
-//! - Messages from other nodes go into the hub like local ones; sessions' cursors drop
-//!   duplicates and repair gaps.
+//! - Messages from other nodes go into the hub like local ones; the hub keeps each room in order
+//!   (see Holes below) and sessions' cursors repair whatever still gets past.
 //! - Head checks: the heads of all local rooms are read from the database in one query, every
 //!   `SEQCAST_HEAD_CHECK_INTERVAL` while the bus is up (to find a lost *last* message, which no
 //!   later message reveals), every `SEQCAST_POLL_INTERVAL` while it is down or absent (then this
@@ -210,7 +210,8 @@ async fn bus_events(
                 let seq = live.seq;
                 if let (Some(previous), _) = hub.publish(live) {
                     if previous > 0 && seq > previous + 1 {
-                        // Lost or reordered on the bus; each session's cursor reads what it lacks.
+                        // Lost or reordered on the bus: the hub holds this message until the
+                        // hole fills (`fill_holes`).
                         metrics::counter!(m::GAPS_DETECTED).increment(1);
                     }
                 }
