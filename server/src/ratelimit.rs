@@ -306,14 +306,9 @@ impl SessionLimits {
         self.charge_connection(reply_ref)?;
         if let (true, Some((limiter, user))) = (send, &self.user) {
             if let Err(wait) = limiter.acquire(user).await {
-                metrics::counter!(m::RATE_LIMITED, "limit" => "user").increment(1);
-                let message = format!(
-                    "too many messages from this user (SEQCAST_USER_SEND_RATE); retry in {} ms",
-                    wait.as_millis().max(1)
-                );
                 return Err(Refusal::Reply(protocol::error_frame(
                     ErrorCode::RateLimited,
-                    &message,
+                    &user_refusal(wait),
                     reply_ref,
                 )));
             }
@@ -359,17 +354,21 @@ impl SessionLimits {
     }
 }
 
-/// The answer to an HTTP request past the user's rate: 429 `rate_limited` with `Retry-After`.
-pub fn http_refusal(wait: Duration) -> Response {
+/// Counts a refusal by the per-user rate and says why, the same on the WebSocket and over HTTP.
+fn user_refusal(wait: Duration) -> String {
     metrics::counter!(m::RATE_LIMITED, "limit" => "user").increment(1);
-    let message = format!(
+    format!(
         "too many messages from this user (SEQCAST_USER_SEND_RATE); retry in {} ms",
         wait.as_millis().max(1)
-    );
+    )
+}
+
+/// The answer to an HTTP request past the user's rate: 429 `rate_limited` with `Retry-After`.
+pub fn http_refusal(wait: Duration) -> Response {
     let mut response = ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::RateLimited,
-        message,
+        user_refusal(wait),
     )
     .into_response();
     // Whole seconds, rounded up.
