@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use futures_util::future::join_all;
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::publish::{add_publishers, add_subscribers, connect_publishers, settle_heads};
+use super::publish::{
+    add_publishers, add_subscribers, connect_publishers, run_publishers, settle_heads,
+};
 use super::Ctx;
 use crate::cli::Catchup;
 use crate::client;
@@ -63,21 +64,7 @@ pub async fn run(ctx: &Ctx, args: &Catchup) -> Result<Report> {
     );
     let fill_start = Instant::now();
     let stop_at = fill_start + args.fill_timeout;
-    let tasks = publishers
-        .into_iter()
-        .map(|p| tokio::spawn(p.run(stop_at, ctx.drain_timeout, ctx.io_timeout)));
-    let mut published = Vec::new();
-    for outcome in join_all(tasks).await {
-        match outcome {
-            Ok(outcome) => published.push(outcome),
-            Err(e) => report.error(format!("a publisher task failed: {e}")),
-        }
-    }
-    let fill_end = published
-        .iter()
-        .filter_map(|p| p.last_ack)
-        .max()
-        .unwrap_or(stop_at);
+    let (published, fill_end) = run_publishers(ctx, publishers, stop_at, &mut report).await;
     let heads = settle_heads(ctx, &rooms, &published, &mut report).await;
     let head = heads[0];
     if head != args.messages {

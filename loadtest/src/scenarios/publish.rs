@@ -67,22 +67,7 @@ pub async fn run(ctx: &Ctx, plan: Plan) -> Result<Report> {
     let cpu = CpuMeter::start(&ctx.server_pids, &ctx.watched);
     let start = Instant::now();
     let stop_at = start + ctx.duration;
-    let publisher_tasks: Vec<_> = publishers
-        .into_iter()
-        .map(|p| tokio::spawn(p.run(stop_at, ctx.drain_timeout, ctx.io_timeout)))
-        .collect();
-    let mut published = Vec::with_capacity(publisher_tasks.len());
-    for outcome in join_all(publisher_tasks).await {
-        match outcome {
-            Ok(outcome) => published.push(outcome),
-            Err(e) => report.error(format!("a publisher task failed: {e}")),
-        }
-    }
-    let send_end = published
-        .iter()
-        .filter_map(|p| p.last_ack)
-        .max()
-        .unwrap_or(stop_at);
+    let (published, send_end) = run_publishers(ctx, publishers, stop_at, &mut report).await;
 
     let heads = settle_heads(ctx, &rooms, &published, &mut report).await;
     let drain_start = Instant::now();
@@ -180,6 +165,34 @@ fn publisher_specs(ctx: &Ctx, rooms: &[Arc<str>], plan: &Plan) -> Vec<PublisherS
             }
         })
         .collect()
+}
+
+/// Runs every publisher (each its own task) until `stop_at`, then until its acks are in. Returns
+/// their outcomes and the time of the last ack (`stop_at` if none came); failed tasks are
+/// recorded in `report`.
+pub async fn run_publishers(
+    ctx: &Ctx,
+    publishers: Vec<Publisher>,
+    stop_at: Instant,
+    report: &mut Report,
+) -> (Vec<PublisherOutcome>, Instant) {
+    let tasks: Vec<_> = publishers
+        .into_iter()
+        .map(|p| tokio::spawn(p.run(stop_at, ctx.drain_timeout, ctx.io_timeout)))
+        .collect();
+    let mut published = Vec::with_capacity(tasks.len());
+    for outcome in join_all(tasks).await {
+        match outcome {
+            Ok(outcome) => published.push(outcome),
+            Err(e) => report.error(format!("a publisher task failed: {e}")),
+        }
+    }
+    let last_ack = published
+        .iter()
+        .filter_map(|p| p.last_ack)
+        .max()
+        .unwrap_or(stop_at);
+    (published, last_ack)
 }
 
 /// Connects every publisher; failures are recorded in `report`.
