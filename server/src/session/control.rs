@@ -25,6 +25,8 @@ pub(super) struct ControlQueue {
     ready: Notify,
     /// Signalled when a command is taken or the outbound half is gone.
     space: Notify,
+    /// Signalled (for good) when the outbound half is gone: how the inbound half learns to stop.
+    closed: Notify,
 }
 
 #[derive(Default)]
@@ -95,6 +97,20 @@ impl ControlQueue {
         inner.items = VecDeque::new();
         drop(inner);
         self.space.notify_one();
+        self.closed.notify_waiters();
+    }
+
+    /// Completes once the outbound half is gone (at once if it already is).
+    pub(super) async fn outbound_closed(&self) {
+        loop {
+            // Made before the check: `notify_waiters` completes every `Notified` created before
+            // it, polled or not, so a close between the check and the await is not missed.
+            let notified = self.closed.notified();
+            if self.lock().outbound_gone {
+                return;
+            }
+            notified.await;
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -147,10 +163,20 @@ mod tests {
         assert_eq!(text(queue.recv().await.unwrap()), "7");
         assert!(queue.recv().await.is_none());
 
-        // The outbound half goes away: sends fail at once.
+        // The outbound half goes away: sends fail at once, and the inbound half hears of it.
         let queue = ControlQueue::default();
-        queue.outbound_gone();
+        let (closed, ()) = tokio::join!(
+            tokio::time::timeout(Duration::from_secs(5), queue.outbound_closed()),
+            async {
+                tokio::task::yield_now().await;
+                queue.outbound_gone();
+            }
+        );
+        assert!(closed.is_ok(), "a waiting inbound half is told");
         assert!(queue.send(reply(1)).await.is_err());
+        tokio::time::timeout(Duration::from_secs(5), queue.outbound_closed())
+            .await
+            .expect("and one that asks later");
     }
 
     #[tokio::test]

@@ -7,7 +7,6 @@ use axum::extract::ws::{Message, WebSocket};
 use futures_util::stream::{FuturesUnordered, SplitStream};
 use futures_util::StreamExt;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::control::ControlQueue;
 use super::{close, Control, JoinRequest, LeaveRequest};
@@ -41,7 +40,6 @@ pub(super) async fn run(
     state: &AppState,
     mut identity: Identity,
     control: &ControlQueue,
-    stop: CancellationToken,
 ) {
     let mut in_flight: FuturesUnordered<PendingAck> = FuturesUnordered::new();
     let mut limits = SessionLimits::new(state, &identity);
@@ -67,7 +65,7 @@ pub(super) async fn run(
         let read = room_to_read && !wait_for_allowance;
         let next = tokio::select! {
             biased;
-            _ = stop.cancelled() => return drain_until_closed(&mut stream).await,
+            () = control.outbound_closed() => return drain_until_closed(&mut stream).await,
             Some((reply_ref, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
                 Control::Reply(ack_or_error(outcome, reply_ref.as_ref()))
             }

@@ -1,6 +1,6 @@
 //! One WebSocket connection.
 //!
-//! A session is two halves driven by one task:
+//! A session is two halves driven by one task ([`halves::join`] polls each only when it was woken):
 //! - [`inbound`] reads client frames, validates and authorizes them, submits sends to the room
 //!   writers and turns their outcomes into `ack`/`error` replies;
 //! - [`outbound`] owns the socket's write half and the session's [`cursor::Cursor`] per room. It
@@ -10,8 +10,7 @@
 //! The halves talk through a small bounded queue ([`control`]): when the client stops reading,
 //! the outbound half blocks on the socket, the queue fills, and the inbound half stops reading the
 //! client's frames too, so a client cannot make the server buffer replies without bound. When
-//! either half ends, the other is told to end: inbound by a cancellation token, outbound by the
-//! queue reporting the inbound half gone.
+//! either half ends, the other is told to end through the queue.
 //!
 //! Liveness and credentials: the outbound half pings every `SEQCAST_PING_INTERVAL` and closes
 //! the connection when its token (plus leeway) expires; the inbound half closes it (1001) when
@@ -20,22 +19,21 @@
 
 mod control;
 pub mod cursor;
+mod halves;
 mod inbound;
 mod outbound;
 
-use std::sync::Arc;
+use std::pin::pin;
 
 use axum::extract::ws::WebSocket;
 use futures_util::future::Either;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use self::control::ControlQueue;
 use crate::app::AppState;
 use crate::auth::{AuthError, Identity};
-use crate::hub::{LagSignal, Subscriber};
+use crate::hub::Mailbox;
 use crate::metrics as m;
 use crate::protocol::{self, ErrorCode, Ref};
 
@@ -115,35 +113,23 @@ async fn serve(
     metrics::gauge!(m::CONNECTIONS_OPEN).increment(1.0);
     let id = state.next_session_id();
     let control = ControlQueue::default();
-    let (live_tx, live_rx) = mpsc::channel(state.config.outbound_queue);
-    let subscriber = Subscriber {
-        queue: live_tx,
-        lag: Arc::new(LagSignal::default()),
-    };
-    let stop_inbound = CancellationToken::new();
+    let mailbox = Mailbox::new(state.config.outbound_queue);
     tracing::debug!(session = id, user = %identity.user, "session open");
 
     // The inbound half keeps its own copy: an `auth` frame replaces it there, and the outbound
     // half hears of the change in order through the control channel.
-    let inbound = async {
-        inbound::run(
-            stream,
-            &state,
-            identity.clone(),
-            &control,
-            stop_inbound.clone(),
-        )
-        .await;
+    // Pinned where they are made, not moved into `join` (see there).
+    let inbound = pin!(async {
+        inbound::run(stream, &state, identity.clone(), &control).await;
         control.inbound_gone();
-    };
-    let outbound = async {
-        outbound::Outbound::new(&state, id, &identity, sink, subscriber)
-            .run(&control, live_rx)
+    });
+    let outbound = pin!(async {
+        outbound::Outbound::new(&state, id, &identity, sink, mailbox)
+            .run(&control)
             .await;
         control.outbound_gone();
-        stop_inbound.cancel();
-    };
-    tokio::join!(inbound, outbound);
+    });
+    halves::join(inbound, outbound).await;
     metrics::gauge!(m::CONNECTIONS_OPEN).decrement(1.0);
     tracing::debug!(session = id, "session closed");
 }

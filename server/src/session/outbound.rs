@@ -1,6 +1,6 @@
 //! The write half of a session: the only code that writes to the client's socket.
 //!
-//! Live frames arrive on a bounded queue from the hub. Each joined room has a [`Cursor`]; frames
+//! Live frames arrive in the session's bounded [`Mailbox`] from the hub. Each joined room has a [`Cursor`]; frames
 //! that are the next seq go out, the rest turn into database reads (catch-up), done a page at a
 //! time between other work so replies and shutdown stay responsive during a long replay.
 //!
@@ -21,7 +21,6 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::Bytes;
 use futures_util::stream::SplitSink;
 use futures_util::SinkExt;
-use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 
 use super::control::ControlQueue;
@@ -29,7 +28,7 @@ use super::cursor::{self, Cursor};
 use super::{close, Control, JoinRequest, LeaveRequest};
 use crate::app::AppState;
 use crate::auth::Identity;
-use crate::hub::{Live, SessionId, Subscriber};
+use crate::hub::{Delivery, Live, Mailbox, SessionId};
 use crate::metrics as m;
 use crate::protocol::{self, ErrorCode, Ref};
 use crate::store::StoreError;
@@ -63,7 +62,8 @@ pub(super) struct Outbound<'a> {
     /// Fires when the connection's token (plus leeway) expires; moved by a refresh.
     expiry: Pin<Box<Sleep>>,
     sink: SplitSink<WebSocket, Message>,
-    subscriber: Subscriber,
+    /// Live frames from the hub; shared with every room entry of this session.
+    mailbox: Arc<Mailbox>,
     rooms: HashMap<Arc<str>, Cursor>,
     /// Mirrors whether this session counts in the `sessions_catching_up` gauge.
     counted_catching_up: bool,
@@ -77,22 +77,22 @@ impl<'a> Outbound<'a> {
         id: SessionId,
         identity: &Identity,
         sink: SplitSink<WebSocket, Message>,
-        subscriber: Subscriber,
+        mailbox: Arc<Mailbox>,
     ) -> Self {
         Outbound {
             state,
             id,
             expiry: Box::pin(tokio::time::sleep_until(expiry_deadline(state, identity))),
             sink,
-            subscriber,
+            mailbox,
             rooms: HashMap::new(),
             counted_catching_up: false,
             retry_at: None,
         }
     }
 
-    pub(super) async fn run(mut self, control: &ControlQueue, mut live: mpsc::Receiver<Arc<Live>>) {
-        let lag = Arc::clone(&self.subscriber.lag);
+    pub(super) async fn run(mut self, control: &ControlQueue) {
+        let mailbox = Arc::clone(&self.mailbox);
         let shutdown = self.state.shutdown.clone();
         let mut ping = ping_timer(self.state.config.ping_interval);
         let stop = loop {
@@ -108,11 +108,7 @@ impl<'a> Outbound<'a> {
                     Some(cmd) => self.controls(cmd, control).await,
                     None => Err(Stop::ClientGone),
                 },
-                _ = lag.wait() => {
-                    self.lagged();
-                    Ok(())
-                }
-                Some(first) = live.recv() => self.live(first, &mut live).await,
+                delivery = mailbox.recv() => self.deliveries(delivery).await,
                 _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if behind && retry_at.is_some() => {
                     self.retry_at = None;
                     Ok(())
@@ -206,7 +202,7 @@ impl<'a> Outbound<'a> {
             && self
                 .state
                 .hub
-                .subscribe(&room, self.id, self.subscriber.clone());
+                .subscribe(&room, self.id, Arc::clone(&self.mailbox));
         let info = match self.state.store.room_info(&room).await {
             Ok(info) => info,
             Err(e) => {
@@ -272,28 +268,34 @@ impl<'a> Outbound<'a> {
         self.write(frames).await
     }
 
-    /// Writes the first live frame and whatever else is queued, up to a batch, in one flush.
-    async fn live(
-        &mut self,
-        first: Arc<Live>,
-        queue: &mut mpsc::Receiver<Arc<Live>>,
-    ) -> Result<(), Stop> {
+    /// Handles `first` and whatever else the mailbox holds, up to a batch: the frames that are
+    /// next for their room go out in one flush; a lag makes every room catch up to the hub.
+    async fn deliveries(&mut self, first: Delivery) -> Result<(), Stop> {
         let mut frames = Vec::new();
         let mut next = Some(first);
-        while let Some(item) = next.take() {
-            if let Some(cursor) = self.rooms.get_mut(&item.room) {
-                if cursor.live(item.seq) == cursor::Live::Send {
-                    frames.push(Message::Text(item.frame.clone()));
-                }
+        while let Some(delivery) = next.take() {
+            match delivery {
+                Delivery::Live(item) => self.live(&item, &mut frames),
+                Delivery::Lagged => self.lagged(),
             }
             if frames.len() < WRITE_BATCH {
-                next = queue.try_recv().ok();
+                next = self.mailbox.try_recv();
             }
         }
         let n = frames.len() as u64;
         self.write(frames).await?;
         metrics::counter!(m::MESSAGES_DELIVERED).increment(n);
         Ok(())
+    }
+
+    /// Adds `item` to `frames` if it is its room's next seq; the cursor turns anything else into
+    /// a catch-up (or drops it as already sent).
+    fn live(&mut self, item: &Live, frames: &mut Vec<Message>) {
+        if let Some(cursor) = self.rooms.get_mut(&item.room) {
+            if cursor.live(item.seq) == cursor::Live::Send {
+                frames.push(Message::Text(item.frame.clone()));
+            }
+        }
     }
 
     /// The hub dropped frames for this session: catch up to what it has published since.

@@ -22,7 +22,11 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
+
+pub use self::mailbox::{Delivery, Mailbox};
+
+mod mailbox;
 
 /// A committed message on its way to sessions.
 #[derive(Debug)]
@@ -36,36 +40,8 @@ pub struct Live {
 /// Identifies a session within this node.
 pub type SessionId = u64;
 
-/// Tells a session that the hub dropped frames for it (its queue was full).
-#[derive(Debug, Default)]
-pub struct LagSignal {
-    lagged: AtomicBool,
-    notify: Notify,
-}
-
-impl LagSignal {
-    fn raise(&self) {
-        self.lagged.store(true, Ordering::Release);
-        self.notify.notify_one();
-    }
-
-    /// Waits until frames were dropped, then clears the signal.
-    pub async fn wait(&self) {
-        loop {
-            if self.lagged.swap(false, Ordering::AcqRel) {
-                return;
-            }
-            self.notify.notified().await;
-        }
-    }
-}
-
-/// A session's entry in a room.
-#[derive(Clone)]
-pub struct Subscriber {
-    pub queue: mpsc::Sender<Arc<Live>>,
-    pub lag: Arc<LagSignal>,
-}
+/// A session's entry in a room: its mailbox.
+pub type Subscriber = Arc<Mailbox>;
 
 /// Messages held back per room while a hole below them is open; past it they all go out, holes
 /// and all.
@@ -82,7 +58,7 @@ struct RoomSubscribers {
     /// Set once `head` has been seeded from the database by the room's first join; until then
     /// head checks leave the room alone (from 0 they would replay its whole history).
     seeded: AtomicBool,
-    /// A std lock: held only to clone handles or `try_send`, never across an `.await`.
+    /// A std lock: held only to clone handles or push to mailboxes, never across an `.await`.
     sessions: RwLock<HashMap<SessionId, Subscriber>>,
 }
 
@@ -314,12 +290,10 @@ impl Hub {
 fn fan_out(entry: &RoomSubscribers, live: &Arc<Live>) -> usize {
     let sessions = read(&entry.sessions);
     let mut queued = 0;
-    for sub in sessions.values() {
-        match sub.queue.try_send(Arc::clone(live)) {
-            Ok(()) => queued += 1,
-            Err(mpsc::error::TrySendError::Full(_)) => sub.lag.raise(),
-            // The session is going away and will unsubscribe itself.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+    for mailbox in sessions.values() {
+        // A full mailbox drops the frame and tells its session it lagged.
+        if mailbox.push(live) {
+            queued += 1;
         }
     }
     queued
@@ -351,24 +325,24 @@ mod tests {
         })
     }
 
-    fn sub(cap: usize) -> (Subscriber, mpsc::Receiver<Arc<Live>>, Arc<LagSignal>) {
-        let (tx, rx) = mpsc::channel(cap);
-        let lag = Arc::new(LagSignal::default());
-        (
-            Subscriber {
-                queue: tx,
-                lag: Arc::clone(&lag),
-            },
-            rx,
-            lag,
-        )
+    /// A subscriber, and the same mailbox again for the test to read.
+    fn sub(cap: usize) -> (Subscriber, Subscriber) {
+        let mailbox = Mailbox::new(cap);
+        (Arc::clone(&mailbox), mailbox)
     }
 
-    #[tokio::test]
-    async fn full_queue_signals_lag_and_others_still_receive() {
+    fn next(mailbox: &Mailbox) -> Arc<Live> {
+        match mailbox.try_recv() {
+            Some(Delivery::Live(live)) => live,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn full_queue_signals_lag_and_others_still_receive() {
         let hub = Hub::new();
-        let (slow, mut slow_rx, slow_lag) = sub(1);
-        let (fast, mut fast_rx, _) = sub(16);
+        let (slow, slow_rx) = sub(1);
+        let (fast, fast_rx) = sub(16);
         hub.subscribe("r", 1, slow);
         hub.subscribe("r", 2, fast);
         assert_eq!(hub.publish(live("r", 1)), (Some(0), 2));
@@ -378,21 +352,26 @@ mod tests {
             "the slow queue is full"
         );
         assert_eq!(hub.head("r"), 2);
-        tokio::time::timeout(std::time::Duration::from_secs(1), slow_lag.wait())
-            .await
-            .expect("lag signalled");
-        assert_eq!(slow_rx.recv().await.unwrap().seq, 1);
-        assert_eq!(fast_rx.recv().await.unwrap().seq, 1);
-        assert_eq!(fast_rx.recv().await.unwrap().seq, 2);
+        assert!(
+            matches!(slow_rx.try_recv(), Some(Delivery::Lagged)),
+            "lag signalled"
+        );
+        assert_eq!(next(&slow_rx).seq, 1);
+        assert_eq!(next(&fast_rx).seq, 1);
+        assert_eq!(next(&fast_rx).seq, 2);
         // Same bytes, not a copy per subscriber.
         let m = live("r", 3);
         let _ = hub.publish(Arc::clone(&m));
-        let got = fast_rx.recv().await.unwrap();
+        let got = next(&fast_rx);
         assert!(Arc::ptr_eq(&got, &m));
     }
 
-    fn seqs(rx: &mut mpsc::Receiver<Arc<Live>>) -> Vec<u64> {
-        std::iter::from_fn(|| rx.try_recv().ok().map(|l| l.seq)).collect()
+    fn seqs(mailbox: &Mailbox) -> Vec<u64> {
+        std::iter::from_fn(|| match mailbox.try_recv()? {
+            Delivery::Live(live) => Some(live.seq),
+            Delivery::Lagged => panic!("unexpected lag"),
+        })
+        .collect()
     }
 
     fn clustered() -> (Hub, mpsc::UnboundedReceiver<Arc<str>>) {
@@ -404,12 +383,12 @@ mod tests {
     #[test]
     fn a_cluster_hub_keeps_each_room_in_order() {
         let (hub, mut holes) = clustered();
-        let (a, mut rx, _) = sub(64);
+        let (a, rx) = sub(64);
         hub.subscribe("r", 1, a);
         // Before the first join has read the head there is no order to keep.
         assert_eq!(hub.publish(live("r", 3)), (Some(0), 1));
         hub.init_head("r", 5);
-        assert_eq!(seqs(&mut rx), vec![3]);
+        assert_eq!(seqs(&rx), vec![3]);
 
         assert_eq!(hub.publish(live("r", 6)).1, 1, "next in order: handed on");
         assert_eq!(hub.publish(live("r", 8)).1, 0, "beyond a hole: held");
@@ -423,7 +402,7 @@ mod tests {
         assert!(holes.try_recv().is_err(), "once per hole");
         assert_eq!(hub.head("r"), 9, "the head counts held messages");
         assert_eq!(hub.publish(live("r", 7)).1, 1, "the hole fills");
-        assert_eq!(seqs(&mut rx), vec![6, 7, 8, 9], "in order, each once");
+        assert_eq!(seqs(&rx), vec![6, 7, 8, 9], "in order, each once");
         assert_eq!(hub.hole("r"), None);
         assert_eq!(
             hub.publish(live("r", 8)).1,
@@ -431,19 +410,19 @@ mod tests {
             "a duplicate goes no further"
         );
         assert_eq!(hub.publish(live("r", 5)).1, 0);
-        assert!(seqs(&mut rx).is_empty());
+        assert!(seqs(&rx).is_empty());
     }
 
     #[test]
     fn a_hole_given_up_or_too_long_releases_everything_held() {
         let (hub, _holes) = clustered();
-        let (a, mut rx, _) = sub(4096);
+        let (a, rx) = sub(4096);
         hub.subscribe("r", 1, a);
         hub.init_head("r", 1);
         let _ = hub.publish(live("r", 3));
         let _ = hub.publish(live("r", 4));
         hub.release("r");
-        assert_eq!(seqs(&mut rx), vec![3, 4], "sessions read 2 themselves");
+        assert_eq!(seqs(&rx), vec![3, 4], "sessions read 2 themselves");
         assert_eq!(hub.hole("r"), None);
         assert_eq!(hub.publish(live("r", 5)).1, 1);
 
@@ -451,7 +430,7 @@ mod tests {
             assert_eq!(hub.publish(live("r", seq)).1, 0);
         }
         let _ = hub.publish(live("r", 7 + MAX_HELD as u64));
-        let got = seqs(&mut rx);
+        let got = seqs(&rx);
         assert_eq!(
             got.len(),
             1 + MAX_HELD + 1,
@@ -463,18 +442,18 @@ mod tests {
     #[test]
     fn a_new_room_is_kept_in_order_from_its_first_message() {
         let (hub, _holes) = clustered();
-        let (a, mut rx, _) = sub(64);
+        let (a, rx) = sub(64);
         hub.subscribe("r", 1, a);
         hub.init_head("r", 0);
         assert_eq!(hub.publish(live("r", 2)).1, 0, "1 is missing: held");
         assert_eq!(hub.publish(live("r", 1)).1, 1);
-        assert_eq!(seqs(&mut rx), vec![1, 2]);
+        assert_eq!(seqs(&rx), vec![1, 2]);
     }
 
     #[test]
     fn the_order_starts_after_what_passed_before_the_first_join_read_the_head() {
         let (hub, mut holes) = clustered();
-        let (a, mut rx, _) = sub(64);
+        let (a, rx) = sub(64);
         hub.subscribe("r", 1, a);
         // Committed after the joining session read head 1, handed on before it seeded the room.
         let _ = hub.publish(live("r", 2));
@@ -484,15 +463,15 @@ mod tests {
             1,
             "no hole at 2: it was handed on"
         );
-        assert_eq!(seqs(&mut rx), vec![2, 3]);
+        assert_eq!(seqs(&rx), vec![2, 3]);
         assert!(holes.try_recv().is_err());
     }
 
     #[test]
     fn rooms_are_removed_with_their_last_session() {
         let hub = Hub::new();
-        let (a, _ra, _) = sub(1);
-        let (b, _rb, _) = sub(1);
+        let (a, _) = sub(1);
+        let (b, _) = sub(1);
         hub.subscribe("r", 1, a);
         hub.subscribe("r", 2, b);
         hub.unsubscribe("r", 1);
@@ -506,8 +485,8 @@ mod tests {
     fn openings_and_closings_are_reported_once_in_order() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let hub = Hub::clustered(tx, mpsc::unbounded_channel().0);
-        let (a, _ra, _) = sub(1);
-        let (b, _rb, _) = sub(1);
+        let (a, _) = sub(1);
+        let (b, _) = sub(1);
         assert!(hub.subscribe("r", 1, a.clone()));
         assert!(!hub.subscribe("r", 2, b));
         hub.unsubscribe("r", 1);
