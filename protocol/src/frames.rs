@@ -250,16 +250,18 @@ pub fn format_ts(ts_ms: i64) -> String {
 /// JSON text and is spliced in as is, and this runs once per message (the bytes are then shared
 /// by every subscriber).
 pub fn message_frame(m: &StoredMessage) -> String {
-    let from = json_string(&m.sender);
-    let mut s = String::with_capacity(96 + m.room.len() + from.len() + m.body.len());
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(128 + m.room.len() + m.sender.len() + m.body.len());
     s.push_str(r#"{"type":"message","room":""#);
     s.push_str(&m.room); // room names never need escaping (validated charset)
-    s.push_str(r#"","seq":"#);
-    s.push_str(&m.seq.to_string());
-    s.push_str(r#","id":""#);
-    s.push_str(&m.id.to_string());
-    s.push_str(r#"","from":"#);
-    s.push_str(&from);
+    // Writing to a String cannot fail.
+    let _ = write!(
+        s,
+        r#"","seq":{},"id":"{}","from":"#,
+        m.seq,
+        m.id.hyphenated()
+    );
+    push_json_string(&mut s, &m.sender);
     s.push_str(r#","body":"#);
     s.push_str(&m.body);
     s.push_str(r#","ts":""#);
@@ -268,8 +270,22 @@ pub fn message_frame(m: &StoredMessage) -> String {
     s
 }
 
-fn json_string(s: &str) -> String {
-    serde_json::Value::from(s).to_string()
+/// Appends `value` as a JSON string, escaped exactly as serde_json escapes it (control
+/// characters, `"` and `\`); a user id almost never needs it, so that case is copied as is.
+fn push_json_string(out: &mut String, value: &str) {
+    if value.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(&serde_json::Value::from(value).to_string());
+    } else {
+        out.push('"');
+        out.push_str(value);
+        out.push('"');
+    }
+}
+
+fn json_string(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    push_json_string(&mut out, value);
+    out
 }
 
 fn with_ref(mut obj: String, reply_ref: Option<&Ref>) -> String {
@@ -345,6 +361,16 @@ mod tests {
 
     fn parse(s: &str) -> Result<ClientFrame, FrameError> {
         parse_client_frame(s, 64)
+    }
+
+    #[test]
+    fn strings_are_escaped_exactly_as_serde_json_does() {
+        for s in [
+            "alice", "", "a\"b", "back\\slash", "tab\tnew\nline", "\u{0}\u{1f}", "\u{7f}",
+            "caf\u{e9} \u{1f600}", "</script>",
+        ] {
+            assert_eq!(json_string(s), serde_json::to_string(s).unwrap(), "{s:?}");
+        }
     }
 
     #[test]

@@ -129,14 +129,20 @@ impl Shared {
                 batch.clear();
                 continue;
             }
-            let sends = batch.drain(..).map(|(channel, payload)| {
-                let client = &self.publisher;
-                async move { client.publish::<i64, _, _>(channel, payload).await }
-            });
-            match tokio::time::timeout(self.timeout, futures_util::future::join_all(sends)).await {
+            // One pipeline per batch: the commands go to the connection together and come back
+            // as one response, rather than a command future and a reply channel per message.
+            let pipeline = self.publisher.pipeline();
+            for (channel, payload) in batch.drain(..) {
+                // Only queues the command in memory; the outcome comes from `try_all`.
+                let _: Result<(), _> = pipeline.publish(channel, payload).await;
+            }
+            match tokio::time::timeout(self.timeout, pipeline.try_all::<i64>()).await {
                 Ok(results) => {
-                    let failed = results.iter().filter(|r| r.is_err()).count();
-                    metrics::counter!(m::BUS_PUBLISHED).increment((n - failed) as u64);
+                    // Counted from the successes: a broken connection may answer with fewer
+                    // results than commands.
+                    let published = results.iter().filter(|r| r.is_ok()).count().min(n);
+                    let failed = n - published;
+                    metrics::counter!(m::BUS_PUBLISHED).increment(published as u64);
                     if failed > 0 {
                         metrics::counter!(m::BUS_PUBLISH_DROPPED).increment(failed as u64);
                         self.mark(BusState::Down, "publish failed").await;

@@ -149,7 +149,6 @@ impl PostgresStore {
     async fn append_unkeyed(&self, room: &str, batch: &[NewMessage]) -> StoreResult<Vec<Appended>> {
         let count = batch.len() as i64;
         let ids: Vec<uuid::Uuid> = batch.iter().map(|_| uuid::Uuid::now_v7()).collect();
-        let id_texts: Vec<String> = ids.iter().map(ToString::to_string).collect();
         let senders: Vec<&str> = batch.iter().map(|m| m.sender.as_str()).collect();
         let bodies: Vec<&str> = batch.iter().map(|m| m.body.as_str()).collect();
         // Data-modifying CTEs run exactly once, whether or not the final SELECT reads them; the
@@ -164,16 +163,16 @@ impl PostgresStore {
                  FROM bump), \
              inserted AS ( \
                  INSERT INTO messages (room, seq, id, sender, body, idem, ts_ms) \
-                 SELECT $1, stamp.head - $2 + t.ord, t.id::uuid, t.sender, t.body, NULL, \
-                        stamp.ts_ms \
+                 SELECT $1, stamp.head - $2 + t.ord, t.id, t.sender, t.body, NULL, stamp.ts_ms \
                  FROM stamp, \
-                      UNNEST($3::text[], $4::text[], $5::text[]) WITH ORDINALITY \
+                      UNNEST($3::uuid[], $4::text[], $5::text[]) WITH ORDINALITY \
                         AS t (id, sender, body, ord)) \
              SELECT head, ts_ms FROM stamp",
         )
         .bind(room)
         .bind(count)
-        .bind(&id_texts)
+        // Binary UUIDs: no text to format here or to parse in the database.
+        .bind(&ids)
         .bind(&senders)
         .bind(&bodies)
         .fetch_one(&self.pool)
