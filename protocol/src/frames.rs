@@ -254,7 +254,7 @@ pub fn message_frame(m: &StoredMessage) -> String {
     let mut s = String::with_capacity(128 + m.room.len() + m.sender.len() + m.body.len());
     s.push_str(r#"{"type":"message","room":""#);
     s.push_str(&m.room); // room names never need escaping (validated charset)
-    // Writing to a String cannot fail.
+                         // Writing to a String cannot fail.
     let _ = write!(
         s,
         r#"","seq":{},"id":"{}","from":"#,
@@ -366,8 +366,15 @@ mod tests {
     #[test]
     fn strings_are_escaped_exactly_as_serde_json_does() {
         for s in [
-            "alice", "", "a\"b", "back\\slash", "tab\tnew\nline", "\u{0}\u{1f}", "\u{7f}",
-            "caf\u{e9} \u{1f600}", "</script>",
+            "alice",
+            "",
+            "a\"b",
+            "back\\slash",
+            "tab\tnew\nline",
+            "\u{0}\u{1f}",
+            "\u{7f}",
+            "caf\u{e9} \u{1f600}",
+            "</script>",
         ] {
             assert_eq!(json_string(s), serde_json::to_string(s).unwrap(), "{s:?}");
         }

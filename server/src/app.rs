@@ -117,7 +117,12 @@ impl AppState {
         let excess = ExcessAllowance::new(config.excess_frame_rate, background.clone());
         let user_limits = UserLimiter::new(&config, redis.clone(), background.clone());
         let jobs = jobs::spawn(&config, Arc::clone(&store), redis, background);
-        let writers = Writers::new(Arc::clone(&store), hub.clone(), bus);
+        let writers = Writers::new(
+            Arc::clone(&store),
+            hub.clone(),
+            bus,
+            config.commit_concurrency,
+        );
         Ok(AppState(Arc::new(Shared {
             config,
             auth,

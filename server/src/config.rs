@@ -38,6 +38,8 @@ pub struct Config {
     /// `SEQCAST_OUTBOUND_QUEUE`: live frames buffered per session before it falls back to reading
     /// the database (a session is a cursor: nothing is lost past it, memory stays bounded).
     pub outbound_queue: usize,
+    /// Commits in flight on this node at most, over all rooms (`SEQCAST_COMMIT_CONCURRENCY`).
+    pub commit_concurrency: usize,
     /// `SEQCAST_LOG_FORMAT`: `text` (default) or `json`.
     pub log_format: LogFormat,
     /// `SEQCAST_REDIS_PREFIX`: prefix of every Redis key and channel, so several clusters can
@@ -118,6 +120,7 @@ impl std::fmt::Debug for Config {
             .field("write_timeout", &self.write_timeout)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("outbound_queue", &self.outbound_queue)
+            .field("commit_concurrency", &self.commit_concurrency)
             .field("redis_prefix", &self.redis_prefix)
             .field("redis_timeout", &self.redis_timeout)
             .field("poll_interval", &self.poll_interval)
@@ -159,6 +162,7 @@ impl Default for Config {
             write_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(10),
             outbound_queue: 1024,
+            commit_concurrency: 4,
             log_format: LogFormat::Text,
             redis_prefix: "seqcast:".into(),
             redis_timeout: Duration::from_secs(1),
@@ -217,6 +221,12 @@ impl Config {
         }
         if let Some(v) = get("SEQCAST_OUTBOUND_QUEUE") {
             c.outbound_queue = parse_count("SEQCAST_OUTBOUND_QUEUE", &v)?;
+        }
+        if let Some(v) = get("SEQCAST_COMMIT_CONCURRENCY") {
+            c.commit_concurrency = parse_count("SEQCAST_COMMIT_CONCURRENCY", &v)?;
+            if c.commit_concurrency == 0 {
+                anyhow::bail!("SEQCAST_COMMIT_CONCURRENCY: must be at least 1");
+            }
         }
         if let Some(v) = get("SEQCAST_REDIS_PREFIX") {
             c.redis_prefix = v;

@@ -17,6 +17,8 @@ pub const MESSAGES_DELIVERED: &str = "seqcast_messages_delivered_total";
 pub const COMMIT_SECONDS: &str = "seqcast_commit_seconds";
 /// Messages per commit transaction (histogram): how much group commit batches.
 pub const COMMIT_BATCH: &str = "seqcast_commit_batch_size";
+/// Rooms per commit transaction (histogram): how much the node-wide group commit groups.
+pub const COMMIT_ROOMS: &str = "seqcast_commit_rooms";
 /// Commits that failed (counter, label `reason`: `unavailable` or `internal`).
 pub const COMMIT_ERRORS: &str = "seqcast_commit_errors_total";
 /// Sessions reading the database because they are behind the live stream (gauge).
@@ -66,6 +68,9 @@ pub fn install() -> PrometheusHandle {
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full(COMMIT_BATCH.into()), &batch_buckets)
                 })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(COMMIT_ROOMS.into()), &batch_buckets)
+                })
                 .and_then(|b| b.install_recorder());
             match handle {
                 Ok(handle) => {
@@ -107,6 +112,7 @@ fn describe() {
         "Duration of one commit transaction"
     );
     describe_histogram!(COMMIT_BATCH, "Messages per commit transaction");
+    describe_histogram!(COMMIT_ROOMS, "Rooms per commit transaction");
     describe_counter!(COMMIT_ERRORS, "Failed commits");
     describe_gauge!(
         SESSIONS_CATCHING_UP,

@@ -1,16 +1,25 @@
 //! Room writers: the only way a message gets committed, with group commit.
 //!
-//! `submit` queues a message for its room. If no commit of that room is in flight, a task is
-//! spawned that commits everything queued in one transaction, then keeps committing whatever
-//! queued up meanwhile, and exits when the queue is empty. An idle room therefore pays no added
-//! latency, a busy room commits in batches (one transaction, one counter update, many rows), and
-//! an idle room costs nothing: its entry is removed when its last commit finishes.
+//! `submit` queues a message for its room and, if the room was idle, puts the room on the
+//! node's ready list. Committer tasks (at most `SEQCAST_COMMIT_CONCURRENCY` at once, spawned on
+//! demand, gone when nothing is ready) take every ready room with what it has queued and commit
+//! them all in one transaction: one counter update per room, a multi-row insert per room, one
+//! commit. A room is in at most one commit at a time, so its seqs are handed on in order; what
+//! queues while its commit is in flight goes into the next one. An idle node therefore commits
+//! a lone message at once, a busy room commits in batches, and many rooms share each commit.
+//!
+//! Why node-wide: measured with 100 busy rooms on two nodes (one 2-core machine), up to 16 commits
+//! in flight per node made batches of ~39 messages and 65-68k commits/s; 4 made ~117 and 82-95k/s
+//! (Postgres spent 7.5 instead of 12.5 us of CPU per message: fewer transactions, less lock and
+//! context-switch churn). Grouping rooms keeps that from capping quiet rooms: 10,000 rooms with a
+//! message now and then still share a few transactions rather than wait for one each.
 //!
 //! After a commit the new messages are serialized once and handed to the bus (other nodes) and
-//! the hub (local sessions); only then is each sender acknowledged. Nothing is acknowledged that was not committed.
+//! the hub (local sessions); only then is each sender acknowledged. Nothing is acknowledged that
+//! was not committed.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
@@ -22,8 +31,11 @@ use crate::metrics as m;
 use crate::protocol;
 use crate::store::{Appended, NewMessage, Store, StoreError};
 
-/// Most messages committed in one transaction; a larger backlog is committed in several.
+/// Most messages of one room committed in one transaction; a larger backlog is committed in
+/// several.
 const MAX_BATCH: usize = 512;
+/// Most rooms committed in one transaction.
+const MAX_GROUP: usize = 128;
 
 /// Why a message was not committed. Nothing was stored in either case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -42,13 +54,15 @@ struct Pending {
     reply: oneshot::Sender<CommitResult>,
 }
 
+/// A room with messages queued or in a commit. Rooms with neither have no entry.
 #[derive(Default)]
 struct RoomQueue {
     pending: Vec<Pending>,
+    /// In a commit right now: not on the ready list until that commit is done.
     committing: bool,
 }
 
-/// Per-room commit queues. Cheap to clone.
+/// Per-room commit queues and the node's committers. Cheap to clone.
 #[derive(Clone)]
 pub struct Writers {
     shared: Arc<Shared>,
@@ -59,18 +73,36 @@ struct Shared {
     hub: Hub,
     /// Other nodes, when this node is part of a cluster with a bus.
     bus: Option<Arc<dyn Bus>>,
-    /// A std mutex: held only to push or take a queue, never across an `.await`.
-    rooms: Mutex<HashMap<Arc<str>, RoomQueue>>,
+    /// Committers running at most (`SEQCAST_COMMIT_CONCURRENCY`).
+    concurrency: usize,
+    /// A std mutex: held only to push, take or hand back, never across an `.await`.
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    rooms: HashMap<Arc<str>, RoomQueue>,
+    /// Rooms with queued messages and no commit in flight, in the order they became ready.
+    ready: VecDeque<Arc<str>>,
+    /// Committer tasks running.
+    committers: usize,
 }
 
 impl Writers {
-    pub fn new(store: Arc<dyn Store>, hub: Hub, bus: Option<Arc<dyn Bus>>) -> Writers {
+    /// Room writers committing to `store`, at most `concurrency` commits at once (at least one).
+    pub fn new(
+        store: Arc<dyn Store>,
+        hub: Hub,
+        bus: Option<Arc<dyn Bus>>,
+        concurrency: usize,
+    ) -> Writers {
         Writers {
             shared: Arc::new(Shared {
                 store,
                 hub,
                 bus,
-                rooms: Mutex::new(HashMap::new()),
+                concurrency: concurrency.max(1),
+                state: Mutex::default(),
             }),
         }
     }
@@ -79,99 +111,150 @@ impl Writers {
     pub fn submit(&self, room: &str, message: NewMessage) -> oneshot::Receiver<CommitResult> {
         let (reply, outcome) = oneshot::channel();
         let start = {
-            let mut rooms = self.shared.lock();
-            let queue = match rooms.get_mut(room) {
-                Some(q) => q,
-                None => rooms.entry(Arc::from(room)).or_default(),
+            let mut state = self.shared.lock();
+            let state = &mut *state;
+            let queue = match state.rooms.get_mut(room) {
+                Some(queue) => queue,
+                None => state.rooms.entry(Arc::from(room)).or_default(),
             };
+            let was_idle = queue.pending.is_empty() && !queue.committing;
             queue.pending.push(Pending { message, reply });
-            !std::mem::replace(&mut queue.committing, true)
+            if was_idle {
+                state.ready.push_back(Arc::from(room));
+            }
+            let start = was_idle && state.committers < self.shared.concurrency;
+            if start {
+                state.committers += 1;
+            }
+            start
         };
         if start {
             let shared = Arc::clone(&self.shared);
-            let room: Arc<str> = Arc::from(room);
-            tokio::spawn(async move { shared.drain(room).await });
+            tokio::spawn(async move { shared.run_committer().await });
         }
         outcome
     }
 }
 
-/// Unblocks a room if its drain task dies (a panic in a backend): the room's queue is dropped,
-/// so its senders get `internal`, and the next submit starts a fresh drain.
-struct DrainGuard<'a> {
+/// Unblocks the rooms of a group whose committer dies (a panic in a backend): their queues are
+/// dropped, so their senders get `internal`, and the next submit starts afresh.
+struct GroupGuard<'a> {
     shared: &'a Shared,
-    room: &'a Arc<str>,
+    /// The rooms of the commit in flight.
+    rooms: Vec<Arc<str>>,
+    /// Set when the committer counted itself out (it found nothing ready).
+    counted_out: bool,
 }
 
-impl Drop for DrainGuard<'_> {
+impl Drop for GroupGuard<'_> {
     fn drop(&mut self) {
-        self.shared.lock().remove(self.room);
+        let mut state = self.shared.lock();
+        for room in &self.rooms {
+            state.rooms.remove(room);
+        }
+        if !self.counted_out {
+            state.committers -= 1;
+        }
     }
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, RoomQueue>> {
-        // Poisoning needs a panic inside a critical section, which is a push or a take.
-        self.rooms.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Poisoning needs a panic inside a critical section, which is a push, a take or a
+        // hand-back.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Commits the room's queue until it is empty. Exactly one drain runs per room at a time.
-    async fn drain(&self, room: Arc<str>) {
-        let guard = DrainGuard {
+    /// Commits groups of ready rooms until none is ready, then exits.
+    async fn run_committer(&self) {
+        let mut guard = GroupGuard {
             shared: self,
-            room: &room,
+            rooms: Vec::new(),
+            counted_out: false,
         };
         loop {
-            let batch = {
-                let mut rooms = self.lock();
-                let Some(queue) = rooms.get_mut(&room) else {
-                    return;
-                };
-                if queue.pending.is_empty() {
-                    rooms.remove(&room);
-                    std::mem::forget(guard);
+            let mut group = {
+                let mut state = self.lock();
+                let state = &mut *state;
+                let mut group = Vec::new();
+                while group.len() < MAX_GROUP {
+                    let Some(room) = state.ready.pop_front() else {
+                        break;
+                    };
+                    let Some(queue) = state.rooms.get_mut(&room) else {
+                        continue;
+                    };
+                    queue.committing = true;
+                    let n = queue.pending.len().min(MAX_BATCH);
+                    let batch: Vec<Pending> = queue.pending.drain(..n).collect();
+                    group.push((room, batch));
+                }
+                if group.is_empty() {
+                    // Counted out under the same lock that found nothing ready: a submit after
+                    // this sees one committer fewer and starts a new one.
+                    state.committers -= 1;
+                    guard.counted_out = true;
                     return;
                 }
-                let n = queue.pending.len().min(MAX_BATCH);
-                queue.pending.drain(..n).collect::<Vec<_>>()
+                group
             };
-            self.commit(&room, batch).await;
+            // Ascending room order: every node locks rooms in the same order (no deadlocks).
+            group.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            guard.rooms = group.iter().map(|(room, _)| Arc::clone(room)).collect();
+            self.commit(group).await;
+            let mut state = self.lock();
+            let state = &mut *state;
+            for room in guard.rooms.drain(..) {
+                let Some(queue) = state.rooms.get_mut(&room) else {
+                    continue;
+                };
+                queue.committing = false;
+                if queue.pending.is_empty() {
+                    state.rooms.remove(&room);
+                } else {
+                    state.ready.push_back(room);
+                }
+            }
         }
     }
 
-    async fn commit(&self, room: &Arc<str>, batch: Vec<Pending>) {
-        let (messages, replies): (Vec<_>, Vec<_>) =
-            batch.into_iter().map(|p| (p.message, p.reply)).unzip();
+    /// Commits `group` (distinct rooms in ascending order) in one transaction, hands the new
+    /// messages to the bus and the hub, then answers every sender.
+    async fn commit(&self, group: Vec<(Arc<str>, Vec<Pending>)>) {
+        let mut rooms = Vec::with_capacity(group.len());
+        let mut messages = Vec::with_capacity(group.len());
+        let mut replies = Vec::with_capacity(group.len());
+        for (room, batch) in group {
+            let (m, r): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.message, p.reply)).unzip();
+            rooms.push(room);
+            messages.push(m);
+            replies.push(r);
+        }
+        let batches: Vec<(&str, &[NewMessage])> = rooms
+            .iter()
+            .zip(&messages)
+            .map(|(room, m)| (&**room, m.as_slice()))
+            .collect();
         let started = Instant::now();
-        let result = self.store.append(room, &messages).await;
+        let result = self.store.append_rooms(&batches).await;
         metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
-        metrics::histogram!(m::COMMIT_BATCH).record(messages.len() as f64);
+        let total: usize = messages.iter().map(Vec::len).sum();
+        metrics::histogram!(m::COMMIT_BATCH).record(total as f64);
+        metrics::histogram!(m::COMMIT_ROOMS).record(rooms.len() as f64);
         match result {
             Ok(appended) => {
                 let mut fresh = 0u64;
-                for a in appended.iter().filter(|a| !a.duplicate) {
-                    fresh += 1;
-                    let frame = Utf8Bytes::from(protocol::message_frame(&a.message));
-                    let seq = a.message.seq;
-                    if let Some(bus) = &self.bus {
-                        // Same bytes for the other nodes; never waits on the network.
-                        bus.publish(&BusMessage {
-                            room: Arc::clone(room),
-                            seq,
-                            frame: frame.clone(),
-                        });
+                for ((room, appended), replies) in rooms.iter().zip(appended).zip(replies) {
+                    for a in appended.iter().filter(|a| !a.duplicate) {
+                        fresh += 1;
+                        self.hand_on(room, a);
                     }
-                    let _ = self.hub.publish(Arc::new(Live {
-                        room: Arc::clone(room),
-                        seq,
-                        frame,
-                    }));
+                    for (reply, outcome) in replies.into_iter().zip(appended) {
+                        // The sender may have gone away; the message is committed regardless.
+                        let _ = reply.send(Ok(outcome));
+                    }
                 }
                 metrics::counter!(m::MESSAGES_COMMITTED).increment(fresh);
-                for (reply, outcome) in replies.into_iter().zip(appended) {
-                    // The sender may have gone away; the message is committed regardless.
-                    let _ = reply.send(Ok(outcome));
-                }
             }
             Err(e) => {
                 let err = match e {
@@ -184,11 +267,31 @@ impl Shared {
                     "internal"
                 };
                 metrics::counter!(m::COMMIT_ERRORS, "reason" => reason).increment(1);
-                tracing::warn!(room = %room, batch = messages.len(), error = %e, "commit failed");
-                for reply in replies {
+                tracing::warn!(rooms = rooms.len(), messages = total, error = %e, "commit failed");
+                for reply in replies.into_iter().flatten() {
                     let _ = reply.send(Err(err));
                 }
             }
         }
+    }
+
+    /// Serializes a newly committed message once and hands the same bytes to the other nodes
+    /// and to this node's sessions.
+    fn hand_on(&self, room: &Arc<str>, appended: &Appended) {
+        let frame = Utf8Bytes::from(protocol::message_frame(&appended.message));
+        let seq = appended.message.seq;
+        if let Some(bus) = &self.bus {
+            // Never waits on the network.
+            bus.publish(&BusMessage {
+                room: Arc::clone(room),
+                seq,
+                frame: frame.clone(),
+            });
+        }
+        let _ = self.hub.publish(Arc::new(Live {
+            room: Arc::clone(room),
+            seq,
+            frame,
+        }));
     }
 }

@@ -94,6 +94,7 @@ contract!(
     delete_before_everything_keeps_the_head,
     idem_expires_with_its_message,
     room_heads_reads_many_rooms_at_once,
+    append_rooms_commits_each_room_as_append_would,
 );
 
 fn msg(sender: &str, body: &str) -> NewMessage {
@@ -730,6 +731,76 @@ async fn postgres_nodes_start_concurrently() {
 
 /// A batch that fails part-way stores nothing and leaves no hole: the next append continues
 /// right after the last committed seq.
+/// Several rooms in one call: each gets what `append` would have given it (consecutive seqs
+/// after its own head, idempotency keys honoured per room), in input order.
+async fn append_rooms_commits_each_room_as_append_would(store: Arc<dyn Store>) {
+    fill(&*store, "b", 3).await;
+    let a = [msg("alice", "1"), keyed("alice", "2", "k")];
+    let b = [
+        msg("bob", "4"),
+        keyed("bob", "5", "k"),
+        keyed("bob", "5 again", "k"),
+    ];
+    let empty: [NewMessage; 0] = [];
+    let out = store
+        .append_rooms(&[("a", &a), ("b", &b), ("c", &empty)])
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 3);
+    assert_eq!(appended_seqs(&out[0]), [1, 2]);
+    assert_eq!(appended_seqs(&out[1]), [4, 5, 5]);
+    assert!(
+        out[1][2].duplicate,
+        "a key repeated in the batch is the original"
+    );
+    assert!(out[2].is_empty());
+    assert_eq!(out[0][1].message.room, "a");
+    assert_eq!(out[1][0].message.body, "4");
+    assert_eq!(
+        store.room_info("a").await.unwrap(),
+        RoomInfo { head: 2, first: 1 }
+    );
+    assert_eq!(
+        store.room_info("b").await.unwrap(),
+        RoomInfo { head: 5, first: 1 }
+    );
+    assert_eq!(
+        store.room_info("c").await.unwrap(),
+        RoomInfo { head: 0, first: 1 }
+    );
+    // Keys stored by a group are found by a later plain append.
+    let again = store
+        .append("a", &[keyed("alice", "2", "k")])
+        .await
+        .unwrap();
+    assert!(again[0].duplicate);
+    assert_eq!(again[0].message.seq, 2);
+}
+
+/// A group is one transaction: one room's failure stores nothing for any of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_failed_group_stores_nothing() {
+    let url = TestPostgres::shared().fresh_database().await;
+    let store = PostgresStore::connect(&url).await.unwrap();
+    fill(&store, "a", 1).await;
+    let good = [msg("alice", "2")];
+    // Postgres text cannot hold NUL: the second room's insert fails.
+    let bad = [msg("bob", "\"nul \0 here\"")];
+    let result = store.append_rooms(&[("a", &good), ("b", &bad)]).await;
+    assert!(
+        matches!(result, Err(StoreError::Other(_))),
+        "got {result:?}"
+    );
+    assert_eq!(
+        store.room_info("a").await.unwrap(),
+        RoomInfo { head: 1, first: 1 }
+    );
+    assert_eq!(
+        store.room_info("b").await.unwrap(),
+        RoomInfo { head: 0, first: 1 }
+    );
+}
+
 #[tokio::test]
 async fn postgres_failed_batch_stores_nothing() {
     let url = TestPostgres::shared().fresh_database().await;

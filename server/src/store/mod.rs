@@ -71,6 +71,15 @@ pub trait Store: Send + Sync + 'static {
     /// Either the whole batch commits or nothing does.
     async fn append(&self, room: &str, batch: &[NewMessage]) -> StoreResult<Vec<Appended>>;
 
+    /// Commits several rooms' batches in one transaction: all of them or none. Returns, per
+    /// room and in input order, what [`Store::append`] would have returned for it. Rooms must be
+    /// distinct and listed in ascending order: every writer then takes the rooms' locks in the
+    /// same order, so two nodes committing overlapping groups cannot deadlock.
+    async fn append_rooms(
+        &self,
+        batches: &[(&str, &[NewMessage])],
+    ) -> StoreResult<Vec<Vec<Appended>>>;
+
     /// The room's head and first stored seq (`head 0, first 1` for an unknown room).
     async fn room_info(&self, room: &str) -> StoreResult<RoomInfo>;
 

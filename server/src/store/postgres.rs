@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgArguments, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgArguments, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::query::Query;
 use sqlx::{Postgres, Row, Transaction};
 
@@ -146,7 +146,11 @@ impl PostgresStore {
     /// up, so the counter bump and the inserts are one statement, run as its own transaction:
     /// one round trip and one commit instead of six. The row lock of the bump orders it with
     /// every other writer of the room exactly as in [`Self::append_in`].
-    async fn append_unkeyed(&self, room: &str, batch: &[NewMessage]) -> StoreResult<Vec<Appended>> {
+    async fn append_unkeyed(
+        conn: &mut PgConnection,
+        room: &str,
+        batch: &[NewMessage],
+    ) -> Result<Vec<Appended>, sqlx::Error> {
         let count = batch.len() as i64;
         let ids: Vec<uuid::Uuid> = batch.iter().map(|_| uuid::Uuid::now_v7()).collect();
         let senders: Vec<&str> = batch.iter().map(|m| m.sender.as_str()).collect();
@@ -175,10 +179,9 @@ impl PostgresStore {
         .bind(&ids)
         .bind(&senders)
         .bind(&bodies)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(classify)?;
-        let head = batch::seq_from_db(head).map_err(classify)?;
+        .fetch_one(&mut *conn)
+        .await?;
+        let head = batch::seq_from_db(head)?;
         let first = head + 1 - batch.len() as u64;
         Ok(batch
             .iter()
@@ -218,13 +221,41 @@ impl Store for PostgresStore {
             return Ok(Vec::new());
         }
         if batch.iter().all(|m| m.idem.is_none()) {
-            return self.append_unkeyed(room, batch).await;
+            // One statement in autocommit: its own transaction, one round trip.
+            let mut conn = self.pool.acquire().await.map_err(classify)?;
+            return Self::append_unkeyed(&mut conn, room, batch)
+                .await
+                .map_err(classify);
         }
         // Dropping `tx` without committing (on error, or if this future is dropped) rolls back.
         let mut tx = self.pool.begin().await.map_err(classify)?;
         let appended = Self::append_in(&mut tx, room, batch)
             .await
             .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(appended)
+    }
+
+    async fn append_rooms(
+        &self,
+        batches: &[(&str, &[NewMessage])],
+    ) -> StoreResult<Vec<Vec<Appended>>> {
+        if let [(room, batch)] = batches {
+            return Ok(vec![self.append(room, batch).await?]);
+        }
+        // One transaction, so one commit (one WAL flush) for every room of the group.
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let mut appended = Vec::with_capacity(batches.len());
+        for (room, batch) in batches {
+            let outcome = if batch.is_empty() {
+                Ok(Vec::new())
+            } else if batch.iter().all(|m| m.idem.is_none()) {
+                Self::append_unkeyed(&mut tx, room, batch).await
+            } else {
+                Self::append_in(&mut tx, room, batch).await
+            };
+            appended.push(outcome.map_err(classify)?);
+        }
         tx.commit().await.map_err(classify)?;
         Ok(appended)
     }

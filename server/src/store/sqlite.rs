@@ -166,6 +166,29 @@ impl Store for SqliteStore {
         Ok(appended)
     }
 
+    async fn append_rooms(
+        &self,
+        batches: &[(&str, &[NewMessage])],
+    ) -> StoreResult<Vec<Vec<Appended>>> {
+        let mut tx = self
+            .writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(classify)?;
+        let mut appended = Vec::with_capacity(batches.len());
+        for (room, batch) in batches {
+            appended.push(if batch.is_empty() {
+                Vec::new()
+            } else {
+                Self::append_in(&mut tx, room, batch)
+                    .await
+                    .map_err(classify)?
+            });
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(appended)
+    }
+
     async fn room_info(&self, room: &str) -> StoreResult<RoomInfo> {
         // One statement, so both numbers come from the same snapshot.
         let (head, first): (i64, Option<i64>) = sqlx::query_as(
