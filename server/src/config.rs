@@ -162,7 +162,7 @@ impl Default for Config {
             write_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(10),
             outbound_queue: 1024,
-            commit_concurrency: 4,
+            commit_concurrency: 2,
             log_format: LogFormat::Text,
             redis_prefix: "seqcast:".into(),
             redis_timeout: Duration::from_secs(1),
