@@ -112,19 +112,20 @@ async fn serve(
 ) {
     metrics::gauge!(m::CONNECTIONS_OPEN).increment(1.0);
     let id = state.next_session_id();
+    let exp = identity.exp;
     let control = ControlQueue::default();
     let mailbox = Mailbox::new(state.config.outbound_queue);
     tracing::debug!(session = id, user = %identity.user, "session open");
 
-    // The inbound half keeps its own copy: an `auth` frame replaces it there, and the outbound
-    // half hears of the change in order through the control channel.
+    // The inbound half owns the identity: an `auth` frame replaces it there, and the outbound
+    // half hears of the change in order through the control queue.
     // Pinned where they are made, not moved into `join` (see there).
     let inbound = pin!(async {
-        inbound::run(stream, &state, identity.clone(), &control).await;
+        inbound::run(stream, &state, identity, &control).await;
         control.inbound_gone();
     });
     let outbound = pin!(async {
-        outbound::Outbound::new(&state, id, &identity, sink, mailbox)
+        outbound::Outbound::new(&state, id, exp, sink, mailbox)
             .run(&control)
             .await;
         control.outbound_gone();

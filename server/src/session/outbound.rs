@@ -75,14 +75,14 @@ impl<'a> Outbound<'a> {
     pub(super) fn new(
         state: &'a AppState,
         id: SessionId,
-        identity: &Identity,
+        exp: Option<u64>,
         sink: SplitSink<WebSocket, Message>,
         mailbox: Arc<Mailbox>,
     ) -> Self {
         Outbound {
             state,
             id,
-            expiry: Box::pin(tokio::time::sleep_until(expiry_deadline(state, identity))),
+            expiry: Box::pin(tokio::time::sleep_until(expiry_deadline(state, exp))),
             sink,
             mailbox,
             rooms: HashMap::new(),
@@ -261,7 +261,7 @@ impl<'a> Outbound<'a> {
         }
         self.expiry
             .as_mut()
-            .reset(expiry_deadline(self.state, identity));
+            .reset(expiry_deadline(self.state, identity.exp));
         frames.push(Message::Text(
             protocol::authed_frame(identity.exp, r.as_ref()).into(),
         ));
@@ -432,8 +432,8 @@ impl Drop for Outbound<'_> {
 }
 
 /// When the identity's token stops being accepted; far away for identities that do not expire.
-fn expiry_deadline(state: &AppState, identity: &Identity) -> Instant {
-    match identity.exp {
+fn expiry_deadline(state: &AppState, exp: Option<u64>) -> Instant {
+    match exp {
         Some(exp) => Instant::now() + state.auth.time_left(exp),
         // What tokio itself uses for "never": about 30 years.
         None => Instant::now() + Duration::from_secs(86400 * 365 * 30),
