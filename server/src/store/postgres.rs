@@ -142,63 +142,96 @@ impl PostgresStore {
         Ok(plan.results)
     }
 
-    /// [`Store::append`] for a batch without idempotency keys (the common case): nothing to look
-    /// up, so the counter bump and the inserts are one statement, run as its own transaction:
-    /// one round trip and one commit instead of six. The row lock of the bump orders it with
-    /// every other writer of the room exactly as in [`Self::append_in`].
+    /// [`Store::append_rooms`] for batches without idempotency keys (the common case): nothing
+    /// to look up, so every room's counter bump and every insert are one statement, run as its
+    /// own transaction: one round trip and one commit for the whole group. The row locks of the
+    /// bump order it with every other writer of those rooms exactly as in [`Self::append_in`];
+    /// they are taken in the order the rooms are listed (ascending).
     async fn append_unkeyed(
         conn: &mut PgConnection,
-        room: &str,
-        batch: &[NewMessage],
-    ) -> Result<Vec<Appended>, sqlx::Error> {
-        let count = batch.len() as i64;
-        let ids: Vec<uuid::Uuid> = batch.iter().map(|_| uuid::Uuid::now_v7()).collect();
-        let senders: Vec<&str> = batch.iter().map(|m| m.sender.as_str()).collect();
-        let bodies: Vec<&str> = batch.iter().map(|m| m.body.as_str()).collect();
-        // Data-modifying CTEs run exactly once, whether or not the final SELECT reads them; the
-        // timestamp is taken after the bump, so under the room's lock.
-        let (head, ts_ms): (i64, i64) = sqlx::query_as(
-            "WITH bump AS ( \
-                 INSERT INTO rooms (room, head) VALUES ($1, $2) \
+        batches: &[(&str, &[NewMessage])],
+    ) -> Result<Vec<Vec<Appended>>, sqlx::Error> {
+        let rooms: Vec<&str> = batches.iter().map(|(room, _)| *room).collect();
+        let counts: Vec<i64> = batches.iter().map(|(_, b)| b.len() as i64).collect();
+        let total = batches.iter().map(|(_, b)| b.len()).sum();
+        let mut message_rooms = Vec::with_capacity(total);
+        let mut ids = Vec::with_capacity(total);
+        let mut senders = Vec::with_capacity(total);
+        let mut bodies = Vec::with_capacity(total);
+        for (room, batch) in batches {
+            for m in batch.iter() {
+                message_rooms.push(*room);
+                ids.push(uuid::Uuid::now_v7());
+                senders.push(m.sender.as_str());
+                bodies.push(m.body.as_str());
+            }
+        }
+        // Data-modifying CTEs run exactly once, whether or not the final SELECT reads them. The
+        // timestamp aggregates over `bump`, so it is taken once every room's lock is held. A
+        // message's seq is its room's new head minus the room's count plus its place in the room.
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "WITH counts AS ( \
+                 SELECT room, n FROM UNNEST($1::text[], $2::bigint[]) AS c (room, n)), \
+             bump AS ( \
+                 INSERT INTO rooms (room, head) SELECT room, n FROM counts ORDER BY room \
                  ON CONFLICT (room) DO UPDATE SET head = rooms.head + EXCLUDED.head \
-                 RETURNING head), \
+                 RETURNING room, head), \
              stamp AS ( \
-                 SELECT head, (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ts_ms \
+                 SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ts_ms, \
+                        count(*) AS locked \
                  FROM bump), \
              inserted AS ( \
                  INSERT INTO messages (room, seq, id, sender, body, idem, ts_ms) \
-                 SELECT $1, stamp.head - $2 + t.ord, t.id, t.sender, t.body, NULL, stamp.ts_ms \
-                 FROM stamp, \
-                      UNNEST($3::uuid[], $4::text[], $5::text[]) WITH ORDINALITY \
-                        AS t (id, sender, body, ord)) \
-             SELECT head, ts_ms FROM stamp",
+                 SELECT t.room, \
+                        bump.head - counts.n \
+                          + row_number() OVER (PARTITION BY t.room ORDER BY t.ord), \
+                        t.id, t.sender, t.body, NULL, stamp.ts_ms \
+                 FROM UNNEST($3::text[], $4::uuid[], $5::text[], $6::text[]) WITH ORDINALITY \
+                        AS t (room, id, sender, body, ord) \
+                 JOIN bump ON bump.room = t.room \
+                 JOIN counts ON counts.room = t.room \
+                 CROSS JOIN stamp) \
+             SELECT bump.room, bump.head, stamp.ts_ms FROM bump, stamp",
         )
-        .bind(room)
-        .bind(count)
+        .bind(&rooms)
+        .bind(&counts)
+        .bind(&message_rooms)
         // Binary UUIDs: no text to format here or to parse in the database.
         .bind(&ids)
         .bind(&senders)
         .bind(&bodies)
-        .fetch_one(&mut *conn)
+        .fetch_all(&mut *conn)
         .await?;
-        let head = batch::seq_from_db(head)?;
-        let first = head + 1 - batch.len() as u64;
-        Ok(batch
+        let mut heads = std::collections::HashMap::with_capacity(rows.len());
+        for (room, head, ts_ms) in rows {
+            heads.insert(room, (batch::seq_from_db(head)?, ts_ms));
+        }
+        let mut ids = ids.into_iter();
+        batches
             .iter()
-            .zip(ids)
-            .enumerate()
-            .map(|(i, (input, id))| Appended {
-                message: StoredMessage {
-                    room: room.to_owned(),
-                    seq: first + i as u64,
-                    id,
-                    sender: input.sender.clone(),
-                    body: input.body.clone(),
-                    ts_ms,
-                },
-                duplicate: false,
+            .map(|(room, batch)| {
+                let Some(&(head, ts_ms)) = heads.get(*room) else {
+                    return Err(sqlx::Error::RowNotFound);
+                };
+                let first = head + 1 - batch.len() as u64;
+                Ok(batch
+                    .iter()
+                    .zip(ids.by_ref())
+                    .enumerate()
+                    .map(|(i, (input, id))| Appended {
+                        message: StoredMessage {
+                            room: (*room).to_owned(),
+                            seq: first + i as u64,
+                            id,
+                            sender: input.sender.clone(),
+                            body: input.body.clone(),
+                            ts_ms,
+                        },
+                        duplicate: false,
+                    })
+                    .collect())
             })
-            .collect())
+            .collect()
     }
 
     /// Runs a query for [`message_from_row`]'s columns.
@@ -223,9 +256,10 @@ impl Store for PostgresStore {
         if batch.iter().all(|m| m.idem.is_none()) {
             // One statement in autocommit: its own transaction, one round trip.
             let mut conn = self.pool.acquire().await.map_err(classify)?;
-            return Self::append_unkeyed(&mut conn, room, batch)
+            let mut appended = Self::append_unkeyed(&mut conn, &[(room, batch)])
                 .await
-                .map_err(classify);
+                .map_err(classify)?;
+            return Ok(appended.pop().unwrap_or_default());
         }
         // Dropping `tx` without committing (on error, or if this future is dropped) rolls back.
         let mut tx = self.pool.begin().await.map_err(classify)?;
@@ -240,24 +274,49 @@ impl Store for PostgresStore {
         &self,
         batches: &[(&str, &[NewMessage])],
     ) -> StoreResult<Vec<Vec<Appended>>> {
-        if let [(room, batch)] = batches {
-            return Ok(vec![self.append(room, batch).await?]);
+        let nonempty: Vec<(&str, &[NewMessage])> = batches
+            .iter()
+            .copied()
+            .filter(|(_, b)| !b.is_empty())
+            .collect();
+        let mut appended = if nonempty.is_empty() {
+            Vec::new()
+        } else if nonempty
+            .iter()
+            .all(|(_, b)| b.iter().all(|m| m.idem.is_none()))
+        {
+            // One statement in autocommit for the whole group.
+            let mut conn = self.pool.acquire().await.map_err(classify)?;
+            Self::append_unkeyed(&mut conn, &nonempty)
+                .await
+                .map_err(classify)?
+        } else {
+            // Idempotency keys need their lookups: one transaction, room by room in the
+            // listed order, so one commit (one WAL flush) for every room of the group.
+            let mut tx = self.pool.begin().await.map_err(classify)?;
+            let mut appended = Vec::with_capacity(nonempty.len());
+            for (room, batch) in &nonempty {
+                appended.push(
+                    Self::append_in(&mut tx, room, batch)
+                        .await
+                        .map_err(classify)?,
+                );
+            }
+            tx.commit().await.map_err(classify)?;
+            appended
         }
-        // One transaction, so one commit (one WAL flush) for every room of the group.
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        let mut appended = Vec::with_capacity(batches.len());
-        for (room, batch) in batches {
-            let outcome = if batch.is_empty() {
-                Ok(Vec::new())
-            } else if batch.iter().all(|m| m.idem.is_none()) {
-                Self::append_unkeyed(&mut tx, room, batch).await
-            } else {
-                Self::append_in(&mut tx, room, batch).await
-            };
-            appended.push(outcome.map_err(classify)?);
-        }
-        tx.commit().await.map_err(classify)?;
-        Ok(appended)
+        .into_iter();
+        // Empty batches answer with nothing, in their place.
+        Ok(batches
+            .iter()
+            .map(|(_, b)| {
+                if b.is_empty() {
+                    Vec::new()
+                } else {
+                    appended.next().unwrap_or_default()
+                }
+            })
+            .collect())
     }
 
     async fn room_info(&self, room: &str) -> StoreResult<RoomInfo> {
