@@ -14,8 +14,10 @@
 //! - [`auth`]: tokens, the server key, room patterns.
 //! - [`protocol`]: client frame parsing and server frame writing.
 //! - [`store`]: the `Store` trait with Postgres and SQLite backends.
-//! - [`writer`]: per-room commit queues; the only way a message is committed.
-//! - [`hub`]: which local sessions are in which room; non-blocking fan-out.
+//! - [`writer`]: per-room commit queues, committed together across rooms (node-wide group
+//!   commit); the only way a message is committed.
+//! - [`hub`]: which local sessions are in which room; non-blocking fan-out into each session's
+//!   mailbox.
 //! - [`bus`]: the `Bus` trait with Redis and in-process transports between nodes.
 //! - [`relay`]: bus subscriptions, messages from other nodes, and head checks against the
 //!   database that find what the bus lost (or, without Redis, carry everything).
