@@ -312,9 +312,6 @@ mod tests {
 
     #[async_trait]
     impl Store for Recording {
-        async fn append(&self, room: &str, batch: &[NewMessage]) -> StoreResult<Vec<Appended>> {
-            self.inner.append(room, batch).await
-        }
         async fn append_rooms(
             &self,
             batches: &[(&str, &[NewMessage])],

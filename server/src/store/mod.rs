@@ -68,11 +68,17 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub trait Store: Send + Sync + 'static {
     /// Commits `batch` to `room` in one transaction and returns one [`Appended`] per input, in
     /// input order. New messages get consecutive seqs after the room's head, in input order.
-    /// Either the whole batch commits or nothing does.
-    async fn append(&self, room: &str, batch: &[NewMessage]) -> StoreResult<Vec<Appended>>;
+    /// Either the whole batch commits or nothing does. A group of one: [`Store::append_rooms`].
+    async fn append(&self, room: &str, batch: &[NewMessage]) -> StoreResult<Vec<Appended>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut appended = self.append_rooms(&[(room, batch)]).await?;
+        Ok(appended.pop().unwrap_or_default())
+    }
 
     /// Commits several rooms' batches in one transaction: all of them or none. Returns, per
-    /// room and in input order, what [`Store::append`] would have returned for it. Rooms must be
+    /// room and in input order, what [`Store::append`] returns for it alone. Rooms must be
     /// distinct and listed in ascending order: every writer then takes the rooms' locks in the
     /// same order, so two nodes committing overlapping groups cannot deadlock.
     async fn append_rooms(

@@ -249,27 +249,6 @@ impl PostgresStore {
 
 #[async_trait]
 impl Store for PostgresStore {
-    async fn append(&self, room: &str, batch: &[NewMessage]) -> StoreResult<Vec<Appended>> {
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
-        if batch.iter().all(|m| m.idem.is_none()) {
-            // One statement in autocommit: its own transaction, one round trip.
-            let mut conn = self.pool.acquire().await.map_err(classify)?;
-            let mut appended = Self::append_unkeyed(&mut conn, &[(room, batch)])
-                .await
-                .map_err(classify)?;
-            return Ok(appended.pop().unwrap_or_default());
-        }
-        // Dropping `tx` without committing (on error, or if this future is dropped) rolls back.
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        let appended = Self::append_in(&mut tx, room, batch)
-            .await
-            .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
-        Ok(appended)
-    }
-
     async fn append_rooms(
         &self,
         batches: &[(&str, &[NewMessage])],
@@ -292,7 +271,8 @@ impl Store for PostgresStore {
                 .map_err(classify)?
         } else {
             // Idempotency keys need their lookups: one transaction, room by room in the
-            // listed order, so one commit (one WAL flush) for every room of the group.
+            // listed order, so one commit (one WAL flush) for every room of the group. Dropping
+            // `tx` without committing (on error, or if this future is dropped) rolls back.
             let mut tx = self.pool.begin().await.map_err(classify)?;
             let mut appended = Vec::with_capacity(nonempty.len());
             for (room, batch) in &nonempty {

@@ -146,30 +146,14 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn append(&self, room: &str, batch: &[NewMessage]) -> StoreResult<Vec<Appended>> {
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
-        // IMMEDIATE takes the write lock at BEGIN rather than at the first write, so the
-        // transaction never has to upgrade a read snapshot that another writer made stale.
-        // Dropping `tx` without committing (on error, or if this future is dropped) rolls back
-        // before the connection is used again.
-        let mut tx = self
-            .writer
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(classify)?;
-        let appended = Self::append_in(&mut tx, room, batch)
-            .await
-            .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
-        Ok(appended)
-    }
-
     async fn append_rooms(
         &self,
         batches: &[(&str, &[NewMessage])],
     ) -> StoreResult<Vec<Vec<Appended>>> {
+        // IMMEDIATE takes the write lock at BEGIN rather than at the first write, so the
+        // transaction never has to upgrade a read snapshot that another writer made stale.
+        // Dropping `tx` without committing (on error, or if this future is dropped) rolls back
+        // before the connection is used again.
         let mut tx = self
             .writer
             .begin_with("BEGIN IMMEDIATE")
