@@ -98,9 +98,7 @@ impl Mailbox {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Every critical section is a push, a pop or a flag: consistent even after a panic.
-        self.inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        super::lock(&self.inner)
     }
 }
 

@@ -1,8 +1,9 @@
 //! The write half of a session: the only code that writes to the client's socket.
 //!
-//! Live frames arrive in the session's bounded [`Mailbox`] from the hub. Each joined room has a [`Cursor`]; frames
-//! that are the next seq go out, the rest turn into database reads (catch-up), done a page at a
-//! time between other work so replies and shutdown stay responsive during a long replay.
+//! Live frames arrive in the session's bounded [`Mailbox`] from the hub. Each joined room has a
+//! [`Cursor`]; frames that are the next seq go out, the rest turn into database reads (catch-up),
+//! done a page at a time between other work so replies and shutdown stay responsive during a long
+//! replay.
 //!
 //! Slow-client policy: every socket write must make progress within `SEQCAST_WRITE_TIMEOUT`.
 //! A client that reads slowly keeps up with its own pace (it falls behind the live stream and is
