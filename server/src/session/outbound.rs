@@ -432,13 +432,15 @@ impl Drop for Outbound<'_> {
     }
 }
 
+/// What tokio itself uses for "never": about 30 years.
+const NEVER: Duration = Duration::from_secs(86400 * 365 * 30);
+
 /// When the identity's token stops being accepted; far away for identities that do not expire.
+/// A token's `exp` can be anything up to 2^64 - 1 seconds, which no `Instant` can hold: anything
+/// past [`NEVER`] is never.
 fn expiry_deadline(state: &AppState, exp: Option<u64>) -> Instant {
-    match exp {
-        Some(exp) => Instant::now() + state.auth.time_left(exp),
-        // What tokio itself uses for "never": about 30 years.
-        None => Instant::now() + Duration::from_secs(86400 * 365 * 30),
-    }
+    let left = exp.map_or(NEVER, |exp| state.auth.time_left(exp).min(NEVER));
+    Instant::now() + left
 }
 
 /// The keep-alive ping timer (`SEQCAST_PING_INTERVAL`); `None` when pings are off. The first
