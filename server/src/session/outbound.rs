@@ -70,6 +70,8 @@ pub(super) struct Outbound<'a> {
     counted_catching_up: bool,
     /// Set after a failed catch-up read: no new read before then.
     retry_at: Option<Instant>,
+    /// Counts catch-up pages: which of the rooms that are behind reads next (round robin).
+    catch_up_turn: usize,
 }
 
 impl<'a> Outbound<'a> {
@@ -89,6 +91,7 @@ impl<'a> Outbound<'a> {
             rooms: HashMap::new(),
             counted_catching_up: false,
             retry_at: None,
+            catch_up_turn: 0,
         }
     }
 
@@ -307,11 +310,23 @@ impl<'a> Outbound<'a> {
     }
 
     /// Reads one page of missed messages for one room that is behind, and writes it.
+    ///
+    /// The rooms that are behind take turns, a page each: served first-behind in the map's
+    /// order, a room thousands of messages behind kept the session's quiet rooms waiting until
+    /// it was through. (The map's order is stable while no room is joined or left, and a change
+    /// of it only moves whose turn it is.)
     async fn catch_up(&mut self) -> Result<(), Stop> {
+        let behind = self.rooms.values().filter(|c| c.behind()).count();
+        if behind == 0 {
+            return Ok(());
+        }
+        let turn = self.catch_up_turn % behind;
+        self.catch_up_turn = self.catch_up_turn.wrapping_add(1);
         let Some((room, after, upto)) = self
             .rooms
             .iter()
-            .find(|(_, c)| c.behind())
+            .filter(|(_, c)| c.behind())
+            .nth(turn)
             .map(|(room, c)| (Arc::clone(room), c.sent(), c.target()))
         else {
             return Ok(());
