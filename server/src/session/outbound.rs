@@ -24,7 +24,7 @@ use futures_util::stream::SplitSink;
 use futures_util::SinkExt;
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 
-use super::control::ControlQueue;
+use super::control::{self, ControlQueue};
 use super::cursor::{self, Cursor};
 use super::{close, Control, JoinRequest, LeaveRequest};
 use crate::app::AppState;
@@ -105,7 +105,8 @@ impl<'a> Outbound<'a> {
             let step = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Err(Stop::Draining),
-                _ = &mut self.expiry => Err(Stop::Expired),
+                // Boxed: rare, and it handles queued commands (a join's future among them).
+                _ = &mut self.expiry => Box::pin(self.expired(control)).await,
                 // Before the live stream, which a busy room keeps ready.
                 _ = next_tick(&mut ping) => self.write(vec![Message::Ping(Bytes::new())]).await,
                 cmd = control.recv() => match cmd {
@@ -235,6 +236,26 @@ impl<'a> Outbound<'a> {
         }
         let frame = protocol::joined_frame(&room, info.head, info.first, truncated, r.as_ref());
         self.write(vec![Message::Text(frame.into())]).await
+    }
+
+    /// The token's deadline passed. A refresh the inbound half accepted before that may still
+    /// be queued behind a write that blocked (or beside the timer, in this `select!`): what is
+    /// queued arrived before now, so it is handled first, in order; the session expires only if
+    /// the deadline still stands after it.
+    async fn expired(&mut self, control: &ControlQueue) -> Result<(), Stop> {
+        // At most a queue's worth: while a write waits, the inbound half may queue more, and a
+        // client must not keep an expired connection open by sending pings.
+        for _ in 0..control::CAPACITY {
+            let Some(cmd) = control.try_recv() else {
+                break;
+            };
+            self.control(cmd).await?;
+        }
+        if self.expiry.is_elapsed() {
+            Err(Stop::Expired)
+        } else {
+            Ok(())
+        }
     }
 
     /// Unsubscribes from `room`; false if the session was not joined to it.
