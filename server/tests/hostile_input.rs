@@ -178,3 +178,34 @@ async fn connect_when_free(server: &TestServer, token: &str) -> WsClient {
         }
     }
 }
+
+/// `auth` frames cost a signature check each: they are charged to the connection's rate like
+/// `join`, so a flood of them is refused with `rate_limited` (they used to be free).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_auth_frames_is_rate_limited() {
+    run_scenario("a_flood_of_auth_frames_is_rate_limited", async {
+        // Rate 10/s: a burst of 40, and 100 frames stay under the tenfold abuse cut-off.
+        let server = server(StoreKind::Sqlite, &[("SEQCAST_SEND_RATE", "10")]).await;
+        let token = token("alice", now() + 3600);
+        let mut alice = WsClient::connect_with(&server, Auth::Query(&token)).await;
+        const FRAMES: u64 = 100;
+        for i in 0..FRAMES {
+            alice
+                .send_json(json!({"type": "auth", "token": token, "ref": i}))
+                .await;
+        }
+        let (mut authed, mut limited) = (0, 0);
+        for _ in 0..FRAMES {
+            let reply = alice.recv_json().await;
+            match (reply["type"].as_str(), reply["code"].as_str()) {
+                (Some("authed"), _) => authed += 1,
+                (Some("error"), Some("rate_limited")) => limited += 1,
+                _ => panic!("unexpected reply {reply}"),
+            }
+        }
+        assert!(authed >= 40, "the burst is allowed: {authed} authed");
+        assert!(limited >= 40, "past the burst, refused: {limited} of {FRAMES}");
+        alice.ping().await;
+    })
+    .await;
+}
