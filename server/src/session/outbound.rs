@@ -370,16 +370,27 @@ impl<'a> Outbound<'a> {
             return Ok(());
         };
         let full_page = page.len() == CATCH_UP_PAGE;
-        let frames: Vec<Message> = page
-            .iter()
-            .filter(|msg| cursor.replayed(msg.seq))
-            .map(|msg| Message::Text(protocol::message_frame(msg).into()))
-            .collect();
+        // Retention deletes a room's oldest messages: if it deleted the next ones while this
+        // session was behind, what is left starts past `after + 1` (or nothing is left up to the
+        // target). The client is told as a join with `since` tells it: a fresh `joined` with
+        // `truncated` and the `first` seq still stored, then the messages from there on.
+        let first_stored = page.first().map_or(upto + 1, |msg| msg.seq);
+        let truncated = first_stored > cursor.sent() + 1;
+        let mut frames = Vec::with_capacity(page.len() + 1);
+        if truncated {
+            let joined = protocol::joined_frame(&room, upto, first_stored, true, None);
+            frames.push(Message::Text(joined.into()));
+        }
+        frames.extend(
+            page.iter()
+                .filter(|msg| cursor.replayed(msg.seq))
+                .map(|msg| Message::Text(protocol::message_frame(msg).into())),
+        );
         if !full_page {
             // Everything stored up to the target was read; the rest was deleted by retention.
             cursor.exhausted();
         }
-        let n = frames.len() as u64;
+        let n = (frames.len() - usize::from(truncated)) as u64;
         self.write(frames).await?;
         metrics::counter!(m::MESSAGES_DELIVERED).increment(n);
         Ok(())
