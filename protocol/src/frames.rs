@@ -596,7 +596,10 @@ mod tests {
         assert!(code(r#"{"type":"send","room":"a","body":"\u0000"}"#).is_ok());
         assert!(code("{\"type\":\"send\",\"room\":\"a\",\"body\":\"\0\"}").is_err());
         assert!(code("{\"type\":\"send\",\"room\":\"a\",\"body\":1\0}").is_err());
-        assert!(code(r#"{"type":"send","room":"a","body":"\ud83d\ude00","idem":"\ud83d\ude00"}"#).is_ok());
+        assert!(
+            code(r#"{"type":"send","room":"a","body":"\ud83d\ude00","idem":"\ud83d\ude00"}"#)
+                .is_ok()
+        );
     }
 
     #[test]

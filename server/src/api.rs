@@ -190,7 +190,11 @@ async fn post_message(
     if protocol::has_lone_surrogate(text) {
         return Err(ApiError::bad_request(protocol::LONE_SURROGATE));
     }
-    if req.idem.as_deref().is_some_and(|k| !protocol::valid_idem(k)) {
+    if req
+        .idem
+        .as_deref()
+        .is_some_and(|k| !protocol::valid_idem(k))
+    {
         return Err(ApiError::bad_request(protocol::IDEM_RULE));
     }
     // A user posts as itself; the server key names the sender (default `system`).

@@ -595,7 +595,9 @@ async fn a_refresh_queued_before_the_deadline_beats_it() {
         let body = "x".repeat(60_000);
         let mut writer = WsClient::connect_with(&server, Auth::Query(API_KEY)).await;
         writer
-            .send_pipelined("big", MESSAGES, 32, Duration::from_secs(60), |_| json!(body))
+            .send_pipelined("big", MESSAGES, 32, Duration::from_secs(60), |_| {
+                json!(body)
+            })
             .await;
         let fresh = sign_claims(&claims(now() + 600), SECRET);
         alice

@@ -22,10 +22,9 @@ const QUIET_ROOMS: usize = 10;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quiet_rooms_are_not_starved_by_a_busy_backlog() {
     run_scenario("quiet_rooms_are_not_starved_by_a_busy_backlog", async {
-        let server = TestServer::start(
-            ServerOptions::new(StoreKind::Sqlite).env("SEQCAST_SEND_RATE", "0"),
-        )
-        .await;
+        let server =
+            TestServer::start(ServerOptions::new(StoreKind::Sqlite).env("SEQCAST_SEND_RATE", "0"))
+                .await;
         let mut writer = WsClient::connect(&server).await;
         let seqs = writer
             .send_pipelined("busy", BUSY_BACKLOG, 64, Duration::from_secs(120), |i| {
@@ -66,7 +65,11 @@ async fn quiet_rooms_are_not_starved_by_a_busy_backlog() {
         );
         // And the busy backlog still arrives whole, in order, once.
         let rest = reader
-            .collect_seqs("busy", BUSY_BACKLOG - busy_before_quiet, Duration::from_secs(60))
+            .collect_seqs(
+                "busy",
+                BUSY_BACKLOG - busy_before_quiet,
+                Duration::from_secs(60),
+            )
             .await;
         let first = busy_before_quiet as u64 + 1;
         assert_eq!(rest, (first..=BUSY_BACKLOG as u64).collect::<Vec<_>>());
@@ -103,7 +106,10 @@ async fn retention_during_a_catch_up_is_reported() {
 
         let mut reader = WsClient::connect(&server).await;
         let joined = reader.join("r", Some(0)).await;
-        assert_eq!((joined["first"].as_u64(), joined["head"].as_u64()), (Some(1), Some(TOTAL)));
+        assert_eq!(
+            (joined["first"].as_u64(), joined["head"].as_u64()),
+            (Some(1), Some(TOTAL))
+        );
         // Not reading: the session replays at most a few MB before it blocks.
         let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
         sqlx::query("DELETE FROM messages WHERE room = 'r' AND seq <= $1")
@@ -133,7 +139,10 @@ async fn retention_during_a_catch_up_is_reported() {
                 _ => panic!("unexpected {frame}"),
             }
         }
-        assert!(told, "the session was not behind when retention ran; the test proves nothing");
+        assert!(
+            told,
+            "the session was not behind when retention ran; the test proves nothing"
+        );
         reader.ping().await;
     })
     .await;

@@ -11,9 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::json;
 
 use support::server::{run_scenario, sign_claims, ServerOptions, StoreKind, TestServer};
-use support::ws::{
-    eventually, expect_rejected, metric_value, Auth, Http, WsClient, RECV_DEADLINE,
-};
+use support::ws::{eventually, expect_rejected, metric_value, Auth, Http, WsClient, RECV_DEADLINE};
 
 const SECRET: &str = "hostile-input-test-secret";
 const API_KEY: &str = "hostile-input-test-api-key";
@@ -59,9 +57,18 @@ async fn nul_and_lone_surrogates_are_refused_at_the_edge(store: StoreKind) {
     }
     // Raw text: serde_json would not write a lone surrogate.
     for (reference, text) in [
-        ("s1", r#"{"type":"send","room":"r","body":"\udead","ref":"s1"}"#),
-        ("s2", r#"{"type":"send","room":"r","body":{"a":["\ud83d"]},"ref":"s2"}"#),
-        ("s3", r#"{"type":"send","room":"r","body":1,"idem":"\udead","ref":"s3"}"#),
+        (
+            "s1",
+            r#"{"type":"send","room":"r","body":"\udead","ref":"s1"}"#,
+        ),
+        (
+            "s2",
+            r#"{"type":"send","room":"r","body":{"a":["\ud83d"]},"ref":"s2"}"#,
+        ),
+        (
+            "s3",
+            r#"{"type":"send","room":"r","body":1,"idem":"\udead","ref":"s3"}"#,
+        ),
     ] {
         alice.send_text(text).await;
         let reply = alice.reply_to(&json!(reference)).await;
@@ -79,11 +86,11 @@ async fn nul_and_lone_surrogates_are_refused_at_the_edge(store: StoreKind) {
     http.post_json(path, &json!({"body": 1, "idem": "\u{0}"}))
         .await
         .assert_error(400, "bad_request");
-    for raw in [
-        r#"{"body":"\udead"}"#,
-        r#"{"body":1,"idem":"\udead"}"#,
-    ] {
-        let reply = http.try_post_raw(path, raw.as_bytes().to_vec()).await.unwrap();
+    for raw in [r#"{"body":"\udead"}"#, r#"{"body":1,"idem":"\udead"}"#] {
+        let reply = http
+            .try_post_raw(path, raw.as_bytes().to_vec())
+            .await
+            .unwrap();
         reply.assert_error(400, "bad_request");
     }
     let server_key = Http::new(&server).bearer(API_KEY);
@@ -106,7 +113,10 @@ async fn nul_and_lone_surrogates_are_refused_at_the_edge(store: StoreKind) {
         .await
         .assert_error(401, "unauthorized");
     let stored = http.room("r").await;
-    assert_eq!(stored["head"], 1, "only the good message was stored: {stored}");
+    assert_eq!(
+        stored["head"], 1,
+        "only the good message was stored: {stored}"
+    );
 
     // The blast radius: bob's sends all succeed while alice sends NULs beside them.
     let bob_token = token("bob", now() + 3600);
@@ -204,7 +214,10 @@ async fn a_flood_of_auth_frames_is_rate_limited() {
             }
         }
         assert!(authed >= 40, "the burst is allowed: {authed} authed");
-        assert!(limited >= 40, "past the burst, refused: {limited} of {FRAMES}");
+        assert!(
+            limited >= 40,
+            "past the burst, refused: {limited} of {FRAMES}"
+        );
         alice.ping().await;
     })
     .await;
