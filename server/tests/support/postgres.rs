@@ -159,14 +159,28 @@ impl TestPostgres {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
-    /// Creates a new empty database and returns its URL.
+    /// Creates a new empty database and returns its URL. It has the server's "C" collation: text
+    /// sorts by its bytes.
     pub async fn fresh_database(&self) -> String {
+        self.create_database("").await
+    }
+
+    /// Creates a new empty database whose collation is ICU's en-US, and returns its URL. Text
+    /// sorts as people read it, not by its bytes (`general` before `Lobby`); ICU ships its own
+    /// locale data, so this needs no locale installed on the system.
+    pub async fn fresh_icu_database(&self) -> String {
+        self.create_database("TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
+            .await
+    }
+
+    /// Creates a new empty database with the `CREATE DATABASE` options `options`.
+    async fn create_database(&self, options: &str) -> String {
         static NEXT: AtomicU32 = AtomicU32::new(1);
         let name = format!("test_{}", NEXT.fetch_add(1, Ordering::Relaxed));
         let mut conn = PgConnection::connect(&self.url("postgres"))
             .await
             .unwrap_or_else(|err| panic!("cannot connect to the test Postgres: {err}"));
-        conn.execute(format!("CREATE DATABASE {name}").as_str())
+        conn.execute(format!("CREATE DATABASE {name} {options}").as_str())
             .await
             .unwrap_or_else(|err| panic!("cannot create database {name}: {err}"));
         conn.close()
