@@ -79,8 +79,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Commits several rooms' batches in one transaction: all of them or none. Returns, per
     /// room and in input order, what [`Store::append`] returns for it alone. Rooms must be
-    /// distinct and listed in ascending order: every writer then takes the rooms' locks in the
-    /// same order, so two nodes committing overlapping groups cannot deadlock.
+    /// distinct and listed in ascending byte order (how Rust orders `str`, Postgres's "C"
+    /// collation): every writer then takes the rooms' locks in the same order, so two nodes
+    /// committing overlapping groups cannot deadlock. Backends must lock in that order too,
+    /// whatever collation the database uses.
     async fn append_rooms(
         &self,
         batches: &[(&str, &[NewMessage])],

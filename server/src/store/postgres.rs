@@ -146,7 +146,9 @@ impl PostgresStore {
     /// to look up, so every room's counter bump and every insert are one statement, run as its
     /// own transaction: one round trip and one commit for the whole group. The row locks of the
     /// bump order it with every other writer of those rooms exactly as in [`Self::append_in`];
-    /// they are taken in the order the rooms are listed (ascending).
+    /// they are taken in byte order (`COLLATE "C"`), as the keyed path takes them, whatever
+    /// the database's collation: under ICU or en_US `general` sorts before `Lobby`, and two
+    /// nodes locking in different orders deadlock.
     async fn append_unkeyed(
         conn: &mut PgConnection,
         batches: &[(&str, &[NewMessage])],
@@ -173,7 +175,8 @@ impl PostgresStore {
             "WITH counts AS ( \
                  SELECT room, n FROM UNNEST($1::text[], $2::bigint[]) AS c (room, n)), \
              bump AS ( \
-                 INSERT INTO rooms (room, head) SELECT room, n FROM counts ORDER BY room \
+                 INSERT INTO rooms (room, head) SELECT room, n FROM counts \
+                 ORDER BY room COLLATE \"C\" \
                  ON CONFLICT (room) DO UPDATE SET head = rooms.head + EXCLUDED.head \
                  RETURNING room, head), \
              stamp AS ( \

@@ -49,6 +49,7 @@ macro_rules! contract {
 }
 
 mod appends;
+mod collation;
 mod failures;
 mod groups;
 mod idem;
