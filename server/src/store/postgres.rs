@@ -461,4 +461,29 @@ fn unavailable_sqlstate(code: &str) -> bool {
         || code.starts_with("53") // insufficient resources: disk full, out of memory, too many connections
         || code.starts_with("57P0") // shutting down, crashed, starting up, database dropped
         || code == "25006" // read-only transaction: connected to a standby, e.g. right after a failover
+        // The transaction was rolled back or the statement cancelled, nothing stored; the same
+        // write may well succeed when retried:
+        || code == "40P01" // deadlock detected
+        || code == "40001" // serialization failure
+        || code == "57014" // query canceled (statement_timeout, or an operator's cancel)
+        || code == "55P03" // lock not available (lock_timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unavailable_sqlstate;
+
+    #[test]
+    fn retryable_sqlstates_are_unavailable() {
+        for code in [
+            "08006", "53100", "53300", "57P01", "57P03", "25006", "40P01", "40001", "57014",
+            "55P03",
+        ] {
+            assert!(unavailable_sqlstate(code), "{code}");
+        }
+        // Bad data (a NUL in text, a broken encoding) and constraint violations are not.
+        for code in ["22021", "22P05", "23505", "42601", "42P01"] {
+            assert!(!unavailable_sqlstate(code), "{code}");
+        }
+    }
 }
