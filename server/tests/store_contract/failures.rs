@@ -100,3 +100,73 @@ async fn postgres_down_is_unavailable() {
         "took {elapsed:?} to report the database unavailable"
     );
 }
+
+/// A message the database refuses (Postgres text cannot hold NUL, in a key, a sender or a body)
+/// fails alone: the writer retries a failed group in halves, down to the message at fault, so
+/// every other room's and user's message of the same group commits, with gap-free seqs in
+/// submission order.
+#[tokio::test]
+async fn postgres_refused_message_fails_alone() {
+    use std::sync::Arc;
+
+    use seqcast::hub::Hub;
+    use seqcast::store::NewMessage;
+    use seqcast::writer::{CommitError, Writers};
+
+    let url = TestPostgres::shared().fresh_database().await;
+    let store: Arc<dyn Store> = Arc::new(PostgresStore::connect(&url).await.unwrap());
+    let writers = Writers::new(Arc::clone(&store), Hub::new(), None, 1);
+    let bad = |sender: &str, body: &str, idem: Option<&str>| NewMessage {
+        sender: sender.to_owned(),
+        body: body.to_owned(),
+        idem: idem.map(str::to_owned),
+    };
+    // (room, message, refused); on this single-threaded runtime every submit is queued before
+    // the committer runs, so they all start out in one group.
+    let mut sends: Vec<(&str, NewMessage, bool)> = Vec::new();
+    for round in 0..3 {
+        for room in ["a", "b", "c", "d"] {
+            sends.push((
+                room,
+                msg(&format!("user-{room}"), &format!("{round}")),
+                false,
+            ));
+            sends.push((
+                room,
+                crate::keyed("bob", &format!("k{round}"), &format!("{room}{round}")),
+                false,
+            ));
+        }
+        if round == 1 {
+            sends.push(("a", bad("mallory", "1", Some("\u{0}")), true));
+            sends.push(("b", bad("mal\u{0}lory", "1", None), true));
+            sends.push(("c", bad("mallory", "\"\u{0}\"", None), true));
+        }
+    }
+    let outcomes: Vec<_> = sends
+        .iter()
+        .map(|(room, m, _)| writers.submit(room, m.clone()))
+        .collect();
+    let mut committed: std::collections::HashMap<&str, Vec<String>> = Default::default();
+    for ((room, m, refused), outcome) in sends.iter().zip(outcomes) {
+        let outcome = outcome.await.unwrap();
+        if *refused {
+            assert_eq!(outcome.unwrap_err(), CommitError::Internal, "{m:?}");
+        } else {
+            let appended = outcome.unwrap_or_else(|e| panic!("{room} {m:?}: {e}"));
+            let mine = committed.entry(room).or_default();
+            mine.push(m.body.clone());
+            assert_eq!(appended.message.seq, mine.len() as u64, "{room} {m:?}");
+        }
+    }
+    for (room, bodies) in committed {
+        let stored = store.read_after(room, 0, None, 100).await.unwrap();
+        assert_eq!(
+            seqs(&stored),
+            (1..=bodies.len() as u64).collect::<Vec<_>>(),
+            "{room}"
+        );
+        let stored: Vec<String> = stored.into_iter().map(|m| m.body).collect();
+        assert_eq!(stored, bodies, "{room}: submission order");
+    }
+}
