@@ -170,3 +170,103 @@ async fn postgres_refused_message_fails_alone() {
         assert_eq!(stored, bodies, "{room}: submission order");
     }
 }
+
+/// A paused database (SIGSTOP: connections open, nothing answered) turns every operation into
+/// `Unavailable` by the store's deadline, not a hang; service is back soon after it resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_paused_is_unavailable_within_the_deadline() {
+    let postgres = TestPostgres::start();
+    let url = postgres.fresh_database().await;
+    let deadline = Duration::from_secs(2);
+    let store = PostgresStore::connect_with_timeout(&url, deadline)
+        .await
+        .unwrap();
+    fill(&store, "general", 1).await;
+
+    // A commit caught mid-statement: another session holds the room's lock, so the append is
+    // inside the database, waiting, when it freezes (a connection the pool would not test).
+    use sqlx::Connection;
+    let mut locker = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("SELECT head FROM rooms WHERE room = 'general' FOR UPDATE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let batch = [msg("alice", "lost")];
+    let keyed = [crate::keyed("alice", "lost", "k")];
+    let in_flight = store.append("general", &keyed);
+    let waiting = async {
+        let mut watcher = sqlx::PgConnection::connect(&url).await.unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+            )
+            .fetch_one(&mut watcher)
+            .await
+            .unwrap();
+            if n > 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "the append never waited on the lock"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        postgres.pause();
+        Instant::now()
+    };
+    let (append_keyed, paused) = tokio::join!(in_flight, waiting);
+    let in_flight_elapsed = paused.elapsed();
+    let started = Instant::now();
+    let (append, read, ping) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(
+            store.append("general", &batch),
+            store.read_after("general", 0, None, 10),
+            store.ping()
+        )
+    })
+    .await
+    .expect("calls against a paused database must not hang");
+    let elapsed = started.elapsed();
+    eprintln!(
+        "paused: the commit in flight answered {in_flight_elapsed:?} after the pause, \
+         new calls in {elapsed:?}"
+    );
+    for (what, unavailable) in [
+        ("append", matches!(append, Err(StoreError::Unavailable(_)))),
+        (
+            "keyed append",
+            matches!(append_keyed, Err(StoreError::Unavailable(_))),
+        ),
+        ("read", matches!(read, Err(StoreError::Unavailable(_)))),
+        ("ping", matches!(ping, Err(StoreError::Unavailable(_)))),
+    ] {
+        assert!(
+            unavailable,
+            "{what}: expected Unavailable, got {append:?} {append_keyed:?} {read:?} {ping:?}"
+        );
+    }
+    for took in [in_flight_elapsed, elapsed] {
+        assert!(
+            took < deadline + Duration::from_secs(1),
+            "took {took:?} with a deadline of {deadline:?}"
+        );
+    }
+
+    postgres.resume();
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    let resumed = Instant::now();
+    loop {
+        match store.append("general", &batch).await {
+            Ok(appended) => {
+                assert_eq!(appended[0].message.seq, 2);
+                break;
+            }
+            Err(StoreError::Unavailable(_)) if resumed.elapsed() < Duration::from_secs(10) => {}
+            Err(e) => panic!("not back {:?} after resuming: {e}", resumed.elapsed()),
+        }
+    }
+    eprintln!("resumed: committing again after {:?}", resumed.elapsed());
+}

@@ -205,6 +205,21 @@ impl TestPostgres {
         self.stop_server();
     }
 
+    /// Freezes the server, as a paused VM or a black-holed network would look to its clients:
+    /// SIGSTOP to the postmaster (first, so it forks no more) and to every process it started
+    /// (each backend has a process group of its own, so a group signal would miss them).
+    /// Connections stay open and nothing is answered until [`TestPostgres::resume`].
+    pub fn pause(&self) {
+        signal("STOP", self.server.id());
+        signal_children("STOP", self.server.id());
+    }
+
+    /// Undoes [`TestPostgres::pause`]: SIGCONT to the backends, then the postmaster.
+    pub fn resume(&self) {
+        signal_children("CONT", self.server.id());
+        signal("CONT", self.server.id());
+    }
+
     /// Polls a real connection until the server answers a query, the server exits, or
     /// [`READY_DEADLINE`] passes.
     fn wait_ready(&mut self) -> Result<(), String> {
@@ -290,6 +305,10 @@ impl TestPostgres {
 impl Drop for TestPostgres {
     fn drop(&mut self) {
         self.watchdog_kill();
+        // A test that failed while the server was paused: a stopped process cannot shut down.
+        if matches!(self.server.try_wait(), Ok(None)) {
+            self.resume();
+        }
         self.stop_server();
         remove_dir(&self.dir);
     }
@@ -423,5 +442,20 @@ fn signal(name: &str, pid: u32) {
         Ok(status) if status.success() => {}
         Ok(status) => eprintln!("kill -{name} {pid} failed ({status})"),
         Err(err) => eprintln!("cannot run kill: {err}"),
+    }
+}
+
+/// Sends signal `name` to every child process of `pid` (`pkill -P`, by parent id).
+fn signal_children(name: &str, pid: u32) {
+    let sent = Command::new("pkill")
+        .arg(format!("-{name}"))
+        .arg("-P")
+        .arg(pid.to_string())
+        .status();
+    match sent {
+        // 1: no such process, e.g. a server without backends.
+        Ok(status) if status.success() || status.code() == Some(1) => {}
+        Ok(status) => eprintln!("pkill -{name} -P {pid} failed ({status})"),
+        Err(err) => eprintln!("cannot run pkill: {err}"),
     }
 }
