@@ -157,23 +157,48 @@ impl Hub {
         }
     }
 
-    /// Sets the head of a room that just got its first session to what that session read from
-    /// the database, so head checks start from there rather than from 0 (which would read the
-    /// room's whole history). Never lowers it.
-    pub fn init_head(&self, room: &str, head: u64) {
-        if let Some(entry) = self.rooms.get(room) {
-            entry.head.fetch_max(head, Ordering::AcqRel);
-            entry.seeded.store(true, Ordering::Release);
-            if self.holes.is_some() {
-                // The order starts after what the joining session reads itself (up to `head`)
-                // and what was handed on before (nothing is held before this).
-                let mut order = lock(&entry.order);
-                if !order.seeded {
-                    order.seeded = true;
-                    order.delivered = head.max(order.passed);
-                }
-            }
+    /// Seeds the room's head and order from what a joining session read from the database
+    /// (`head`), so head checks start from there rather than from 0 (which would read the room's
+    /// whole history). Every joiner calls it, not only the one that opened the room: if the
+    /// opener's join fails, the next joiner seeds the room (else head checks would skip it for
+    /// good). Never lowers the head.
+    ///
+    /// Returns the seq the joining session must catch up to from the database: in a cluster, what
+    /// the room's order already counts as handed on. A later joiner that read an older head
+    /// than the one the room was seeded with would otherwise never get the seqs between the two
+    /// heads: they reach the hub after seeding and are dropped as already handed on.
+    pub fn init_head(&self, room: &str, head: u64) -> u64 {
+        let Some(entry) = self.rooms.get(room).map(|e| Arc::clone(e.value())) else {
+            return head;
+        };
+        entry.head.fetch_max(head, Ordering::AcqRel);
+        entry.seeded.store(true, Ordering::Release);
+        if self.holes.is_none() {
+            return head;
         }
+        // The order starts after what the joining session reads itself (up to `head`) and what
+        // was handed on before (nothing is held before this).
+        let mut order = lock(&entry.order);
+        if !order.seeded {
+            order.seeded = true;
+            order.delivered = head.max(order.passed);
+        }
+        order.delivered.max(head)
+    }
+
+    /// Every seq of the room up to the answer has been handed on (or is at most the head its
+    /// first join read); `None` if the room has no local session or is not seeded yet, when
+    /// nothing may be read for it (from 0 that would be its whole history).
+    pub fn delivered(&self, room: &str) -> Option<u64> {
+        let entry = self.rooms.get(room).map(|e| Arc::clone(e.value()))?;
+        if !entry.seeded.load(Ordering::Acquire) {
+            return None;
+        }
+        if self.holes.is_none() {
+            return Some(entry.head.load(Ordering::Acquire));
+        }
+        let order = lock(&entry.order);
+        order.seeded.then_some(order.delivered)
     }
 
     /// Hands `live` to every session of its room (in a cluster: in seq order, holding it back
