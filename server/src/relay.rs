@@ -401,3 +401,6 @@ async fn repair(
     }
     Ok((count, after >= upto))
 }
+
+#[cfg(test)]
+mod tests;

@@ -492,6 +492,41 @@ mod tests {
         assert!(holes.try_recv().is_err());
     }
 
+    /// Issue 10, 2.3: a second joiner read an older head (3) than the one the room was seeded
+    /// with (5); seqs 4 and 5 reach the hub after seeding and are dropped, so the joiner must
+    /// read them from the database: `init_head` tells it to catch up to 5.
+    #[test]
+    fn a_later_joiner_with_an_older_head_catches_up_to_the_seeded_order() {
+        let (hub, _holes) = clustered();
+        let (a, _) = sub(64);
+        let (b, b_rx) = sub(64);
+        hub.subscribe("r", 1, a);
+        hub.subscribe("r", 2, b);
+        assert_eq!(hub.init_head("r", 5), 5, "the opener read 5");
+        assert_eq!(hub.init_head("r", 3), 5, "the later joiner must read up to 5");
+        assert_eq!(hub.publish(live("r", 4)).1, 0, "already handed on: dropped");
+        assert_eq!(hub.publish(live("r", 5)).1, 0);
+        assert!(seqs(&b_rx).is_empty());
+        assert_eq!(hub.publish(live("r", 6)).1, 2);
+    }
+
+    /// Issue 10, 2.4: the opener's join failed (it left before seeding); the next joiner seeds
+    /// the room, so head checks see it.
+    #[test]
+    fn a_room_whose_opener_failed_is_seeded_by_the_next_joiner() {
+        let (hub, _holes) = clustered();
+        let (a, _) = sub(64);
+        let (b, _) = sub(64);
+        hub.subscribe("r", 1, a);
+        hub.subscribe("r", 2, b);
+        hub.unsubscribe("r", 1);
+        assert!(hub.seeded_heads().is_empty());
+        assert_eq!(hub.delivered("r"), None);
+        hub.init_head("r", 4);
+        assert_eq!(hub.seeded_heads(), vec![(Arc::from("r"), 4)]);
+        assert_eq!(hub.delivered("r"), Some(4));
+    }
+
     #[test]
     fn rooms_are_removed_with_their_last_session() {
         let hub = Hub::new();
