@@ -142,7 +142,14 @@ pub fn spawn(
     status
 }
 
-/// Keeps the bus subscriptions equal to the hub's rooms.
+/// First pause before retrying a failed SUBSCRIBE; doubled after each failed retry.
+const SUBSCRIBE_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+/// Longest pause between SUBSCRIBE retries.
+const SUBSCRIBE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Keeps the bus subscriptions equal to the hub's rooms. A SUBSCRIBE that fails (a paused
+/// Redis, a connection being replaced) is retried with backoff until it succeeds or the room
+/// closes, whether or not the bus reports a reconnect meanwhile.
 async fn subscriptions(
     bus: Option<Arc<dyn Bus>>,
     hub: Hub,
@@ -151,40 +158,66 @@ async fn subscriptions(
     resubscribe: Arc<Notify>,
     stop: CancellationToken,
 ) {
+    // Rooms whose subscription failed, and when to try them again.
+    let mut pending: std::collections::BTreeSet<Arc<str>> = std::collections::BTreeSet::new();
+    let mut backoff = SUBSCRIBE_RETRY_MIN;
+    let retry = tokio::time::sleep(backoff);
+    tokio::pin!(retry);
     loop {
+        let mut rooms = Vec::new();
         tokio::select! {
             _ = stop.cancelled() => return,
             change = changes.recv() => match change {
                 None => return,
                 Some(RoomChange::Opened(room)) => {
-                    if let Some(bus) = &bus {
-                        if let Err(e) = bus.subscribe(&room).await {
-                            tracing::debug!(room = %room, error = %e, "subscribe failed; renewed when the bus is back");
-                        }
-                    }
-                    // Messages committed elsewhere between the join's head read and the
-                    // subscription travelled before we listened: look for them now.
-                    check.notify_one();
+                    pending.remove(&room);
+                    rooms.push(room);
                 }
                 Some(RoomChange::Closed(room)) => {
+                    pending.remove(&room);
                     if let Some(bus) = &bus {
                         if let Err(e) = bus.unsubscribe(&room).await {
                             tracing::debug!(room = %room, error = %e, "unsubscribe failed");
                         }
                     }
+                    continue;
                 }
             },
             _ = resubscribe.notified() => {
-                let Some(bus) = &bus else { continue };
-                for room in hub.rooms() {
-                    if let Err(e) = bus.subscribe(&room).await {
-                        tracing::debug!(error = %e, "resubscribe interrupted; retried on the next reconnect");
-                        break;
-                    }
-                }
-                check.notify_one();
+                pending.clear();
+                backoff = SUBSCRIBE_RETRY_MIN;
+                rooms = hub.rooms();
+            }
+            () = &mut retry, if !pending.is_empty() => {
+                // Only rooms that still have local sessions.
+                let open: std::collections::HashSet<Arc<str>> = hub.rooms().into_iter().collect();
+                rooms = std::mem::take(&mut pending).into_iter().filter(|r| open.contains(r)).collect();
+                backoff = (backoff * 2).min(SUBSCRIBE_RETRY_MAX);
             }
         }
+        let Some(bus) = &bus else {
+            check.notify_one();
+            continue;
+        };
+        let was_pending = !pending.is_empty();
+        let mut rooms = rooms.into_iter();
+        while let Some(room) = rooms.next() {
+            if let Err(e) = bus.subscribe(&room).await {
+                tracing::debug!(room = %room, error = %e, "subscribe failed; retrying");
+                // Each attempt may wait for the Redis timeout: the rest are tried with it later.
+                pending.insert(room);
+                pending.extend(rooms);
+                break;
+            }
+        }
+        if pending.is_empty() {
+            backoff = SUBSCRIBE_RETRY_MIN;
+        } else if !was_pending || retry.is_elapsed() {
+            retry.as_mut().reset(tokio::time::Instant::now() + backoff);
+        }
+        // Messages committed elsewhere before a subscription took effect travelled before we
+        // listened: look for them now.
+        check.notify_one();
     }
 }
 

@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use support::cluster::{
-    listen, spawn_sender, wait_until, Cluster, DelayStats, ListenSpec, Pacing,
-    Received, Sender,
+    listen, spawn_sender, wait_until, Cluster, DelayStats, ListenSpec, Pacing, Received, Sender,
 };
 use support::redis::TestRedis;
 use support::scenario::*;

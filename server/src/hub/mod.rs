@@ -503,7 +503,11 @@ mod tests {
         hub.subscribe("r", 1, a);
         hub.subscribe("r", 2, b);
         assert_eq!(hub.init_head("r", 5), 5, "the opener read 5");
-        assert_eq!(hub.init_head("r", 3), 5, "the later joiner must read up to 5");
+        assert_eq!(
+            hub.init_head("r", 3),
+            5,
+            "the later joiner must read up to 5"
+        );
         assert_eq!(hub.publish(live("r", 4)).1, 0, "already handed on: dropped");
         assert_eq!(hub.publish(live("r", 5)).1, 0);
         assert!(seqs(&b_rx).is_empty());

@@ -197,3 +197,78 @@ async fn every_hole_of_a_room_is_read_in_one_pass() {
     );
     assert_eq!(seqs(&mailbox), (1..=30).collect::<Vec<_>>());
 }
+
+/// A bus whose first `failures` SUBSCRIBEs fail (as against a paused Redis) while its state
+/// stays up, so no reconnect event ever asks for a resubscription.
+struct FlakyBus {
+    failures: AtomicUsize,
+    subscribed: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl Bus for FlakyBus {
+    fn kind(&self) -> &'static str {
+        "flaky"
+    }
+    fn publish(&self, _message: &crate::bus::BusMessage) {}
+    async fn subscribe(&self, room: &str) -> Result<(), crate::bus::BusError> {
+        let failing = self
+            .failures
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Err(crate::bus::BusError::Timeout);
+        }
+        self.subscribed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(room.to_owned());
+        Ok(())
+    }
+    async fn unsubscribe(&self, _room: &str) -> Result<(), crate::bus::BusError> {
+        Ok(())
+    }
+    fn state(&self) -> BusState {
+        BusState::Up
+    }
+}
+
+/// Issue 10, 2.9: failed SUBSCRIBEs are retried (with backoff) until they succeed, while the bus
+/// stays up.
+#[tokio::test]
+async fn a_failed_subscribe_is_retried_until_it_succeeds() {
+    let bus = Arc::new(FlakyBus {
+        failures: AtomicUsize::new(3),
+        subscribed: Mutex::new(Vec::new()),
+    });
+    let (changes_tx, changes) = mpsc::unbounded_channel();
+    let (holes, _) = mpsc::unbounded_channel();
+    let hub = Hub::clustered(changes_tx, holes);
+    let stop = CancellationToken::new();
+    tokio::spawn(subscriptions(
+        Some(Arc::clone(&bus) as Arc<dyn Bus>),
+        hub.clone(),
+        changes,
+        Arc::new(Notify::new()),
+        Arc::new(Notify::new()),
+        stop.clone(),
+    ));
+    hub.subscribe("r", 1, Mailbox::new(4));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if bus
+            .subscribed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&"r".to_owned())
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the room was never subscribed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+}
