@@ -203,11 +203,11 @@ impl<'a> Outbound<'a> {
             );
             return self.write(vec![Message::Text(frame.into())]).await;
         }
-        let opened = !rejoin
-            && self
-                .state
+        if !rejoin {
+            self.state
                 .hub
                 .subscribe(&room, self.id, Arc::clone(&self.mailbox));
+        }
         let info = match self.state.store.room_info(&room).await {
             Ok(info) => info,
             Err(e) => {
@@ -226,11 +226,11 @@ impl<'a> Outbound<'a> {
             Some(since) if since.saturating_add(1) < info.first => (info.first - 1, true),
             Some(since) => (since, false),
         };
-        if opened {
-            self.state.hub.init_head(&room, info.head);
-        }
+        // Every joiner seeds (or learns) the room's order, and catches up to what it already
+        // counts as handed on.
+        let target = self.state.hub.init_head(&room, info.head);
         self.rooms
-            .insert(Arc::clone(&room), Cursor::new(sent, info.head));
+            .insert(Arc::clone(&room), Cursor::new(sent, target));
         if !rejoin {
             metrics::gauge!(m::SESSIONS_JOINED).increment(1.0);
         }
