@@ -147,18 +147,6 @@ async fn handle_text(
     if let Err(refusal) = limits.admit(&parsed).await {
         return Handled::Control(refused(refusal));
     }
-    // An `auth` frame costs a signature check (an RSA one is about a join's worth of CPU): it
-    // is charged exactly as a `join` is, through the same rule.
-    if let Ok(ClientFrame::Auth { reply_ref, .. }) = &parsed {
-        let priced_as = Ok(ClientFrame::Join {
-            room: String::new(),
-            since: None,
-            reply_ref: reply_ref.clone(),
-        });
-        if let Err(refusal) = limits.admit(&priced_as).await {
-            return Handled::Control(refused(refusal));
-        }
-    }
     let frame = match parsed {
         Ok(frame) => frame,
         Err(e) => {
