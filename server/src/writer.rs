@@ -402,68 +402,18 @@ fn split(mut group: Group) -> Result<(Group, Group), Group> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{RoomInfo, SqliteStore, StoreResult, StoredMessage};
-    use async_trait::async_trait;
+    use crate::store::instrumented::Instrumented;
 
-    /// A real SQLite store that records how many rooms each `append_rooms` call carried, and
-    /// how many bytes.
-    struct Recording {
-        inner: SqliteStore,
-        groups: Mutex<Vec<usize>>,
-        bytes: Mutex<Vec<usize>>,
-    }
-
-    #[async_trait]
-    impl Store for Recording {
-        async fn append_rooms(
-            &self,
-            batches: &[(&str, &[NewMessage])],
-        ) -> StoreResult<Vec<Vec<Appended>>> {
-            self.groups
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(batches.len());
-            self.bytes.lock().unwrap_or_else(|e| e.into_inner()).push(
-                batches
-                    .iter()
-                    .flat_map(|(_, b)| b.iter())
-                    .map(message_bytes)
-                    .sum(),
-            );
-            self.inner.append_rooms(batches).await
-        }
-        async fn room_info(&self, room: &str) -> StoreResult<RoomInfo> {
-            self.inner.room_info(room).await
-        }
-        async fn read_after(
-            &self,
-            room: &str,
-            after: u64,
-            up_to: Option<u64>,
-            limit: usize,
-        ) -> StoreResult<Vec<StoredMessage>> {
-            self.inner.read_after(room, after, up_to, limit).await
-        }
-        async fn read_before(
-            &self,
-            room: &str,
-            before: u64,
-            limit: usize,
-        ) -> StoreResult<Vec<StoredMessage>> {
-            self.inner.read_before(room, before, limit).await
-        }
-        async fn room_heads(&self, rooms: &[String]) -> StoreResult<Vec<(String, u64)>> {
-            self.inner.room_heads(rooms).await
-        }
-        async fn delete_before(&self, ts_ms: i64, limit: usize) -> StoreResult<u64> {
-            self.inner.delete_before(ts_ms, limit).await
-        }
-        async fn ping(&self) -> StoreResult<()> {
-            self.inner.ping().await
-        }
-        fn kind(&self) -> &'static str {
-            "recording"
-        }
+    /// Rooms and bytes (as weighed against [`MAX_GROUP_BYTES`]) of each commit `store` saw.
+    fn group_sizes(store: &Instrumented) -> Vec<(usize, usize)> {
+        store
+            .groups()
+            .iter()
+            .map(|rooms| {
+                let bytes = rooms.iter().flatten().map(message_bytes).sum();
+                (rooms.len(), bytes)
+            })
+            .collect()
     }
 
     fn message(n: usize) -> NewMessage {
@@ -478,13 +428,7 @@ mod tests {
     /// share the next transaction, and each still gets its own seqs.
     #[tokio::test]
     async fn rooms_ready_together_share_one_commit() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("w.db").display());
-        let store = Arc::new(Recording {
-            inner: SqliteStore::connect(&url).await.expect("sqlite"),
-            groups: Mutex::default(),
-            bytes: Mutex::default(),
-        });
+        let store = Instrumented::new().await;
         let writers = Writers::new(Arc::clone(&store) as Arc<dyn Store>, Hub::new(), None, 1);
         // Submitting never yields: on this single-threaded runtime the committer runs after all.
         let outcomes: Vec<_> = (0..50)
@@ -495,12 +439,11 @@ mod tests {
             let appended = outcome.await.expect("answered").expect("committed");
             assert_eq!(appended.message.seq, (i % 3) as u64 + 1);
         }
-        let groups = store
-            .groups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        assert_eq!(groups, vec![50], "one transaction for all 50 rooms");
+        let rooms: Vec<usize> = group_sizes(&store)
+            .iter()
+            .map(|&(rooms, _)| rooms)
+            .collect();
+        assert_eq!(rooms, vec![50], "one transaction for all 50 rooms");
         // Afterwards every room's entry is gone: an idle room costs nothing.
         assert!(writers.shared.lock().rooms.is_empty());
         assert_eq!(writers.shared.lock().committers, 0);
@@ -510,13 +453,7 @@ mod tests {
     /// in line; a message larger than the cap is committed alone.
     #[tokio::test]
     async fn groups_are_bounded_in_bytes() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("w.db").display());
-        let store = Arc::new(Recording {
-            inner: SqliteStore::connect(&url).await.expect("sqlite"),
-            groups: Mutex::default(),
-            bytes: Mutex::default(),
-        });
+        let store = Instrumented::new().await;
         let writers = Writers::new(Arc::clone(&store) as Arc<dyn Store>, Hub::new(), None, 1);
         let sized = |bytes: usize| NewMessage {
             sender: "a".into(),
@@ -533,11 +470,10 @@ mod tests {
         for outcome in outcomes {
             outcome.await.expect("answered").expect("committed");
         }
-        let bytes = store
-            .bytes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let bytes: Vec<usize> = group_sizes(&store)
+            .iter()
+            .map(|&(_, bytes)| bytes)
+            .collect();
         assert_eq!(bytes.iter().sum::<usize>(), 16 * MIB);
         for (i, &b) in bytes.iter().enumerate() {
             assert!(

@@ -7,83 +7,12 @@ use async_trait::async_trait;
 
 use super::*;
 use crate::hub::{Delivery, Mailbox};
-use crate::store::{Appended, NewMessage, RoomInfo, SqliteStore, StoredMessage};
+use crate::store::instrumented::Instrumented;
+use crate::store::NewMessage;
 
-/// Runs once while `room_heads` is in flight.
-type Hook = Box<dyn FnOnce() + Send>;
-
-/// A real SQLite store that counts reads and can run a hook while `room_heads` is in flight.
-struct Watched {
-    inner: SqliteStore,
-    reads: AtomicUsize,
-    read_rows: AtomicUsize,
-    during_heads: Mutex<Option<Hook>>,
-}
-
-#[async_trait]
-impl Store for Watched {
-    async fn append_rooms(
-        &self,
-        batches: &[(&str, &[NewMessage])],
-    ) -> StoreResult<Vec<Vec<Appended>>> {
-        self.inner.append_rooms(batches).await
-    }
-    async fn room_info(&self, room: &str) -> StoreResult<RoomInfo> {
-        self.inner.room_info(room).await
-    }
-    async fn read_after(
-        &self,
-        room: &str,
-        after: u64,
-        up_to: Option<u64>,
-        limit: usize,
-    ) -> StoreResult<Vec<StoredMessage>> {
-        let page = self.inner.read_after(room, after, up_to, limit).await?;
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        self.read_rows.fetch_add(page.len(), Ordering::Relaxed);
-        Ok(page)
-    }
-    async fn read_before(
-        &self,
-        room: &str,
-        before: u64,
-        limit: usize,
-    ) -> StoreResult<Vec<StoredMessage>> {
-        self.inner.read_before(room, before, limit).await
-    }
-    async fn room_heads(&self, rooms: &[String]) -> StoreResult<Vec<(String, u64)>> {
-        let heads = self.inner.room_heads(rooms).await;
-        let hook = self
-            .during_heads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(hook) = hook {
-            hook();
-        }
-        heads
-    }
-    async fn delete_before(&self, ts_ms: i64, limit: usize) -> StoreResult<u64> {
-        self.inner.delete_before(ts_ms, limit).await
-    }
-    async fn ping(&self) -> StoreResult<()> {
-        self.inner.ping().await
-    }
-    fn kind(&self) -> &'static str {
-        "watched"
-    }
-}
-
-/// A store whose room `r` holds `count` messages, and its temporary directory.
-async fn store_with(count: usize) -> (Arc<Watched>, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let url = format!("sqlite://{}", dir.path().join("relay.db").display());
-    let store = Arc::new(Watched {
-        inner: SqliteStore::connect(&url).await.expect("sqlite"),
-        reads: AtomicUsize::new(0),
-        read_rows: AtomicUsize::new(0),
-        during_heads: Mutex::new(None),
-    });
+/// A store whose room `r` holds `count` messages.
+async fn store_with(count: usize) -> Arc<Instrumented> {
+    let store = Instrumented::new().await;
     let messages: Vec<NewMessage> = (0..count)
         .map(|n| NewMessage {
             sender: "alice".into(),
@@ -94,7 +23,7 @@ async fn store_with(count: usize) -> (Arc<Watched>, tempfile::TempDir) {
     for chunk in messages.chunks(500) {
         store.append_rooms(&[("r", chunk)]).await.expect("append");
     }
-    (store, dir)
+    store
 }
 
 fn clustered() -> Hub {
@@ -123,24 +52,23 @@ fn live(seq: u64) -> Arc<Live> {
 /// read the room (from 0 that was its whole history, inline, stalling every head check).
 #[tokio::test]
 async fn a_room_left_during_the_heads_query_is_not_read() {
-    let (store, _dir) = store_with(1200).await;
+    let store = store_with(1200).await;
     let hub = clustered();
     hub.subscribe("r", 1, Mailbox::new(16));
     hub.init_head("r", 1000);
     let leaving = hub.clone();
-    *store.during_heads.lock().unwrap_or_else(|e| e.into_inner()) =
-        Some(Box::new(move || leaving.unsubscribe("r", 1)));
+    store.during_next_heads(Box::new(move || leaving.unsubscribe("r", 1)));
     check_heads(store.as_ref(), &hub, &Notify::new())
         .await
         .expect("check");
-    assert_eq!(store.read_rows.load(Ordering::Relaxed), 0, "nothing read");
+    assert_eq!(store.read_rows(), 0, "nothing read");
 }
 
 /// A room far behind is read a bounded number of pages per check; the next check goes on.
 #[tokio::test]
 async fn a_check_reads_a_bounded_amount_per_room_and_goes_on() {
     let total = REPAIR_PAGE * (CHECK_REPAIR_PAGES + 2);
-    let (store, _dir) = store_with(total).await;
+    let store = store_with(total).await;
     let hub = clustered();
     let mailbox = Mailbox::new(total * 2);
     hub.subscribe("r", 1, Arc::clone(&mailbox));
@@ -149,11 +77,7 @@ async fn a_check_reads_a_bounded_amount_per_room_and_goes_on() {
     check_heads(store.as_ref(), &hub, &again)
         .await
         .expect("check");
-    assert_eq!(
-        store.reads.load(Ordering::Relaxed),
-        CHECK_REPAIR_PAGES,
-        "bounded per check"
-    );
+    assert_eq!(store.reads(), CHECK_REPAIR_PAGES, "bounded per check");
     assert_eq!(
         hub.delivered("r"),
         Some((REPAIR_PAGE * CHECK_REPAIR_PAGES) as u64)
@@ -178,7 +102,7 @@ async fn a_check_reads_a_bounded_amount_per_room_and_goes_on() {
 /// one head check reads them all in one pass, rather than one read (and one grace) per hole.
 #[tokio::test]
 async fn every_hole_of_a_room_is_read_in_one_pass() {
-    let (store, _dir) = store_with(30).await;
+    let store = store_with(30).await;
     let hub = clustered();
     let mailbox = Mailbox::new(64);
     hub.subscribe("r", 1, Arc::clone(&mailbox));
@@ -190,11 +114,7 @@ async fn every_hole_of_a_room_is_read_in_one_pass() {
     check_heads(store.as_ref(), &hub, &Notify::new())
         .await
         .expect("check");
-    assert_eq!(
-        store.reads.load(Ordering::Relaxed),
-        1,
-        "one read for three holes"
-    );
+    assert_eq!(store.reads(), 1, "one read for three holes");
     assert_eq!(seqs(&mailbox), (1..=30).collect::<Vec<_>>());
 }
 

@@ -6,6 +6,8 @@
 //! zero-config single node; both pass the same contract suite (`server/tests/store_contract.rs`).
 
 mod batch;
+#[cfg(test)]
+pub(crate) mod instrumented;
 mod postgres;
 mod sqlite;
 
