@@ -22,8 +22,10 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::Message;
 
+use support::check::eventually;
+use support::http::Http;
 use support::server::{run_scenario, Claims, ServerOptions, StoreKind, TestServer};
-use support::ws::{eventually, Auth, Http, WsClient, WsStream, RECV_DEADLINE};
+use support::ws::{Auth, WsClient, WsStream, RECV_DEADLINE};
 
 const SECRET: &str = "admission-test-secret";
 const API_KEY: &str = "admission-test-api-key";

@@ -14,10 +14,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
+use support::http::Http;
 use support::server::{
     run_scenario, run_seqcast, sign_claims, unsigned_token, ServerOptions, StoreKind, TestServer,
 };
-use support::ws::{expect_rejected, Auth, Event, Http, WsClient, RECV_DEADLINE};
+use support::ws::{expect_rejected, Auth, Event, WsClient, RECV_DEADLINE};
 
 const SECRET: &str = "auth-test-secret";
 const API_KEY: &str = "auth-test-api-key";

@@ -10,8 +10,9 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{json, Value};
 
+use support::check::assert_ack;
 use support::server::{run_seqcast, ServerOptions, StoreKind, TestDatabase, TestServer};
-use support::ws::{assert_ack, Auth, WsClient};
+use support::ws::{Auth, WsClient};
 
 const SECRET: &str = "cli-test-secret";
 const DEADLINE: Duration = Duration::from_secs(20);

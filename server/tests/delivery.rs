@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use support::check::{assert_contiguous, eventually};
+use support::http::{metric_value, Http};
 use support::server::{rss_kib_of, ServerOptions, StoreKind, TestServer};
-use support::ws::{assert_contiguous, eventually, metric_value, Event, Http, WsClient};
+use support::ws::{Event, WsClient};
 
 /// Messages in the large-replay test.
 const BIG_ROOM: usize = 100_000;

@@ -5,9 +5,11 @@ mod support;
 use std::time::Duration;
 
 use serde_json::json;
+use support::check::eventually;
+use support::http::Http;
 use support::postgres::TestPostgres;
 use support::server::{ServerOptions, StoreKind, TestServer};
-use support::ws::{eventually, Http, WsClient};
+use support::ws::WsClient;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 

@@ -10,8 +10,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 
+use support::check::eventually;
+use support::http::{metric_value, Http};
 use support::server::{run_scenario, sign_claims, ServerOptions, StoreKind, TestServer};
-use support::ws::{eventually, expect_rejected, metric_value, Auth, Http, WsClient, RECV_DEADLINE};
+use support::ws::{expect_rejected, Auth, WsClient, RECV_DEADLINE};
 
 const SECRET: &str = "hostile-input-test-secret";
 const API_KEY: &str = "hostile-input-test-api-key";

@@ -9,11 +9,10 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use support::check::{assert_contiguous, assert_message, eventually};
+use support::http::{metric_value, raw_post_status, Http};
 use support::server::{Claims, ServerOptions, StoreKind, TestServer};
-use support::ws::{
-    assert_contiguous, assert_message, eventually, metric_value, raw_post_status, Auth, Http,
-    WsClient, RECV_DEADLINE,
-};
+use support::ws::{Auth, WsClient, RECV_DEADLINE};
 
 const SECRET: &str = "http-api-test-secret";
 const API_KEY: &str = "http-api-test-api-key";

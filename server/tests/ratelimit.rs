@@ -16,10 +16,12 @@ use serde_json::{json, Value};
 use tokio::time::MissedTickBehavior;
 use tokio_tungstenite::tungstenite::Message;
 
+use support::check::eventually;
+use support::http::{metric_value, Http};
 use support::postgres::TestPostgres;
 use support::redis::TestRedis;
 use support::server::{Claims, ServerOptions, StoreKind, TestServer};
-use support::ws::{eventually, metric_value, Auth, Event, Http, WsClient, RECV_DEADLINE};
+use support::ws::{Auth, Event, WsClient, RECV_DEADLINE};
 
 const SECRET: &str = "ratelimit-test-secret";
 const API_KEY: &str = "ratelimit-test-api-key";

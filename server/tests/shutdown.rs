@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use support::http::Http;
 use support::server::{ServerOptions, StoreKind, TestServer};
-use support::ws::{Http, WsClient, RECV_DEADLINE};
+use support::ws::{WsClient, RECV_DEADLINE};
 
 store_tests!(
     sigterm_drains_clients_with_1012_and_exits_0,

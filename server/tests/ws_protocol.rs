@@ -8,10 +8,10 @@ mod support;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
+use support::check::{assert_ack, assert_message};
+use support::http::Http;
 use support::server::{sign_claims, unsigned_token, Claims, ServerOptions, StoreKind, TestServer};
-use support::ws::{
-    assert_ack, assert_message, expect_rejected, Auth, Event, Http, WsClient, RECV_DEADLINE,
-};
+use support::ws::{expect_rejected, Auth, Event, WsClient, RECV_DEADLINE};
 
 const SECRET: &str = "ws-protocol-test-secret";
 const API_KEY: &str = "ws-protocol-test-api-key";

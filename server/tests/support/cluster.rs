@@ -24,10 +24,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
+use super::check::assert_contiguous;
+use super::http::Http;
 use super::postgres::TestPostgres;
 use super::redis::TestRedis;
 use super::server::{ServerOptions, StoreKind, TestServer};
-use super::ws::{assert_contiguous, Auth, Event, Http, WsClient};
+use super::ws::{Auth, Event, WsClient};
 
 /// The server key of every node.
 pub const API_KEY: &str = "cluster-test-api-key";
@@ -113,7 +115,7 @@ impl Cluster {
     /// Sum of metric `name` on node `index`, 0 when absent.
     pub async fn metric(&self, index: usize, name: &str) -> f64 {
         let text = self.http(index).metrics().await;
-        super::ws::metric_value(&text, name).unwrap_or(0.0)
+        super::http::metric_value(&text, name).unwrap_or(0.0)
     }
 
     /// Prints the bus metrics of the nodes in `indices`.
@@ -132,7 +134,7 @@ impl Cluster {
                 .iter()
                 .map(|name| {
                     let short = name.trim_start_matches("seqcast_");
-                    match super::ws::metric_value(&text, name) {
+                    match super::http::metric_value(&text, name) {
                         Some(value) => format!("{short}={value}"),
                         None => format!("{short}=absent"),
                     }

@@ -1,4 +1,6 @@
+pub mod check;
 pub mod cluster;
+pub mod http;
 pub mod postgres;
 pub mod redis;
 pub mod scenario;
