@@ -316,12 +316,14 @@ pub fn format_ts(ts_ms: i64) -> String {
 pub fn message_frame(m: &StoredMessage) -> String {
     use std::fmt::Write as _;
     let mut s = String::with_capacity(128 + m.room.len() + m.sender.len() + m.body.len());
-    s.push_str(r#"{"type":"message","room":""#);
-    s.push_str(&m.room); // room names never need escaping (validated charset)
-                         // Writing to a String cannot fail.
+    s.push_str(r#"{"type":"message","room":"#);
+    // Escaped like the sender: rooms sent by clients are validated, but a row can also come from
+    // a backend's own SQL insert, and one bad name must not make a frame no client can parse.
+    push_json_string(&mut s, &m.room);
+    // Writing to a String cannot fail.
     let _ = write!(
         s,
-        r#"","seq":{},"id":"{}","from":"#,
+        r#","seq":{},"id":"{}","from":"#,
         m.seq,
         m.id.hyphenated()
     );
@@ -525,6 +527,14 @@ mod tests {
             v,
             json!({"type":"message","room":"general","seq":58,"id":uuid::Uuid::nil(),"from":"al\"ice","body":{"t":"hi"},"ts":"2023-11-14T22:13:20.123Z"})
         );
+        // A room that did not come through `validate_room` (a backend's own SQL insert) is
+        // still written as a JSON string clients can parse.
+        let odd = StoredMessage {
+            room: "q\"\\\n".into(),
+            ..m.clone()
+        };
+        let v: Value = serde_json::from_str(&message_frame(&odd)).unwrap();
+        assert_eq!(v["room"], "q\"\\\n");
         let r = Ref(r#""a""#.into());
         let v: Value = serde_json::from_str(&ack_frame(&m, Some(&r))).unwrap();
         assert_eq!(v["ref"], "a");
