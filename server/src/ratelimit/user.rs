@@ -1,21 +1,18 @@
 //! The per-user limit (`SEQCAST_USER_SEND_RATE`): leases of tokens from a bucket per user in
 //! Redis, a bucket per node while Redis is unusable.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use fred::clients::Client;
-use fred::interfaces::ClientLike;
-use fred::types::config::Options;
-use fred::types::{ClusterHash, CustomCommand, Value};
+use fred::error::Error as RedisError;
+use fred::types::Value;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::{TokenBucket, BURST_FACTOR};
 use crate::config::Config;
 use crate::metrics as m;
+use crate::redis::{LinkState, RedisLink, Script};
 
 /// How long tokens taken from Redis stay usable on this node. Unused ones are then dropped (not
 /// returned), so a node never holds tokens another node could use for longer than this.
@@ -24,8 +21,6 @@ const LEASE_TTL: Duration = Duration::from_secs(2);
 /// a user sending at full rate costs about ten Redis calls per second per node it sends on.
 const LEASE_DIVISOR: u32 = 10;
 const MAX_LEASE: u32 = 64;
-/// While Redis is unusable, how often it is probed (in the background, never by a send).
-const REDIS_RETRY: Duration = Duration::from_millis(500);
 /// How often idle users are forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
@@ -83,15 +78,16 @@ pub(crate) fn user_refusal(wait: Duration) -> String {
 /// When Redis refuses (the bucket is empty), the node remembers until when, so a flood past the
 /// limit costs Redis about one call per token per node, not one per frame.
 ///
-/// A Redis call that fails, or takes longer than `SEQCAST_REDIS_TIMEOUT`, turns Redis
-/// *unusable*: from then on the node decides alone with a bucket per user of its own (the rate
-/// per node) and probes Redis every 500 ms in the background; a probe answered makes it usable
-/// again. So a send waits for Redis at most once per outage, and at most the Redis timeout.
+/// Redis is usable while the node's Redis link is up (`crate::redis`). A Redis call that gets
+/// no answer within `SEQCAST_REDIS_TIMEOUT` turns the link down: from then on the node decides
+/// alone with a bucket per user of its own (the rate per node) until the link's probe answers
+/// again (it pings twice per timeout). So a send waits for Redis at most once per outage, and at
+/// most the Redis timeout.
 ///
-/// Right after start the node does not know yet whether Redis is usable. It does not count alone
-/// meanwhile (each node would then grant a whole burst of its own, on top of the cluster's):
-/// sends wait for the first probe, a PING that waits for the connection, at most the Redis
-/// timeout. Why here rather than by keeping `/ready` at 503: sends reach a node before or
+/// Right after start the node does not know yet whether Redis is usable (the link is
+/// `Connecting`). It does not count alone meanwhile (each node would then grant a whole burst of
+/// its own, on top of the cluster's: issue 10, item 3): sends wait for the link's first probe, a
+/// PING that waits for the connection, at most about the Redis timeout. Why here rather than by keeping `/ready` at 503: sends reach a node before or
 /// without its `/ready` being asked, and a Redis that is down at start must not keep a node out
 /// of service (`/ready` is about the database).
 #[derive(Clone)]
@@ -148,36 +144,18 @@ enum Leased {
 }
 
 impl UserLimiter {
-    /// The limiter of a node: through `redis` when given (the bus's command connection), per
-    /// node otherwise. Its Redis probes stop with `stop`.
-    pub fn new(config: &Config, redis: Option<Client>, stop: CancellationToken) -> UserLimiter {
+    /// The limiter of a node: through the node's Redis link when given, per node otherwise.
+    pub fn new(config: &Config, redis: Option<RedisLink>) -> UserLimiter {
         let rate = config.user_send_rate;
         let Some(fresh) = TokenBucket::new(rate, Instant::now()) else {
             return UserLimiter { inner: None };
         };
-        let redis = redis.map(|client| {
-            let buckets = Arc::new(RedisBuckets {
-                client,
-                prefix: format!("{}rate:", config.redis_prefix),
-                options: Options {
-                    timeout: Some(config.redis_timeout),
-                    // A connection that is down fails the call at once instead of queueing it.
-                    fail_fast: true,
-                    ..Options::default()
-                },
-                timeout: config.redis_timeout,
-                health: Mutex::new(Health {
-                    usable: false,
-                    probing: false,
-                }),
-                usable: AtomicBool::new(false),
-                settled: tokio::sync::watch::Sender::new(false),
-                stop,
-            });
-            // Unknown until the first probe decides (the connection is made in the background).
-            metrics::gauge!(m::RATE_LIMIT_REDIS_UP).set(0.0);
-            tokio::spawn(Arc::clone(&buckets).first_probe());
-            buckets
+        let redis = redis.map(|link| {
+            Arc::new(RedisBuckets {
+                prefix: format!("{}rate:", link.prefix()),
+                link,
+                take: Script::new(TAKE_SCRIPT),
+            })
         });
         UserLimiter {
             inner: Some(Arc::new(UserShared {
@@ -212,7 +190,7 @@ impl UserShared {
             // Just started: whether Redis is usable is not known yet. Counting alone now would
             // give this user a whole burst per node on top of the cluster's (issue 10, item 3),
             // so wait for the first probe (about one Redis timeout at most, once per node).
-            Box::pin(redis.wait_settled()).await;
+            Box::pin(redis.link.settled()).await;
         }
         let Some(redis) = self.redis.as_ref().filter(|r| r.is_usable()) else {
             return self.with_entry(user, now, |e| e.local.try_take(now));
@@ -298,7 +276,7 @@ impl UserShared {
                 result
             }
             Err(error) => {
-                redis.failed(Some(&error));
+                tracing::debug!(error = %error, "user rate in Redis failed: counting per node");
                 self.with_entry(user, now, |e| e.local.try_take(now))
             }
         }
@@ -317,9 +295,6 @@ impl UserShared {
                     Ok(grant) => e.denied_until = Some(now + grant.wait),
                     Err(_) => {}
                 }
-            }
-            if let Err(error) = outcome {
-                redis.failed(Some(&error));
             }
         });
     }
@@ -349,138 +324,37 @@ struct Grant {
     wait: Duration,
 }
 
-/// The user buckets in Redis and whether Redis is usable for them.
+/// The user buckets in Redis, through the node's link (whose state says whether Redis is
+/// usable).
 struct RedisBuckets {
-    client: Client,
+    link: RedisLink,
     /// `{SEQCAST_REDIS_PREFIX}rate:`
     prefix: String,
-    options: Options,
-    timeout: Duration,
-    /// State changes; a std mutex, held for a few instructions, never across an await.
-    health: Mutex<Health>,
-    /// `health.usable`, for the hot path.
-    usable: AtomicBool,
-    /// The first probe has decided: until then a send waits rather than count per node.
-    settled: tokio::sync::watch::Sender<bool>,
-    stop: CancellationToken,
-}
-
-struct Health {
-    usable: bool,
-    /// A probe task is running.
-    probing: bool,
+    take: Script,
 }
 
 impl RedisBuckets {
     fn is_usable(&self) -> bool {
-        self.usable.load(Ordering::Acquire)
+        self.link.is_up()
     }
 
     fn is_settled(&self) -> bool {
-        *self.settled.borrow()
+        self.link.state() != LinkState::Connecting
     }
 
-    /// Waits until the first probe has decided; bounded by twice the Redis timeout in case the
-    /// probe task is gone (the node stops).
-    async fn wait_settled(&self) {
-        let mut settled = self.settled.subscribe();
-        let _ = tokio::time::timeout(self.timeout * 2, settled.wait_for(|s| *s)).await;
-    }
-
-    /// The first probe, at start: a PING that waits for the connection being made (no fail
-    /// fast), bounded by the Redis timeout. Answered: usable. Not: per node, and probing as after
-    /// any failure. Either way the limiter is settled.
-    async fn first_probe(self: Arc<Self>) {
-        let options = Options {
-            timeout: Some(self.timeout),
-            ..Options::default()
-        };
-        let client = self.client.with_options(&options);
-        let ping = client.ping::<Value>(None);
-        match tokio::time::timeout(self.timeout, ping).await {
-            Ok(Ok(_)) => {
-                let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
-                health.usable = true;
-                self.usable.store(true, Ordering::Release);
-                drop(health);
-                metrics::gauge!(m::RATE_LIMIT_REDIS_UP).set(1.0);
-                tracing::info!("Redis usable for the user rate limit: limiting across nodes");
-            }
-            outcome => {
-                let error = match outcome {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => format!("no answer within {:?}", self.timeout),
-                };
-                tracing::warn!(
-                    error = %error,
-                    "Redis unusable for the user rate limit at start: limiting per node"
-                );
-                self.failed(Some(&error));
-            }
-        }
-        self.settled.send_replace(true);
-    }
-
-    /// `EVAL TAKE_SCRIPT 1 key rate burst want`, bounded by the Redis timeout.
-    async fn take(&self, user: &str, rate: u32, want: u32) -> Result<Grant, String> {
-        let eval = CustomCommand::new_static("EVAL", ClusterHash::Offset(2), false);
+    /// `TAKE_SCRIPT` on the user's key, bounded by the Redis timeout; an outage is reported to
+    /// the link (which then reads down until its probe answers).
+    async fn take(&self, user: &str, rate: u32, want: u32) -> Result<Grant, RedisError> {
         let args = vec![
-            Value::from(TAKE_SCRIPT),
-            Value::from(1_i64),
-            Value::from(format!("{}{user}", self.prefix)),
             Value::from(i64::from(rate)),
             Value::from(i64::from(rate) * i64::from(BURST_FACTOR)),
             Value::from(i64::from(want)),
         ];
-        let client = self.client.with_options(&self.options);
-        let call = client.custom::<(i64, i64), _>(eval, args);
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok((granted, wait_ms))) => Ok(Grant {
-                granted: u32::try_from(granted).unwrap_or(0),
-                wait: Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0).max(1)),
-            }),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
-        }
-    }
-
-    /// Redis failed (or its state is unknown, `error` = `None`): decide per node until a probe
-    /// answers.
-    fn failed(self: &Arc<Self>, error: Option<&str>) {
-        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
-        if health.usable {
-            health.usable = false;
-            self.usable.store(false, Ordering::Release);
-            metrics::gauge!(m::RATE_LIMIT_REDIS_UP).set(0.0);
-            tracing::warn!(
-                error = error.unwrap_or("unknown"),
-                "Redis unusable for the user rate limit: limiting per node"
-            );
-        }
-        if !health.probing {
-            health.probing = true;
-            tokio::spawn(Arc::clone(self).probe());
-        }
-    }
-
-    /// Pings Redis until it answers (then it is usable again) or the node stops.
-    async fn probe(self: Arc<Self>) {
-        loop {
-            let client = self.client.with_options(&self.options);
-            let ping = client.ping::<Value>(None);
-            if let Ok(Ok(_)) = tokio::time::timeout(self.timeout, ping).await {
-                let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
-                health.usable = true;
-                health.probing = false;
-                self.usable.store(true, Ordering::Release);
-                metrics::gauge!(m::RATE_LIMIT_REDIS_UP).set(1.0);
-                tracing::info!("Redis usable for the user rate limit: limiting across nodes");
-                return;
-            }
-            tokio::select! {
-                _ = self.stop.cancelled() => return,
-                _ = tokio::time::sleep(REDIS_RETRY) => {}
-            }
-        }
+        let key = format!("{}{user}", self.prefix);
+        let (granted, wait_ms): (i64, i64) = self.take.run(&self.link, &key, args).await?;
+        Ok(Grant {
+            granted: u32::try_from(granted).unwrap_or(0),
+            wait: Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0).max(1)),
+        })
     }
 }
