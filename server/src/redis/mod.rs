@@ -187,8 +187,11 @@ impl RedisLink {
 
     /// A command went unanswered (`error` says how): the link is down until the probe answers
     /// again. Error replies from Redis are not outages and are ignored here.
+    /// While the link is still `Connecting` only the probe decides: a command sent before the
+    /// connection was made fails at once (commands fail fast) and proves nothing, and calling the
+    /// link down then would make the user limit count per node right after start.
     pub fn report_outage(&self, error: &RedisError) {
-        if is_outage(error) {
+        if is_outage(error) && self.state() != LinkState::Connecting {
             self.shared.mark(LinkState::Down, &error.to_string());
         }
     }
