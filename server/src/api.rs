@@ -14,7 +14,6 @@ use crate::app::AppState;
 use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::protocol::{self, validate_room};
-use crate::ratelimit;
 use crate::store::NewMessage;
 use crate::writer::CommitError;
 
@@ -162,7 +161,7 @@ async fn post_message(
     // Counted before the body is read: a refused POST costs the node next to nothing.
     if !caller.is_server() {
         if let Err(wait) = state.user_limits.acquire(&caller.user).await {
-            return Ok(ratelimit::http_refusal(wait));
+            return Ok(crate::error::rate_limited(wait));
         }
     }
     let max_body = state.config.max_message_bytes;

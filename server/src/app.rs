@@ -21,6 +21,7 @@ use crate::error::ApiError;
 use crate::hub::{Hub, SessionId};
 use crate::jobs::{self, Jobs};
 use crate::ratelimit::{ExcessAllowance, UserLimiter};
+use crate::redis::RedisLink;
 use crate::relay::{self, RelayStatus};
 use crate::store::Store;
 use crate::writer::Writers;
@@ -52,6 +53,9 @@ pub struct Shared {
     /// The node-wide allowance for frames from over-rate connections
     /// (`SEQCAST_EXCESS_FRAME_RATE`).
     pub excess: ExcessAllowance,
+    /// The link to Redis (`None` without `REDIS_URL`, and on a SQLite node): its state is what
+    /// `/ready` shows as `bus_state`.
+    pub redis: Option<RedisLink>,
     next_session: AtomicU64,
 }
 
@@ -92,13 +96,16 @@ impl AppState {
             let mut redis = None;
             let bus = match &config.redis_url {
                 Some(url) => {
-                    let (bus, events) = RedisBus::start(
+                    // One link for the bus, the user limit and the election: one opinion of
+                    // whether Redis works.
+                    let link = RedisLink::start(
                         url,
                         &config.redis_prefix,
                         config.redis_timeout,
                         background.clone(),
                     )?;
-                    redis = Some(bus.client());
+                    let (bus, events) = RedisBus::start(&link, background.clone());
+                    redis = Some(link);
                     Some((Arc::new(bus) as Arc<dyn Bus>, events))
                 }
                 None => None,
@@ -115,8 +122,8 @@ impl AppState {
             (hub, publisher, relay, redis)
         };
         let excess = ExcessAllowance::new(config.excess_frame_rate, background.clone());
-        let user_limits = UserLimiter::new(&config, redis.clone(), background.clone());
-        let jobs = jobs::spawn(&config, Arc::clone(&store), redis, background);
+        let user_limits = UserLimiter::new(&config, redis.clone());
+        let jobs = jobs::spawn(&config, Arc::clone(&store), redis.clone(), background);
         let writers = Writers::new(
             Arc::clone(&store),
             hub.clone(),
@@ -137,6 +144,7 @@ impl AppState {
             jobs,
             user_limits,
             excess,
+            redis,
             next_session: AtomicU64::new(1),
         })))
     }

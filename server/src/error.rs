@@ -1,7 +1,9 @@
 //! The HTTP error boundary: every handler error becomes `{"error": code, "message": text}` with
 //! its status here, in one place. Internal details are logged, never sent to the client.
 
-use axum::http::StatusCode;
+use std::time::Duration;
+
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
@@ -67,6 +69,23 @@ impl ApiError {
             "internal error",
         )
     }
+}
+
+/// The answer to an HTTP request past its user's rate (`SEQCAST_USER_SEND_RATE`): 429
+/// `rate_limited`, with `Retry-After` in whole seconds (rounded up, at least 1) and the wait in
+/// milliseconds in the message, as on the WebSocket.
+pub fn rate_limited(wait: Duration) -> Response {
+    let mut response = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::RateLimited,
+        crate::ratelimit::user::user_refusal(wait),
+    )
+    .into_response();
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+    response
 }
 
 impl IntoResponse for ApiError {

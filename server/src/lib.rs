@@ -18,16 +18,19 @@
 //!   commit); the only way a message is committed.
 //! - [`hub`]: which local sessions are in which room; non-blocking fan-out into each session's
 //!   mailbox.
+//! - [`redis`]: the node's one link to Redis (its clients, one health state with its probe, Lua
+//!   scripts), shared by the bus, the per-user rate limit and the leader election.
 //! - [`bus`]: the `Bus` trait with Redis and in-process transports between nodes.
 //! - [`relay`]: bus subscriptions, messages from other nodes, and head checks against the
 //!   database that find what the bus lost (or, without Redis, carry everything).
-//! - [`jobs`]: leader election through Redis and the background jobs (retention).
+//! - [`jobs`]: leader election through the Redis link and the background jobs (retention).
 //! - [`session`]: one connection; its outbound half keeps a cursor per room and reads the
 //!   database whenever it is behind the live stream (join with `since`, gaps, slow clients).
 //! - [`api`], [`ws`], [`ops`]: the HTTP surface; [`app`] ties state and router together.
 //! - [`listener`]: the HTTP server loop (request deadlines, peer addresses, graceful stop).
 //! - [`admission`]: who may connect: origins, client addresses, connection limits.
-//! - [`ratelimit`]: send rates per connection and per user (token buckets, Redis leases).
+//! - [`ratelimit`]: send rates per connection and per user (token buckets, Redis leases), one
+//!   file per mechanism.
 //! - [`metrics`]: Prometheus names and exporter.
 //!
 //! [`serve`] runs a node on a listener until a shutdown future resolves, then drains.
@@ -47,6 +50,7 @@ pub mod ops;
 /// The wire protocol, a crate of its own (`protocol/`) so that fuzzing builds it alone.
 pub use seqcast_protocol as protocol;
 pub mod ratelimit;
+pub mod redis;
 pub mod relay;
 pub mod session;
 pub mod store;
@@ -136,6 +140,10 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("background jobs did not stop in time");
+    }
+    // Last, once the election has released its lock through it.
+    if let Some(link) = &state.redis {
+        let _ = tokio::time::timeout(JOBS_STOP_TIMEOUT, link.quit()).await;
     }
     upkeep.abort();
     tracing::info!("stopped");

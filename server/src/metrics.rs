@@ -32,7 +32,10 @@ pub const BUS_PUBLISHED: &str = "seqcast_bus_published_total";
 pub const BUS_PUBLISH_DROPPED: &str = "seqcast_bus_publish_dropped_total";
 /// Messages received from other nodes through the bus (counter).
 pub const BUS_RECEIVED: &str = "seqcast_bus_received_total";
-/// 1 while the bus (Redis) answers, 0 while the node relies on database polling (gauge).
+/// The node's Redis link (gauge): 1 while it is up, 0 while it is down or still connecting (the
+/// bus then relies on database polling and the user limit counts per node). Absent on a node
+/// without Redis (SQLite, or Postgres without `REDIS_URL`): nothing there is down, and an alert
+/// on `== 0` must not fire for it, nor a `min`/`avg` across nodes be pulled by a made-up value.
 pub const BUS_UP: &str = "seqcast_bus_up";
 /// Times a room was found behind the database (a message the bus lost or never carried) (counter).
 pub const GAPS_DETECTED: &str = "seqcast_gaps_detected_total";
@@ -46,9 +49,6 @@ pub const RETENTION_DELETED: &str = "seqcast_retention_deleted_total";
 pub const RATE_LIMITED: &str = "seqcast_rate_limited_total";
 /// Connections closed (1008) for sustained tenfold abuse of their rate (counter).
 pub const RATE_LIMIT_CLOSED: &str = "seqcast_rate_limit_closed_total";
-/// 1 while the per-user limit is counted in Redis, 0 while this node counts it alone (gauge; only
-/// with `REDIS_URL`).
-pub const RATE_LIMIT_REDIS_UP: &str = "seqcast_rate_limit_redis_up";
 /// Times an over-rate connection was not read because the node's allowance for excess frames
 /// (`SEQCAST_EXCESS_FRAME_RATE`) was spent (counter).
 pub const EXCESS_DEFERRED: &str = "seqcast_excess_frames_deferred_total";
@@ -128,7 +128,10 @@ fn describe() {
         "Messages not published (bus down or queue full)"
     );
     describe_counter!(BUS_RECEIVED, "Messages received from other nodes");
-    describe_gauge!(BUS_UP, "1 while the bus answers");
+    describe_gauge!(
+        BUS_UP,
+        "1 while the Redis link is up (absent without Redis)"
+    );
     describe_counter!(GAPS_DETECTED, "Rooms found behind the database");
     describe_counter!(
         MESSAGES_REPAIRED,
@@ -140,10 +143,6 @@ fn describe() {
     describe_counter!(
         RATE_LIMIT_CLOSED,
         "Connections closed for tenfold abuse of their rate"
-    );
-    describe_gauge!(
-        RATE_LIMIT_REDIS_UP,
-        "1 while the per-user rate is counted in Redis"
     );
     describe_counter!(
         EXCESS_DEFERRED,
@@ -160,6 +159,6 @@ fn describe() {
     metrics::counter!(BUS_RECEIVED).absolute(0);
     metrics::counter!(GAPS_DETECTED).absolute(0);
     metrics::counter!(MESSAGES_REPAIRED).absolute(0);
-    metrics::gauge!(BUS_UP).set(0.0);
+    // Not BUS_UP: it exists only on a node with Redis (set by `crate::redis`).
     metrics::gauge!(LEADER).set(0.0);
 }

@@ -40,7 +40,8 @@ async fn ready(State(state): State<AppState>) -> Response {
                 "store": store,
                 "draining": false,
                 "bus": state.relay.kind(),
-                "bus_state": state.relay.state().as_str(),
+                // The Redis link's state, the one the bus, the user limit and the election go by.
+                "bus_state": state.redis.as_ref().map_or("not configured", |link| link.state().as_str()),
                 "leader": state.jobs.is_leader(),
                 "rooms": state.hub.room_count(),
             });

@@ -14,6 +14,7 @@ use axum::extract::ws::Utf8Bytes;
 use seqcast::bus::local::LocalNetwork;
 use seqcast::bus::redis::RedisBus;
 use seqcast::bus::{Bus, BusEvent, BusMessage, BusState};
+use seqcast::redis::RedisLink;
 use support::redis::TestRedis;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -50,7 +51,8 @@ fn local_pair() -> Pair {
 }
 
 async fn redis_node(redis: &TestRedis, stop: &CancellationToken) -> Node {
-    let (bus, events) = RedisBus::start(&redis.url(), "test:", TIMEOUT, stop.clone()).expect("bus");
+    let link = RedisLink::start(&redis.url(), "test:", TIMEOUT, stop.clone()).expect("link");
+    let (bus, events) = RedisBus::start(&link, stop.clone());
     let bus: Arc<dyn Bus> = Arc::new(bus);
     wait_for_state(&bus, BusState::Up).await;
     (bus, events)

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fred::prelude::{Builder, ClientLike, Config as RedisConfig, ReconnectPolicy};
 use seqcast::jobs::{self, ElectionConfig, Leadership};
+use seqcast::redis::{LinkState, RedisLink};
 use seqcast::store::{NewMessage, RoomInfo, SqliteStore, Store};
 use seqcast::Config;
 use support::redis::TestRedis;
@@ -29,15 +29,15 @@ const TIMEOUT: Duration = Duration::from_millis(200);
 
 const KEY: &str = "test:leader";
 
-/// A connected Redis client, as a node builds it, that reconnects quickly.
-async fn redis_client(redis: &TestRedis) -> fred::clients::Client {
-    let client = Builder::from_config(RedisConfig::from_url(&redis.url()).unwrap())
-        .with_connection_config(|c| c.connection_timeout = Duration::from_secs(1))
-        .set_policy(ReconnectPolicy::new_constant(0, 50))
-        .build()
-        .unwrap();
-    client.init().await.unwrap();
-    client
+/// A node's Redis link, once its first probe answered.
+async fn redis_link(redis: &TestRedis) -> RedisLink {
+    let link = RedisLink::start(&redis.url(), "test:", TIMEOUT, CancellationToken::new()).unwrap();
+    assert_eq!(
+        link.settled().await,
+        LinkState::Up,
+        "the test Redis answers"
+    );
+    link
 }
 
 /// One node's part in the election.
@@ -54,9 +54,8 @@ impl Candidate {
             key: KEY.to_owned(),
             node_id: name.to_owned(),
             ttl: TTL,
-            timeout: TIMEOUT,
         };
-        let (leadership, election) = Leadership::elect(redis_client(redis).await, config);
+        let (leadership, election) = Leadership::elect(redis_link(redis).await, config);
         let stop = CancellationToken::new();
         let task = tokio::spawn(election.run(stop.clone()));
         Candidate {
@@ -431,7 +430,7 @@ async fn retention_runs_only_on_the_leader() {
     let jobs = jobs::spawn(
         &retention_config("here"),
         store.clone(),
-        Some(redis_client(&redis).await),
+        Some(redis_link(&redis).await),
         shutdown.clone(),
     );
 

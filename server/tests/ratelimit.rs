@@ -25,8 +25,8 @@ use support::ws::{Auth, Event, WsClient, RECV_DEADLINE};
 
 const SECRET: &str = "ratelimit-test-secret";
 const API_KEY: &str = "ratelimit-test-api-key";
-/// The gauge that says whether the per-user limit is counted in Redis.
-const REDIS_UP: &str = "seqcast_rate_limit_redis_up";
+/// The gauge of the node's Redis link, which says whether the per-user limit is counted in Redis.
+const REDIS_UP: &str = "seqcast_bus_up";
 /// Every scenario ends well within this.
 const DEADLINE: Duration = Duration::from_secs(120);
 

@@ -4,27 +4,23 @@
 //! Publishing never blocks a commit: messages go to a bounded queue that one task drains,
 //! issuing the queued PUBLISHes together (fred pipelines commands in flight on a connection).
 //!
-//! Health: every command has a timeout (`SEQCAST_REDIS_TIMEOUT`), and a probe pings both
-//! connections twice per timeout. A Redis that is down, or up but not answering (paused), turns
-//! the bus [`BusState::Down`]: publishes are dropped at once instead of queueing, and the relay
-//! polls the database instead. When the probe succeeds again the bus is `Up` and emits
-//! [`BusEvent::MaybeLost`], so subscriptions are renewed and every room's head is checked.
+//! Health is the node's [`RedisLink`]'s (see `crate::redis`): while the link is not up,
+//! publishes are dropped at once instead of queueing, and the relay polls the database instead.
+//! A publish that gets no answer reports an outage to the link. When the link is up again the
+//! bus emits [`BusEvent::State`] then [`BusEvent::MaybeLost`], so subscriptions are renewed and
+//! every room's head is checked.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use fred::clients::{Client, SubscriberClient};
-use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
-use fred::types::config::{Config as FredConfig, ReconnectPolicy};
-use fred::types::Builder;
+use fred::interfaces::{EventInterface, PubsubInterface};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{decode, encode, Bus, BusError, BusEvent, BusMessage, BusState};
 use crate::metrics as m;
+use crate::redis::{timed_out, LinkState, RedisLink};
 
 /// Messages waiting to be published; past this they are dropped (and repaired by receivers).
 const PUBLISH_QUEUE: usize = 16384;
@@ -32,8 +28,6 @@ const PUBLISH_QUEUE: usize = 16384;
 const PUBLISH_BATCH: usize = 256;
 /// Events buffered for the relay.
 const EVENT_QUEUE: usize = 4096;
-/// fred's internal pub/sub broadcast capacity (its default, 32, drops messages under load).
-const BROADCAST_CAPACITY: usize = 8192;
 
 pub struct RedisBus {
     shared: Arc<Shared>,
@@ -43,65 +37,30 @@ struct Shared {
     prefix: String,
     /// Distinguishes this process's own messages when they come back from Redis.
     origin: String,
-    timeout: Duration,
-    publisher: Client,
-    subscriber: SubscriberClient,
+    link: RedisLink,
     queue: mpsc::Sender<(String, Bytes)>,
-    up: AtomicBool,
     events: mpsc::Sender<BusEvent>,
 }
 
 impl RedisBus {
-    /// Starts connecting to `url` in the background and returns at once: a node starts, and
-    /// serves, with Redis down.
+    /// Starts the bus on `link` (connected, or not yet, in the background). Its tasks stop with
+    /// `shutdown`.
     pub fn start(
-        url: &str,
-        prefix: &str,
-        timeout: Duration,
+        link: &RedisLink,
         shutdown: CancellationToken,
-    ) -> Result<(RedisBus, mpsc::Receiver<BusEvent>), BusError> {
-        let config = FredConfig::from_url(url).map_err(|e| BusError::Unavailable(e.to_string()))?;
-        let mut builder = Builder::from_config(config);
-        builder
-            // Keep reconnecting forever, backing off to 2 s.
-            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2000, 2))
-            .with_performance_config(|perf| {
-                perf.default_command_timeout = timeout;
-                perf.broadcast_channel_capacity = BROADCAST_CAPACITY;
-            })
-            .with_connection_config(|conn| {
-                conn.connection_timeout = timeout.max(Duration::from_secs(1));
-                conn.internal_command_timeout = timeout.max(Duration::from_secs(1));
-                // A paused Redis keeps the TCP connection open: treat silence as a dead link.
-                conn.unresponsive.max_timeout = Some(timeout * 3);
-                conn.unresponsive.interval = (timeout / 2).max(Duration::from_millis(50));
-                conn.max_command_attempts = 1;
-            });
-        let publisher = builder
-            .build()
-            .map_err(|e| BusError::Unavailable(e.to_string()))?;
-        let subscriber = builder
-            .build_subscriber_client()
-            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+    ) -> (RedisBus, mpsc::Receiver<BusEvent>) {
         let (queue, queued) = mpsc::channel(PUBLISH_QUEUE);
         let (events, events_rx) = mpsc::channel(EVENT_QUEUE);
         let shared = Arc::new(Shared {
-            prefix: format!("{prefix}room:"),
+            prefix: format!("{}room:", link.prefix()),
             origin: uuid::Uuid::new_v4().simple().to_string(),
-            timeout,
-            publisher,
-            subscriber,
+            link: link.clone(),
             queue,
-            up: AtomicBool::new(false),
             events,
         });
-        // The connection tasks run until `quit`; their handles are not needed.
-        drop(shared.publisher.connect());
-        drop(shared.subscriber.connect());
         tokio::spawn(Arc::clone(&shared).publish_loop(queued, shutdown.clone()));
-        tokio::spawn(Arc::clone(&shared).receive_loop(shutdown.clone()));
-        tokio::spawn(Arc::clone(&shared).health_loop(shutdown));
-        Ok((RedisBus { shared }, events_rx))
+        tokio::spawn(Arc::clone(&shared).receive_loop(shutdown));
+        (RedisBus { shared }, events_rx)
     }
 }
 
@@ -124,19 +83,20 @@ impl Shared {
             if n == 0 {
                 break;
             }
-            if !self.up.load(Ordering::Acquire) {
+            if !self.link.is_up() {
                 metrics::counter!(m::BUS_PUBLISH_DROPPED).increment(n as u64);
                 batch.clear();
                 continue;
             }
             // One pipeline per batch: the commands go to the connection together and come back
             // as one response, rather than a command future and a reply channel per message.
-            let pipeline = self.publisher.pipeline();
+            let pipeline = self.link.commands().pipeline();
             for (channel, payload) in batch.drain(..) {
                 // Only queues the command in memory; the outcome comes from `try_all`.
                 let _: Result<(), _> = pipeline.publish(channel, payload).await;
             }
-            match tokio::time::timeout(self.timeout, pipeline.try_all::<i64>()).await {
+            let timeout = self.link.timeout();
+            match tokio::time::timeout(timeout, pipeline.try_all::<i64>()).await {
                 Ok(results) => {
                     // Counted from the successes: a broken connection may answer with fewer
                     // results than commands.
@@ -145,25 +105,49 @@ impl Shared {
                     metrics::counter!(m::BUS_PUBLISHED).increment(published as u64);
                     if failed > 0 {
                         metrics::counter!(m::BUS_PUBLISH_DROPPED).increment(failed as u64);
-                        self.mark(BusState::Down, "publish failed").await;
+                    }
+                    if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+                        self.link.report_outage(e);
                     }
                 }
                 Err(_) => {
                     metrics::counter!(m::BUS_PUBLISH_DROPPED).increment(n as u64);
-                    self.mark(BusState::Down, "publish timed out").await;
+                    self.link.report_outage(&timed_out(timeout));
                 }
             }
         }
-        let _ = self.publisher.quit().await;
     }
 
     async fn receive_loop(self: Arc<Self>, stop: CancellationToken) {
         use tokio::sync::broadcast::error::RecvError;
-        let mut messages = self.subscriber.message_rx();
-        let mut reconnects = self.subscriber.reconnect_rx();
+        let mut messages = self.link.subscriber().message_rx();
+        let mut reconnects = self.link.subscriber().reconnect_rx();
+        let mut states = self.link.watch();
+        // Report the state it has now too, should it be up already.
+        states.mark_changed();
+        let mut was_up = false;
         loop {
             let event = tokio::select! {
                 _ = stop.cancelled() => break,
+                changed = states.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let up = *states.borrow_and_update() == LinkState::Up;
+                    if up == was_up {
+                        continue;
+                    }
+                    was_up = up;
+                    let state = if up { BusState::Up } else { BusState::Down };
+                    if self.events.send(BusEvent::State(state)).await.is_err() {
+                        break;
+                    }
+                    if !up {
+                        continue;
+                    }
+                    // Up again: what was published meanwhile never reached us.
+                    BusEvent::MaybeLost
+                }
                 reconnect = reconnects.recv() => match reconnect {
                     // A new connection has no subscriptions: the relay renews them.
                     Ok(_) | Err(RecvError::Lagged(_)) => BusEvent::MaybeLost,
@@ -191,58 +175,6 @@ impl Shared {
                 break;
             }
         }
-        let _ = self.subscriber.quit().await;
-    }
-
-    /// Pings both connections regularly; the bus is up only while both answer in time.
-    async fn health_loop(self: Arc<Self>, stop: CancellationToken) {
-        let mut tick = tokio::time::interval((self.timeout / 2).max(Duration::from_millis(50)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            let probe = async {
-                let a = self.publisher.ping::<fred::types::Value>(None).await;
-                let b = self.subscriber.ping::<fred::types::Value>(None).await;
-                a.is_ok() && b.is_ok()
-            };
-            match tokio::time::timeout(self.timeout, probe).await {
-                Ok(true) => self.mark(BusState::Up, "ping answered").await,
-                Ok(false) => self.mark(BusState::Down, "ping failed").await,
-                Err(_) => self.mark(BusState::Down, "ping timed out").await,
-            }
-        }
-    }
-
-    /// Records a state change once (logs, metric, event); repeated reports of the same state
-    /// are ignored.
-    async fn mark(&self, state: BusState, why: &str) {
-        let up = state == BusState::Up;
-        if self.up.swap(up, Ordering::AcqRel) == up {
-            return;
-        }
-        metrics::gauge!(m::BUS_UP).set(if up { 1.0 } else { 0.0 });
-        if up {
-            tracing::info!("Redis is up: pub/sub fan-out resumed");
-        } else {
-            tracing::warn!(
-                reason = why,
-                "Redis is down: delivering through database polling"
-            );
-        }
-        let _ = self.events.send(BusEvent::State(state)).await;
-        if up {
-            let _ = self.events.send(BusEvent::MaybeLost).await;
-        }
-    }
-}
-
-impl RedisBus {
-    /// The bus's command connection, shared with the leader election.
-    pub fn client(&self) -> Client {
-        self.shared.publisher.clone()
     }
 }
 
@@ -254,7 +186,7 @@ impl Bus for RedisBus {
 
     fn publish(&self, message: &BusMessage) {
         let s = &self.shared;
-        if !s.up.load(Ordering::Acquire) {
+        if !s.link.is_up() {
             metrics::counter!(m::BUS_PUBLISH_DROPPED).increment(1);
             return;
         }
@@ -266,7 +198,8 @@ impl Bus for RedisBus {
 
     async fn subscribe(&self, room: &str) -> Result<(), BusError> {
         let s = &self.shared;
-        match tokio::time::timeout(s.timeout, s.subscriber.subscribe(s.channel(room))).await {
+        let subscribe = s.link.subscriber().subscribe(s.channel(room));
+        match tokio::time::timeout(s.link.timeout(), subscribe).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
             Err(_) => Err(BusError::Timeout),
@@ -275,7 +208,8 @@ impl Bus for RedisBus {
 
     async fn unsubscribe(&self, room: &str) -> Result<(), BusError> {
         let s = &self.shared;
-        match tokio::time::timeout(s.timeout, s.subscriber.unsubscribe(s.channel(room))).await {
+        let unsubscribe = s.link.subscriber().unsubscribe(s.channel(room));
+        match tokio::time::timeout(s.link.timeout(), unsubscribe).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
             Err(_) => Err(BusError::Timeout),
@@ -283,7 +217,7 @@ impl Bus for RedisBus {
     }
 
     fn state(&self) -> BusState {
-        if self.shared.up.load(Ordering::Acquire) {
+        if self.shared.link.is_up() {
             BusState::Up
         } else {
             BusState::Down

@@ -8,17 +8,16 @@ use std::future::pending;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use fred::clients::Client;
 use fred::error::Error as RedisError;
 use fred::interfaces::{ClientLike, KeysInterface};
-use fred::types::config::Options;
-use fred::types::{ClusterHash, CustomCommand, Expiration, SetOptions, Value};
+use fred::types::{Expiration, SetOptions, Value};
 use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::Config;
+use crate::redis::{timed_out, RedisLink, Script};
 
 use crate::metrics::LEADER;
 
@@ -38,10 +37,9 @@ pub struct ElectionConfig {
     /// Part of the lock's value, so that `GET seqcast:leader` shows who leads.
     pub node_id: String,
     /// `SEQCAST_LEADER_TTL`: the lock's lifetime in Redis, default 10 s. A node that crashes
-    /// while leading is replaced within about this long.
+    /// while leading is replaced within about this long. Each command is bounded by the link's
+    /// timeout (`SEQCAST_REDIS_TIMEOUT`).
     pub ttl: Duration,
-    /// `SEQCAST_REDIS_TIMEOUT`: how long one Redis command may take, default 1 s.
-    pub timeout: Duration,
 }
 
 impl ElectionConfig {
@@ -50,7 +48,6 @@ impl ElectionConfig {
             key: format!("{}leader", config.redis_prefix),
             node_id: config.node_id.clone(),
             ttl: config.leader_ttl,
-            timeout: config.redis_timeout,
         }
     }
 
@@ -105,9 +102,9 @@ impl Leadership {
         }
     }
 
-    /// Leadership decided by a lock in Redis, through `redis` (connected by the caller). Leads
-    /// only once the returned [`Election`] runs and has acquired the lock.
-    pub fn elect(redis: Client, config: ElectionConfig) -> (Leadership, Election) {
+    /// Leadership decided by a lock in Redis, through the node's Redis link. Leads only once the
+    /// returned [`Election`] runs and has acquired the lock.
+    pub fn elect(redis: RedisLink, config: ElectionConfig) -> (Leadership, Election) {
         metrics::gauge!(LEADER).set(0.0);
         let leadership = Leadership {
             shared: Arc::new(Shared {
@@ -120,15 +117,10 @@ impl Leadership {
             ttl_ms: i64::try_from(config.ttl.as_millis())
                 .unwrap_or(i64::MAX)
                 .max(1),
-            options: Options {
-                timeout: Some(config.timeout),
-                // A connection that is down fails the command at once rather than queueing it
-                // for a reconnection.
-                fail_fast: true,
-                ..Options::default()
-            },
             key: config.key.clone(),
             redis,
+            extend: Script::new(EXTEND),
+            release: Script::new(RELEASE),
         };
         let election = Election {
             leadership: leadership.clone(),
@@ -287,13 +279,15 @@ impl Election {
 
 /// The lock in Redis: a key holding this node's unique value, with a TTL.
 struct Lock {
-    redis: Client,
+    /// Its commands fail at once while disconnected and time out after the link's timeout; an
+    /// outage is reported to the link.
+    redis: RedisLink,
     key: String,
     /// `{node_id}:{random uuid}`: unique to this election, so only it can extend or release.
     value: String,
     ttl_ms: i64,
-    /// Every command's timeout.
-    options: Options,
+    extend: Script,
+    release: Script,
 }
 
 impl Lock {
@@ -317,42 +311,33 @@ impl Lock {
     }
 
     async fn set_if_absent(&self) -> Result<bool, RedisError> {
-        let set: Option<String> = self
-            .redis
-            .with_options(&self.options)
-            .set(
-                self.key.as_str(),
-                self.value.as_str(),
-                Some(Expiration::PX(self.ttl_ms)),
-                Some(SetOptions::NX),
-                false,
-            )
-            .await?;
-        Ok(set.is_some())
+        let client = self.redis.commands().with_options(self.redis.options());
+        let set = client.set::<Option<String>, _, _>(
+            self.key.as_str(),
+            self.value.as_str(),
+            Some(Expiration::PX(self.ttl_ms)),
+            Some(SetOptions::NX),
+            false,
+        );
+        let set = match tokio::time::timeout(self.redis.timeout(), set).await {
+            Ok(set) => set,
+            Err(_) => Err(timed_out(self.redis.timeout())),
+        };
+        if let Err(e) = &set {
+            self.redis.report_outage(e);
+        }
+        Ok(set?.is_some())
     }
 
     async fn extend(&self) -> Result<bool, RedisError> {
-        Ok(self.script(EXTEND, Some(self.ttl_ms)).await? == 1)
+        let args = vec![Value::from(self.value.as_str()), Value::from(self.ttl_ms)];
+        let extended: i64 = self.extend.run(&self.redis, &self.key, args).await?;
+        Ok(extended == 1)
     }
 
     async fn release(&self) -> Result<bool, RedisError> {
-        Ok(self.script(RELEASE, None).await? == 1)
-    }
-
-    /// `EVAL script 1 key value [arg]`. Through `custom` because fred's `eval` is not available
-    /// with per-command options; the key (argument 2) picks the cluster node.
-    async fn script(&self, script: &'static str, arg: Option<i64>) -> Result<i64, RedisError> {
-        let eval = CustomCommand::new_static("EVAL", ClusterHash::Offset(2), false);
-        let mut args = vec![
-            Value::from(script),
-            Value::from(1_i64),
-            Value::from(self.key.as_str()),
-            Value::from(self.value.as_str()),
-        ];
-        args.extend(arg.map(Value::from));
-        self.redis
-            .with_options(&self.options)
-            .custom(eval, args)
-            .await
+        let args = vec![Value::from(self.value.as_str())];
+        let released: i64 = self.release.run(&self.redis, &self.key, args).await?;
+        Ok(released == 1)
     }
 }

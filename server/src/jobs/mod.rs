@@ -49,6 +49,7 @@ pub use leader::{Election, ElectionConfig, Leadership};
 pub use retention::RetentionConfig;
 
 use crate::config::Config;
+use crate::redis::RedisLink;
 use crate::store::Store;
 
 /// The background jobs of a node, started by [`spawn`]. Cheap to clone.
@@ -76,13 +77,13 @@ impl Jobs {
     }
 }
 
-/// Starts the election (when `redis` is given, else every node leads) and the jobs the
-/// configuration asks for: retention when `config.retention` is set. They run until `shutdown` is
-/// cancelled. `redis` must be connected already; it may be shared with other users.
+/// Starts the election (on the node's Redis link when given, else every node leads) and the jobs
+/// the configuration asks for: retention when `config.retention` is set. They run until
+/// `shutdown` is cancelled.
 pub fn spawn(
     config: &Config,
     store: Arc<dyn Store>,
-    redis: Option<fred::clients::Client>,
+    redis: Option<RedisLink>,
     shutdown: CancellationToken,
 ) -> Jobs {
     let tasks = TaskTracker::new();
