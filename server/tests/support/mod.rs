@@ -1,4 +1,5 @@
 pub mod cluster;
+pub mod load;
 pub mod postgres;
 pub mod redis;
 pub mod scenario;
