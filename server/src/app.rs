@@ -21,6 +21,7 @@ use crate::error::ApiError;
 use crate::hub::{Hub, SessionId};
 use crate::jobs::{self, Jobs};
 use crate::ratelimit::{ExcessAllowance, UserLimiter};
+use crate::reads::UserReads;
 use crate::relay::{self, RelayStatus};
 use crate::store::Store;
 use crate::writer::Writers;
@@ -52,6 +53,8 @@ pub struct Shared {
     /// The node-wide allowance for frames from over-rate connections
     /// (`SEQCAST_EXCESS_FRAME_RATE`).
     pub excess: ExcessAllowance,
+    /// Database reads in flight per user (`SEQCAST_USER_READ_CONCURRENCY`).
+    pub user_reads: UserReads,
     next_session: AtomicU64,
 }
 
@@ -114,6 +117,7 @@ impl AppState {
             );
             (hub, publisher, relay, redis)
         };
+        let user_reads = UserReads::new(config.user_read_concurrency);
         let excess = ExcessAllowance::new(config.excess_frame_rate, background.clone());
         let user_limits = UserLimiter::new(&config, redis.clone(), background.clone());
         let jobs = jobs::spawn(&config, Arc::clone(&store), redis, background);
@@ -137,6 +141,7 @@ impl AppState {
             jobs,
             user_limits,
             excess,
+            user_reads,
             next_session: AtomicU64::new(1),
         })))
     }

@@ -28,6 +28,7 @@
 //! - [`listener`]: the HTTP server loop (request deadlines, peer addresses, graceful stop).
 //! - [`admission`]: who may connect: origins, client addresses, connection limits.
 //! - [`ratelimit`]: send rates per connection and per user (token buckets, Redis leases).
+//! - [`reads`]: database reads in flight per user (HTTP history, joins, catch-ups).
 //! - [`metrics`]: Prometheus names and exporter.
 //!
 //! [`serve`] runs a node on a listener until a shutdown future resolves, then drains.
@@ -47,6 +48,7 @@ pub mod ops;
 /// The wire protocol, a crate of its own (`protocol/`) so that fuzzing builds it alone.
 pub use seqcast_protocol as protocol;
 pub mod ratelimit;
+pub mod reads;
 pub mod relay;
 pub mod session;
 pub mod store;
