@@ -318,8 +318,8 @@ impl Shared {
     ///
     /// Without this each group behind waited out a deadline of its own: with more ready rooms
     /// than the committers take at once (`MAX_GROUP` each), a message queued behind them was
-    /// answered only after two, three deadlines (10-11 s with the default 4 s and a few hundred
-    /// busy rooms, `tests/db_faults.rs`). Now a message waits at most for the commit in flight
+    /// answered only after two, three deadlines (12 s with the default 4 s and 640 busy rooms,
+    /// `tests/db_faults.rs`; 4.2 s with this). Now a message waits at most for the commit in flight
     /// when it was queued and, if that one succeeded, for its own: two deadlines however long
     /// the queue. Only a timeout sweeps: a deadlock or one broken connection fails fast and says
     /// nothing about the next commit, so it fails only its own group.

@@ -104,7 +104,8 @@ pub fn quantile(samples: &[Sample], p: f64) -> Duration {
 
 /// A WebSocket client sending to `rooms` in turn with up to `window` sends unanswered, each
 /// with an `idem`, until the recorder stops. A send answered with an error is sent again with
-/// the same `idem` (as a client retries), after `retry_pause`. Records `ws send` samples.
+/// the same `idem` (as a client retries) once `retry_pause` has passed; no new message goes out
+/// while retries wait. Every answer is timed when it arrives. Records `ws send` samples.
 pub async fn ws_sender(
     url: String,
     auth_token: Option<String>,
@@ -122,17 +123,21 @@ pub async fn ws_sender(
         .unwrap_or_else(|e| panic!("sender connect: {e}"));
     // Unanswered sends by ref: (idem, room, sent at).
     let mut unanswered: BTreeMap<u64, (String, String, Instant)> = BTreeMap::new();
-    let mut retries: Vec<(String, String)> = Vec::new();
+    // Refused sends to send again: (idem, room, not before).
+    let mut retries: Vec<(String, String, Instant)> = Vec::new();
     let mut next = 0_u64;
     loop {
         while unanswered.len() < window && !recorder.stopped() {
-            let (idem, room) = match retries.pop() {
-                Some(retry) => retry,
-                None => {
-                    next += 1;
-                    let room = rooms[next as usize % rooms.len()].clone();
-                    (format!("k{next}"), room)
-                }
+            let now = Instant::now();
+            let (idem, room) = if let Some(i) = retries.iter().position(|r| r.2 <= now) {
+                let (idem, room, _) = retries.swap_remove(i);
+                (idem, room)
+            } else if retries.is_empty() {
+                next += 1;
+                let room = rooms[next as usize % rooms.len()].clone();
+                (format!("k{next}"), room)
+            } else {
+                break;
             };
             let reference = client.new_ref().as_u64().expect("numeric ref");
             let frame =
@@ -141,15 +146,21 @@ pub async fn ws_sender(
             client.send_json(frame).await;
             unanswered.insert(reference, (idem, room, started));
         }
-        if unanswered.is_empty() {
+        if recorder.stopped() {
+            retries.clear();
+        }
+        if unanswered.is_empty() && retries.is_empty() {
             return;
         }
-        let oldest = unanswered
-            .values()
-            .map(|(_, _, at)| *at)
-            .min()
-            .expect("one");
-        let left = (oldest + GIVE_UP).saturating_duration_since(Instant::now());
+        let give_up = unanswered.values().map(|(_, _, at)| *at + GIVE_UP).min();
+        let retry_at = retries.iter().map(|r| r.2).min();
+        let until = match (give_up, retry_at) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) => a,
+            (None, Some(b)) => b,
+            (None, None) => unreachable!("checked above"),
+        };
+        let left = until.saturating_duration_since(Instant::now());
         match client.next_event(left).await {
             Some(Event::Frame(frame)) => {
                 let Some(reference) = frame["ref"].as_u64() else {
@@ -161,23 +172,26 @@ pub async fn ws_sender(
                 let outcome = match frame["type"].as_str() {
                     Some("ack") => "ack".to_owned(),
                     Some("error") => {
-                        retries.push((idem, room));
+                        retries.push((idem, room, Instant::now() + retry_pause));
                         frame["code"].as_str().unwrap_or("error").to_owned()
                     }
                     _ => format!("unexpected {frame}"),
                 };
                 recorder.record("ws send", started, outcome);
-                if !retries.is_empty() && !retry_pause.is_zero() {
-                    // A client backing off before its retry; pacing, not synchronization.
-                    tokio::time::sleep(retry_pause).await;
-                }
             }
             Some(other) => panic!("a sender's connection ended: {other:?}"),
+            // A retry is due, or the oldest send is given up on.
             None => {
-                for (_, (_, _, started)) in std::mem::take(&mut unanswered) {
+                let now = Instant::now();
+                let overdue: Vec<u64> = unanswered
+                    .iter()
+                    .filter(|(_, (_, _, at))| *at + GIVE_UP <= now)
+                    .map(|(r, _)| *r)
+                    .collect();
+                for reference in overdue {
+                    let (_, _, started) = unanswered.remove(&reference).expect("listed");
                     recorder.record("ws send", started, "no answer");
                 }
-                return;
             }
         }
     }
