@@ -13,7 +13,9 @@ use serde_json::value::RawValue;
 use crate::app::AppState;
 use crate::auth::Identity;
 use crate::error::ApiError;
+use crate::protocol::ErrorCode;
 use crate::protocol::{self, validate_room};
+use crate::reads::ReadPermit;
 use crate::store::NewMessage;
 use crate::writer::CommitError;
 
@@ -69,12 +71,49 @@ fn readable(caller: &Identity, room: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// One of the caller's read slots (`reads`), held until the response is built; past the
+/// limit the read is refused at once ([`ReadsRefused`]).
+fn read_slot(state: &AppState, caller: &Identity) -> Result<Option<ReadPermit>, ReadsRefused> {
+    if caller.is_server() {
+        return Ok(None);
+    }
+    match state.user_reads.try_acquire(&caller.user) {
+        Some(permit) => Ok(Some(permit)),
+        None => Err(ReadsRefused(state.config.user_read_concurrency)),
+    }
+}
+
+/// A read past `SEQCAST_USER_READ_CONCURRENCY`: 429 with `Retry-After: 1`.
+struct ReadsRefused(usize);
+
+impl IntoResponse for ReadsRefused {
+    fn into_response(self) -> Response {
+        let mut response = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            format!(
+                "at most {} reads per user at once; retry when one is done",
+                self.0
+            ),
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(1));
+        response
+    }
+}
+
 async fn room_info(
     State(state): State<AppState>,
     Caller(caller): Caller,
     Path(room): Path<String>,
 ) -> Result<Response, ApiError> {
     readable(&caller, &room)?;
+    let _slot = match read_slot(&state, &caller) {
+        Ok(slot) => slot,
+        Err(refused) => return Ok(refused.into_response()),
+    };
     let info = state.store.room_info(&room).await?;
     let body = serde_json::json!({ "room": room, "head": info.head, "first": info.first });
     Ok(Json(body).into_response())
@@ -99,6 +138,10 @@ async fn list_messages(
         None => DEFAULT_LIMIT,
         Some(0) => return Err(ApiError::bad_request("limit must be at least 1")),
         Some(n) => n.min(MAX_LIMIT),
+    };
+    let _slot = match read_slot(&state, &caller) {
+        Ok(slot) => slot,
+        Err(refused) => return Ok(refused.into_response()),
     };
     // One more than asked tells whether there is more.
     let (messages, has_more) = match (params.after, params.before) {

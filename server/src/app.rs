@@ -22,6 +22,7 @@ use crate::hub::{Hub, SessionId};
 use crate::jobs::{self, Jobs};
 use crate::ratelimit::{ExcessAllowance, UserLimiter};
 use crate::redis::RedisLink;
+use crate::reads::UserReads;
 use crate::relay::{self, RelayStatus};
 use crate::store::Store;
 use crate::writer::Writers;
@@ -56,6 +57,8 @@ pub struct Shared {
     /// The link to Redis (`None` without `REDIS_URL`, and on a SQLite node): its state is what
     /// `/ready` shows as `bus_state`.
     pub redis: Option<RedisLink>,
+    /// Database reads in flight per user (`SEQCAST_USER_READ_CONCURRENCY`).
+    pub user_reads: UserReads,
     next_session: AtomicU64,
 }
 
@@ -121,6 +124,7 @@ impl AppState {
             );
             (hub, publisher, relay, redis)
         };
+        let user_reads = UserReads::new(config.user_read_concurrency);
         let excess = ExcessAllowance::new(config.excess_frame_rate, background.clone());
         let user_limits = UserLimiter::new(&config, redis.clone());
         let jobs = jobs::spawn(&config, Arc::clone(&store), redis.clone(), background);
@@ -145,6 +149,7 @@ impl AppState {
             user_limits,
             excess,
             redis,
+            user_reads,
             next_session: AtomicU64::new(1),
         })))
     }

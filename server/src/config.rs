@@ -108,6 +108,10 @@ pub struct Config {
     /// are over their own `SEQCAST_SEND_RATE` (token bucket, burst a tenth of a second); past
     /// it those connections are not read until it refills. Default 10000.
     pub excess_frame_rate: u32,
+    /// `SEQCAST_USER_READ_CONCURRENCY`: database reads one user may have in flight on a node
+    /// (HTTP history and room reads refused with 429 past it, WebSocket joins and catch-ups
+    /// wait), default [`crate::reads::DEFAULT_USER_READ_CONCURRENCY`]; 0 = no limit.
+    pub user_read_concurrency: usize,
 }
 
 impl std::fmt::Debug for Config {
@@ -150,6 +154,7 @@ impl std::fmt::Debug for Config {
             .field("send_rate", &self.send_rate)
             .field("user_send_rate", &self.user_send_rate)
             .field("excess_frame_rate", &self.excess_frame_rate)
+            .field("user_read_concurrency", &self.user_read_concurrency)
             .finish()
     }
 }
@@ -194,6 +199,7 @@ impl Default for Config {
             send_rate: 50,
             user_send_rate: 100,
             excess_frame_rate: 10_000,
+            user_read_concurrency: crate::reads::DEFAULT_USER_READ_CONCURRENCY,
         }
     }
 }
@@ -279,6 +285,10 @@ impl Config {
             (
                 "SEQCAST_MAX_CONNECTIONS_PER_IP",
                 &mut c.max_connections_per_ip,
+            ),
+            (
+                "SEQCAST_USER_READ_CONCURRENCY",
+                &mut c.user_read_concurrency,
             ),
         ] {
             if let Some(v) = get(name) {

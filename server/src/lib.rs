@@ -31,6 +31,7 @@
 //! - [`admission`]: who may connect: origins, client addresses, connection limits.
 //! - [`ratelimit`]: send rates per connection and per user (token buckets, Redis leases), one
 //!   file per mechanism.
+//! - [`reads`]: database reads in flight per user (HTTP history, joins, catch-ups).
 //! - [`metrics`]: Prometheus names and exporter.
 //!
 //! [`serve`] runs a node on a listener until a shutdown future resolves, then drains.
@@ -50,6 +51,7 @@ pub mod ops;
 /// The wire protocol, a crate of its own (`protocol/`) so that fuzzing builds it alone.
 pub use seqcast_protocol as protocol;
 pub mod ratelimit;
+pub mod reads;
 pub mod redis;
 pub mod relay;
 pub mod session;

@@ -113,6 +113,8 @@ async fn serve(
     metrics::gauge!(m::CONNECTIONS_OPEN).increment(1.0);
     let id = state.next_session_id();
     let exp = identity.exp;
+    // A refresh cannot change the user, so its read slots are fixed for the session.
+    let reader = (!identity.is_server()).then(|| identity.user.clone());
     let control = ControlQueue::default();
     let mailbox = Mailbox::new(state.config.outbound_queue);
     tracing::debug!(session = id, user = %identity.user, "session open");
@@ -125,7 +127,7 @@ async fn serve(
         control.inbound_gone();
     });
     let outbound = pin!(async {
-        outbound::Outbound::new(&state, id, exp, sink, mailbox)
+        outbound::Outbound::new(&state, id, exp, reader, sink, mailbox)
             .run(&control)
             .await;
         control.outbound_gone();

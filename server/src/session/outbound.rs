@@ -32,6 +32,7 @@ use crate::auth::Identity;
 use crate::hub::{Delivery, Live, Mailbox, SessionId};
 use crate::metrics as m;
 use crate::protocol::{self, ErrorCode, Ref};
+use crate::reads::ReadPermit;
 use crate::store::StoreError;
 
 /// Messages read from the database per catch-up step.
@@ -72,6 +73,9 @@ pub(super) struct Outbound<'a> {
     retry_at: Option<Instant>,
     /// Counts catch-up pages: which of the rooms that are behind reads next (round robin).
     catch_up_turn: usize,
+    /// The user whose read slots (`reads`) this session's database reads take; `None` for the
+    /// server key.
+    reader: Option<String>,
 }
 
 impl<'a> Outbound<'a> {
@@ -79,6 +83,7 @@ impl<'a> Outbound<'a> {
         state: &'a AppState,
         id: SessionId,
         exp: Option<u64>,
+        reader: Option<String>,
         sink: SplitSink<WebSocket, Message>,
         mailbox: Arc<Mailbox>,
     ) -> Self {
@@ -92,6 +97,7 @@ impl<'a> Outbound<'a> {
             counted_catching_up: false,
             retry_at: None,
             catch_up_turn: 0,
+            reader,
         }
     }
 
@@ -208,7 +214,10 @@ impl<'a> Outbound<'a> {
                 .hub
                 .subscribe(&room, self.id, Arc::clone(&self.mailbox));
         }
-        let info = match self.state.store.room_info(&room).await {
+        let slot = self.read_slot().await;
+        let info = self.state.store.room_info(&room).await;
+        drop(slot);
+        let info = match info {
             Ok(info) => info,
             Err(e) => {
                 if !rejoin {
@@ -330,6 +339,15 @@ impl<'a> Outbound<'a> {
         }
     }
 
+    /// One of the user's read slots, waiting for it: a session's reads wait their turn behind
+    /// the same user's other reads (see `reads`).
+    async fn read_slot(&self) -> Option<ReadPermit> {
+        match &self.reader {
+            Some(user) => Some(self.state.user_reads.acquire(user).await),
+            None => None,
+        }
+    }
+
     /// Reads one page of missed messages for one room that is behind, and writes it.
     ///
     /// The rooms that are behind take turns, a page each: served first-behind in the map's
@@ -352,12 +370,14 @@ impl<'a> Outbound<'a> {
         else {
             return Ok(());
         };
-        let page = match self
+        let slot = self.read_slot().await;
+        let page = self
             .state
             .store
             .read_after(&room, after, Some(upto), CATCH_UP_PAGE)
-            .await
-        {
+            .await;
+        drop(slot);
+        let page = match page {
             Ok(page) => page,
             Err(e) => {
                 tracing::warn!(session = self.id, room = %room, error = %e, "catch-up read failed; retrying");

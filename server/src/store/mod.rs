@@ -63,6 +63,20 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
+impl StoreError {
+    /// The database did not answer within the operation's deadline (`SEQCAST_DB_TIMEOUT`),
+    /// waiting for a connection included: it is paused, overloaded or unreachable, rather than
+    /// refusing this one operation (a deadlock, a broken connection). Callers use it to stop
+    /// queueing more work behind a database that is not answering.
+    pub fn timed_out(&self) -> bool {
+        match self {
+            StoreError::Unavailable(sqlx::Error::PoolTimedOut) => true,
+            StoreError::Unavailable(sqlx::Error::Io(e)) => e.kind() == std::io::ErrorKind::TimedOut,
+            _ => false,
+        }
+    }
+}
+
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Storage backend. Implementations must be cheap to share (`Arc<dyn Store>`).

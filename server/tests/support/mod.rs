@@ -1,6 +1,7 @@
 pub mod check;
 pub mod cluster;
 pub mod http;
+pub mod load;
 pub mod postgres;
 pub mod redis;
 pub mod scenario;
