@@ -160,6 +160,8 @@ pub fn router(state: AppState) -> Router {
         .merge(ws::routes())
         .merge(api::routes())
         .merge(ops::routes())
+        // After the merges: it applies to the routes added so far.
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .fallback(|| async { ApiError::not_found() })
         .layer(trace)
         .with_state(state)

@@ -228,7 +228,10 @@ async fn the_readme_quick_start_command_serves() {
     let err_lines = stderr.clone();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(err_pipe).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(err_pipe)
+            .lines()
+            .map_while(Result::ok)
+        {
             err_lines.lock().unwrap().push(line);
         }
     });
@@ -236,7 +239,10 @@ async fn the_readme_quick_start_command_serves() {
     let out_pipe = child.stdout.take().unwrap();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(out_pipe).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(out_pipe)
+            .lines()
+            .map_while(Result::ok)
+        {
             if tx.send(line).is_err() {
                 break;
             }
@@ -272,7 +278,11 @@ async fn the_readme_quick_start_command_serves() {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let ready = http.get(format!("http://{addr}/ready")).send().await.unwrap();
+    let ready = http
+        .get(format!("http://{addr}/ready"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 200, "GET /ready of the README's server");
     // The README's two curl lines.
     let posted = http
