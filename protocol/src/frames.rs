@@ -8,6 +8,10 @@ use crate::StoredMessage;
 
 /// Longest room name, in characters.
 pub const MAX_ROOM_LEN: usize = 128;
+/// Longest `idem`, in bytes.
+pub const MAX_IDEM_BYTES: usize = 256;
+/// What a valid `idem` is, for the error message of an invalid one (WebSocket and HTTP).
+pub const IDEM_RULE: &str = "`idem` must be a string of 1 to 256 bytes without U+0000";
 
 /// Error codes of `error` frames (and the `error` field of HTTP errors).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +138,10 @@ pub fn parse_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, Fr
     let reply_ref = match env.reply_ref {
         None => None,
         Some(r) if r.get() == "null" => None,
+        // A string `ref` is echoed as it came: it must be Unicode, or the replies would not be.
+        Some(r) if r.get().starts_with('"') && has_lone_surrogate(r.get()) => {
+            return Err(bad(None, LONE_SURROGATE))
+        }
         Some(r)
             if r.get().starts_with('"')
                 || r.get()
@@ -177,14 +185,20 @@ pub fn parse_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, Fr
                     reply_ref,
                 });
             }
+            // The body is stored and replayed as it came, so it must be text every client can
+            // parse (and the database can store).
+            if has_lone_surrogate(body) {
+                return Err(bad_here(LONE_SURROGATE));
+            }
+            // (A lone surrogate in `idem` fails the strict string parse here.)
             let idem = match env.idem {
                 None => None,
                 Some(r) if r.get() == "null" => None,
                 Some(r) => Some(
                     serde_json::from_str::<String>(r.get())
                         .ok()
-                        .filter(|s| !s.is_empty() && s.len() <= 256)
-                        .ok_or_else(|| bad_here("`idem` must be a string of 1 to 256 bytes"))?,
+                        .filter(|s| valid_idem(s))
+                        .ok_or_else(|| bad_here(IDEM_RULE))?,
                 ),
             };
             Ok(ClientFrame::Send {
@@ -205,6 +219,56 @@ pub fn parse_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, Fr
         }
         other => Err(bad_here(&format!("unknown frame type {other:?}"))),
     }
+}
+
+/// The refusal of text with a lone surrogate escape.
+pub const LONE_SURROGATE: &str =
+    "lone UTF-16 surrogate escape (\\uD800 to \\uDFFF not in a pair): not valid Unicode";
+
+/// An `idem` the stores can keep: 1 to [`MAX_IDEM_BYTES`] bytes, and no U+0000, which a
+/// Postgres `TEXT` cannot hold (the commit of the whole group it is in would fail).
+pub fn valid_idem(idem: &str) -> bool {
+    !idem.is_empty() && idem.len() <= MAX_IDEM_BYTES && !idem.contains('\0')
+}
+
+/// True if the JSON text `json` has a `\u` escape of a UTF-16 surrogate (U+D800 to U+DFFF)
+/// that is not a high one followed by a low one. Such text is valid JSON grammar, and
+/// serde_json's `RawValue` keeps it, but it is not Unicode: strict parsers (serde_json into a
+/// `String`, for one) refuse it, so a stored body with one could never be read back.
+///
+/// A scan of the escapes only, no allocation: text without a backslash costs one `memchr`.
+/// `json` must be valid JSON (escapes only occur in strings, and are complete).
+pub fn has_lone_surrogate(json: &str) -> bool {
+    let mut rest = json.as_bytes();
+    while let Some(at) = rest.iter().position(|&b| b == b'\\') {
+        let escape = &rest[at..];
+        if escape.get(1) != Some(&b'u') {
+            // `\\`, `\"`, `\n`...: two bytes, whatever the second is.
+            rest = escape.get(2..).unwrap_or_default();
+            continue;
+        }
+        match hex4(&escape[2..]) {
+            Some(0xD800..=0xDBFF) => {
+                let low = escape.get(6..8) == Some(b"\\u".as_slice())
+                    && matches!(hex4(&escape[8..]), Some(0xDC00..=0xDFFF));
+                if !low {
+                    return true;
+                }
+                rest = &escape[12..];
+            }
+            Some(0xDC00..=0xDFFF) => return true,
+            _ => rest = escape.get(6..).unwrap_or_default(),
+        }
+    }
+    false
+}
+
+/// The four hex digits at the start of `digits`, if there are four.
+fn hex4(digits: &[u8]) -> Option<u16> {
+    digits.get(..4)?.iter().try_fold(0u16, |acc, &d| {
+        let v = char::from(d).to_digit(16)?;
+        Some(acc << 4 | v as u16)
+    })
 }
 
 fn bad(reply_ref: Option<Ref>, message: &str) -> FrameError {
@@ -481,6 +545,61 @@ mod tests {
         assert_eq!(v, json!({"type":"authed","exp":1_700_000_000,"ref":"a"}));
         let v: Value = serde_json::from_str(&authed_frame(None, None)).unwrap();
         assert_eq!(v, json!({"type":"authed"}));
+    }
+
+    #[test]
+    fn lone_surrogates_are_found() {
+        for (json, lone) in [
+            (r#""plain""#, false),
+            (r#""\u00e9 \n \\ \" \u0000""#, false),
+            (r#""\ud83d\ude00""#, false),
+            (r#""\uD83D\uDE00 and \uDBFF\uDFFF""#, false),
+            (r#""\\udead""#, false), // an escaped backslash, then the text `udead`
+            (r#""\\\udead""#, true),
+            (r#""\udead""#, true),
+            (r#""\ud83d""#, true),
+            (r#""\ud83dx""#, true),
+            (r#""\ud83d\n""#, true),
+            (r#""\ud83d\u0041""#, true),
+            (r#""\ud83d\ud83d\ude00""#, true),
+            (r#""\ude00\ud83d""#, true),
+            (r#"{"a":["\uDFFF"]}"#, true),
+            (r#"{"\udead":1}"#, true),
+        ] {
+            assert_eq!(has_lone_surrogate(json), lone, "{json}");
+            // The reference: serde_json's strict parse into a `Value`.
+            let strict = serde_json::from_str::<Value>(json).is_ok();
+            assert_eq!(strict, !lone, "{json}");
+        }
+    }
+
+    #[test]
+    fn bodies_idems_and_refs_must_be_unicode_without_nul() {
+        let code = |s: &str| parse(s).map(|_| ()).map_err(|e| (e.code, e.reply_ref));
+        let r = Some(Ref("5".into()));
+        for bad in [
+            r#"{"type":"send","room":"a","body":"\udead","ref":5}"#,
+            r#"{"type":"send","room":"a","body":{"k":["\ud800"]},"ref":5}"#,
+            r#"{"type":"send","room":"a","body":1,"idem":"\udead","ref":5}"#,
+            r#"{"type":"send","room":"a","body":1,"idem":"\u0000","ref":5}"#,
+            r#"{"type":"send","room":"a","body":1,"idem":"k\u0000","ref":5}"#,
+        ] {
+            assert_eq!(code(bad), Err((ErrorCode::BadRequest, r.clone())), "{bad}");
+        }
+        assert_eq!(
+            code(r#"{"type":"ping","ref":"\udead"}"#),
+            Err((ErrorCode::BadRequest, None)),
+            "a ref that cannot be echoed is not echoed"
+        );
+        // A NUL escape in a body is six ASCII characters (fine for a TEXT column); a raw NUL
+        // byte is not JSON at all, in a string or outside one.
+        assert!(code(r#"{"type":"send","room":"a","body":"\u0000"}"#).is_ok());
+        assert!(code("{\"type\":\"send\",\"room\":\"a\",\"body\":\"\0\"}").is_err());
+        assert!(code("{\"type\":\"send\",\"room\":\"a\",\"body\":1\0}").is_err());
+        assert!(
+            code(r#"{"type":"send","room":"a","body":"\ud83d\ude00","idem":"\ud83d\ude00"}"#)
+                .is_ok()
+        );
     }
 
     #[test]

@@ -190,21 +190,25 @@ async fn post_message(
             text.len()
         )));
     }
+    // Stored and replayed as it came: it must be Unicode (see `has_lone_surrogate`). A lone
+    // surrogate in `idem` or `from` already failed the strict parse of the request above.
+    if protocol::has_lone_surrogate(text) {
+        return Err(ApiError::bad_request(protocol::LONE_SURROGATE));
+    }
     if req
         .idem
-        .as_ref()
-        .is_some_and(|k| k.is_empty() || k.len() > 256)
+        .as_deref()
+        .is_some_and(|k| !protocol::valid_idem(k))
     {
-        return Err(ApiError::bad_request(
-            "`idem` must be a string of 1 to 256 bytes",
-        ));
+        return Err(ApiError::bad_request(protocol::IDEM_RULE));
     }
     // A user posts as itself; the server key names the sender (default `system`).
     let sender = match req.from {
         Some(from) if caller.is_server() => {
-            if from.is_empty() || from.len() > MAX_FROM_BYTES {
+            // No U+0000: a Postgres `TEXT` cannot hold it.
+            if from.is_empty() || from.len() > MAX_FROM_BYTES || from.contains('\0') {
                 return Err(ApiError::bad_request(format!(
-                    "`from` must be 1 to {MAX_FROM_BYTES} bytes"
+                    "`from` must be 1 to {MAX_FROM_BYTES} bytes without U+0000"
                 )));
             }
             from

@@ -303,11 +303,15 @@ impl Authenticator {
 
     /// How long from now until a token with this `exp` is no longer accepted (`exp` plus the
     /// leeway); zero if that has passed.
+    ///
+    /// Saturating, never `SystemTime + Duration`: `exp` is whatever the token's issuer wrote, and
+    /// a `SystemTime` cannot hold 2^63 seconds (that addition panicked the session).
     pub fn time_left(&self, exp: u64) -> Duration {
-        let deadline = UNIX_EPOCH + Duration::from_secs(exp) + self.leeway;
-        deadline
-            .duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO)
+        let deadline = Duration::from_secs(exp).saturating_add(self.leeway);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO);
+        deadline.saturating_sub(now)
     }
 
     fn bearer(&self, token: Option<&str>) -> Result<Identity, AuthError> {
@@ -323,7 +327,9 @@ impl Authenticator {
                 _ => AuthError::Invalid,
             }
         })?;
-        if c.sub.is_empty() {
+        // The sub is stored as the sender of the user's messages: a U+0000, which a Postgres
+        // `TEXT` cannot hold, would fail every commit it is part of.
+        if c.sub.is_empty() || c.sub.contains('\0') {
             return Err(AuthError::Invalid);
         }
         Ok(Identity {
@@ -562,6 +568,7 @@ MCowBQYDK2VwAyEA/3L8YmRgG01iGBiUQYz/gAscd7OzkHNjQxEAupYNM0k=
             ),
             ("missing sub", json!({"exp": now + 60})),
             ("empty sub", json!({"sub": "", "exp": now + 60})),
+            ("NUL in sub", json!({"sub": "a\u{0}b", "exp": now + 60})),
             (
                 "aud without a configured audience",
                 json!({"sub": "a", "exp": now + 60, "aud": "other-service"}),
@@ -710,5 +717,8 @@ MCowBQYDK2VwAyEA/3L8YmRgG01iGBiUQYz/gAscd7OzkHNjQxEAupYNM0k=
             "{left:?}"
         );
         assert_eq!(auth.time_left(now - 100), Duration::ZERO);
+        for exp in [1 << 63, (1 << 63) + 5, u64::MAX] {
+            assert!(auth.time_left(exp) > Duration::from_secs(1 << 62), "{exp}");
+        }
     }
 }

@@ -45,6 +45,10 @@ pub struct Config {
     /// `SEQCAST_REDIS_PREFIX`: prefix of every Redis key and channel, so several clusters can
     /// share one Redis.
     pub redis_prefix: String,
+    /// `SEQCAST_DB_TIMEOUT`: a Postgres operation (waiting for a connection included) not done
+    /// within this fails as `unavailable`; the database also cancels statements, lock waits and
+    /// idle open transactions after it. Default 4 s.
+    pub db_timeout: Duration,
     /// `SEQCAST_REDIS_TIMEOUT`: a Redis command unanswered this long marks Redis down (a paused
     /// Redis accepts connections but never answers).
     pub redis_timeout: Duration,
@@ -123,6 +127,7 @@ impl std::fmt::Debug for Config {
             .field("commit_concurrency", &self.commit_concurrency)
             .field("redis_prefix", &self.redis_prefix)
             .field("redis_timeout", &self.redis_timeout)
+            .field("db_timeout", &self.db_timeout)
             .field("poll_interval", &self.poll_interval)
             .field("head_check_interval", &self.head_check_interval)
             .field("leader_ttl", &self.leader_ttl)
@@ -165,6 +170,7 @@ impl Default for Config {
             commit_concurrency: 2,
             log_format: LogFormat::Text,
             redis_prefix: "seqcast:".into(),
+            db_timeout: crate::store::DEFAULT_DB_TIMEOUT,
             redis_timeout: Duration::from_secs(1),
             poll_interval: Duration::from_millis(100),
             head_check_interval: Duration::from_secs(1),
@@ -235,6 +241,7 @@ impl Config {
             ("SEQCAST_WRITE_TIMEOUT", &mut c.write_timeout),
             ("SEQCAST_SHUTDOWN_TIMEOUT", &mut c.shutdown_timeout),
             ("SEQCAST_REDIS_TIMEOUT", &mut c.redis_timeout),
+            ("SEQCAST_DB_TIMEOUT", &mut c.db_timeout),
             ("SEQCAST_POLL_INTERVAL", &mut c.poll_interval),
             ("SEQCAST_HEAD_CHECK_INTERVAL", &mut c.head_check_interval),
             ("SEQCAST_LEADER_TTL", &mut c.leader_ttl),

@@ -73,7 +73,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let store = store::connect(&config.database_url)
+    let store = store::connect(&config.database_url, config.db_timeout)
         .await
         .with_context(|| {
             format!(

@@ -3,9 +3,9 @@
 //! Both limits are token buckets that refill at their rate and hold [`BURST_FACTOR`] x the rate,
 //! so a client may burst after a quiet spell; a rate of `0` turns a limit off.
 //!
-//! - **Per connection** (`SEQCAST_SEND_RATE`, default 50/s): every `join`, every `send` and every
-//!   malformed frame (one that fails to parse, binary frames included) costs a token of the
-//!   connection's bucket, which is plain state of the session's inbound half (no lock, no
+//! - **Per connection** (`SEQCAST_SEND_RATE`, default 50/s): every `join`, `auth` and `send`,
+//!   and every malformed frame (one that fails to parse, binary frames included) costs a token
+//!   of the connection's bucket, which is plain state of the session's inbound half (no lock, no
 //!   shared memory). `leave`, `ping` and other valid frames are free. A frame without a token is
 //!   answered with `rate_limited` under its `ref` and not executed; the connection stays open
 //!   unless it keeps exceeding its rate tenfold ([`AbuseWatch`] says exactly when), which closes
@@ -299,7 +299,10 @@ impl SessionLimits {
     pub async fn admit(&mut self, parsed: &Result<ClientFrame, FrameError>) -> Result<(), Refusal> {
         let (reply_ref, send) = match parsed {
             Ok(ClientFrame::Send { reply_ref, .. }) => (reply_ref.as_ref(), true),
-            Ok(ClientFrame::Join { reply_ref, .. }) => (reply_ref.as_ref(), false),
+            // An `auth` costs a signature check (an RSA one is about a join's worth of CPU).
+            Ok(ClientFrame::Join { reply_ref, .. } | ClientFrame::Auth { reply_ref, .. }) => {
+                (reply_ref.as_ref(), false)
+            }
             Err(e) => (e.reply_ref.as_ref(), false),
             Ok(_) => return Ok(()),
         };

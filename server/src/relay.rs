@@ -31,6 +31,10 @@ use crate::store::{Store, StoreResult};
 /// Messages read per page while repairing a room.
 const REPAIR_PAGE: usize = 500;
 
+/// Pages read per room in one head check; a room further behind is read on in the next check
+/// (at once), so one room never holds up the head checks of the others.
+const CHECK_REPAIR_PAGES: usize = 4;
+
 /// How long a hole may stay open before it is read from the database. A message committed on
 /// another node just before one committed here usually arrives through the bus within a
 /// millisecond or two; this bounds what a lost one costs its room's sessions.
@@ -123,6 +127,7 @@ pub fn spawn(
         Arc::clone(&store),
         hub.clone(),
         holes,
+        status.clone(),
         stop.clone(),
     ));
     let intervals = (config.head_check_interval, config.poll_interval);
@@ -137,7 +142,14 @@ pub fn spawn(
     status
 }
 
-/// Keeps the bus subscriptions equal to the hub's rooms.
+/// First pause before retrying a failed SUBSCRIBE; doubled after each failed retry.
+const SUBSCRIBE_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+/// Longest pause between SUBSCRIBE retries.
+const SUBSCRIBE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Keeps the bus subscriptions equal to the hub's rooms. A SUBSCRIBE that fails (a paused
+/// Redis, a connection being replaced) is retried with backoff until it succeeds or the room
+/// closes, whether or not the bus reports a reconnect meanwhile.
 async fn subscriptions(
     bus: Option<Arc<dyn Bus>>,
     hub: Hub,
@@ -146,40 +158,66 @@ async fn subscriptions(
     resubscribe: Arc<Notify>,
     stop: CancellationToken,
 ) {
+    // Rooms whose subscription failed, and when to try them again.
+    let mut pending: std::collections::BTreeSet<Arc<str>> = std::collections::BTreeSet::new();
+    let mut backoff = SUBSCRIBE_RETRY_MIN;
+    let retry = tokio::time::sleep(backoff);
+    tokio::pin!(retry);
     loop {
+        let mut rooms = Vec::new();
         tokio::select! {
             _ = stop.cancelled() => return,
             change = changes.recv() => match change {
                 None => return,
                 Some(RoomChange::Opened(room)) => {
-                    if let Some(bus) = &bus {
-                        if let Err(e) = bus.subscribe(&room).await {
-                            tracing::debug!(room = %room, error = %e, "subscribe failed; renewed when the bus is back");
-                        }
-                    }
-                    // Messages committed elsewhere between the join's head read and the
-                    // subscription travelled before we listened: look for them now.
-                    check.notify_one();
+                    pending.remove(&room);
+                    rooms.push(room);
                 }
                 Some(RoomChange::Closed(room)) => {
+                    pending.remove(&room);
                     if let Some(bus) = &bus {
                         if let Err(e) = bus.unsubscribe(&room).await {
                             tracing::debug!(room = %room, error = %e, "unsubscribe failed");
                         }
                     }
+                    continue;
                 }
             },
             _ = resubscribe.notified() => {
-                let Some(bus) = &bus else { continue };
-                for room in hub.rooms() {
-                    if let Err(e) = bus.subscribe(&room).await {
-                        tracing::debug!(error = %e, "resubscribe interrupted; retried on the next reconnect");
-                        break;
-                    }
-                }
-                check.notify_one();
+                pending.clear();
+                backoff = SUBSCRIBE_RETRY_MIN;
+                rooms = hub.rooms();
+            }
+            () = &mut retry, if !pending.is_empty() => {
+                // Only rooms that still have local sessions.
+                let open: std::collections::HashSet<Arc<str>> = hub.rooms().into_iter().collect();
+                rooms = std::mem::take(&mut pending).into_iter().filter(|r| open.contains(r)).collect();
+                backoff = (backoff * 2).min(SUBSCRIBE_RETRY_MAX);
             }
         }
+        let Some(bus) = &bus else {
+            check.notify_one();
+            continue;
+        };
+        let was_pending = !pending.is_empty();
+        let mut rooms = rooms.into_iter();
+        while let Some(room) = rooms.next() {
+            if let Err(e) = bus.subscribe(&room).await {
+                tracing::debug!(room = %room, error = %e, "subscribe failed; retrying");
+                // Each attempt may wait for the Redis timeout: the rest are tried with it later.
+                pending.insert(room);
+                pending.extend(rooms);
+                break;
+            }
+        }
+        if pending.is_empty() {
+            backoff = SUBSCRIBE_RETRY_MIN;
+        } else if !was_pending || retry.is_elapsed() {
+            retry.as_mut().reset(tokio::time::Instant::now() + backoff);
+        }
+        // Messages committed elsewhere before a subscription took effect travelled before we
+        // listened: look for them now.
+        check.notify_one();
     }
 }
 
@@ -248,39 +286,58 @@ async fn head_checks(
             _ = tokio::time::sleep(pause) => {}
             _ = check.notified() => {}
         }
-        if let Err(e) = check_heads(store.as_ref(), &hub).await {
+        if let Err(e) = check_heads(store.as_ref(), &hub, &check).await {
             tracing::warn!(error = %e, "head check failed");
         }
     }
 }
 
-async fn check_heads(store: &dyn Store, hub: &Hub) -> StoreResult<()> {
+async fn check_heads(store: &dyn Store, hub: &Hub, check: &Notify) -> StoreResult<()> {
     let local = hub.seeded_heads();
     if local.is_empty() {
         return Ok(());
     }
     let names: Vec<String> = local.iter().map(|(room, _)| room.to_string()).collect();
     let heads = store.room_heads(&names).await?;
+    let mut unfinished = false;
     for (room, db_head) in heads {
-        // Re-read: a message may have arrived while the query ran.
-        let known = hub.head(&room);
+        // Re-read: a message may have arrived while the query ran, and the room may have lost
+        // its last session (then there is nothing to read for it: from 0 that would be its
+        // whole history). From what was handed on, not from the head: every hole below the
+        // held messages is read in the same pass.
+        let Some(known) = hub.delivered(&room) else {
+            continue;
+        };
         if db_head > known {
             metrics::counter!(m::GAPS_DETECTED).increment(1);
-            let repaired = repair(store, hub, Arc::from(room.as_str()), known, db_head).await?;
+            let room = Arc::from(room.as_str());
+            let (repaired, done) =
+                repair(store, hub, room, known, db_head, CHECK_REPAIR_PAGES).await?;
             metrics::counter!(m::MESSAGES_REPAIRED).increment(repaired);
+            unfinished |= !done;
         }
+    }
+    if unfinished {
+        // Bounded work per room and check, so that one far-behind room does not hold up the
+        // others: the rest follows in the next check, at once.
+        check.notify_one();
     }
     Ok(())
 }
 
-/// Fills the holes the hub reports: each, if still open after [`HOLE_GRACE`], is read from the
-/// database once and handed to the hub, which then lets the held messages follow. A hole that
-/// cannot be filled (the database is unreachable, or retention deleted the messages) is given
-/// up: the held messages go out and each session reads what it lacks itself.
+/// Fills the holes the hub reports. While the bus is up, a hole still open after
+/// [`HOLE_GRACE`] (lost or slow on the bus) is read from the database, together with every
+/// other hole below the room's head, in one pass; the held messages follow. While the bus is
+/// down nothing fills a hole but the database, and the poll (`head_checks`, every
+/// `SEQCAST_POLL_INTERVAL`) reads everything missing of every room in one pass per interval:
+/// no read per hole, no grace per hole. A hole that cannot be filled (the database is
+/// unreachable, or retention deleted the messages) is given up: the held messages go out and
+/// each session reads what it lacks itself.
 async fn fill_holes(
     store: Arc<dyn Store>,
     hub: Hub,
     mut holes: mpsc::UnboundedReceiver<Arc<str>>,
+    status: RelayStatus,
     stop: CancellationToken,
 ) {
     loop {
@@ -293,52 +350,74 @@ async fn fill_holes(
         };
         // One task per open hole (the hub reports a room again only after its hole closed), so
         // one slow read never delays another room's.
-        let (store, hub, stop) = (Arc::clone(&store), hub.clone(), stop.clone());
+        let (store, hub, status, stop) = (
+            Arc::clone(&store),
+            hub.clone(),
+            status.clone(),
+            stop.clone(),
+        );
         tokio::spawn(async move {
             tokio::select! {
                 _ = stop.cancelled() => {}
-                () = fill(store.as_ref(), &hub, room) => {}
+                () = fill(store.as_ref(), &hub, &status, room) => {}
             }
         });
     }
 }
 
-async fn fill(store: &dyn Store, hub: &Hub, room: Arc<str>) {
-    tokio::time::sleep(HOLE_GRACE).await;
-    let Some((after, before)) = hub.hole(&room) else {
-        // Filled by the bus in the meantime (or the room closed).
-        return;
-    };
-    match repair(store, hub, Arc::clone(&room), after, before - 1).await {
-        Ok(repaired) => metrics::counter!(m::MESSAGES_REPAIRED).increment(repaired),
-        Err(e) => tracing::warn!(room = %room, error = %e, "reading a hole failed"),
-    }
-    if let Some((after_now, _)) = hub.hole(&room) {
-        if after_now <= after {
-            // Nothing came of it: let the sessions repair it themselves.
-            hub.release(&room);
-        } else {
-            // Filled, and a new hole opened meanwhile (its report is on its way or was
-            // dropped with this one): handle it as a fresh one.
-            Box::pin(fill(store, hub, room)).await;
+async fn fill(store: &dyn Store, hub: &Hub, status: &RelayStatus, room: Arc<str>) {
+    loop {
+        tokio::time::sleep(HOLE_GRACE).await;
+        let Some((after, _)) = hub.hole(&room) else {
+            // Filled by the bus or the poll in the meantime (or the room closed).
+            return;
+        };
+        if !status.bus_up() {
+            // The poll reads it, with everything else missing, within a poll interval; it
+            // also gives up on a hole the database does not have.
+            return;
+        }
+        // Up to the head: every hole below the held messages at once.
+        let upto = hub.head(&room);
+        match repair(store, hub, Arc::clone(&room), after, upto, usize::MAX).await {
+            Ok((repaired, _)) => metrics::counter!(m::MESSAGES_REPAIRED).increment(repaired),
+            Err(e) => tracing::warn!(room = %room, error = %e, "reading a hole failed"),
+        }
+        match hub.hole(&room) {
+            None => return,
+            Some((after_now, _)) if after_now <= after => {
+                // Nothing came of it: let the sessions repair it themselves.
+                hub.release(&room);
+                return;
+            }
+            // Filled, and a new hole opened meanwhile (its report was dropped with this one):
+            // handle it as a fresh one.
+            Some(_) => {}
         }
     }
 }
 
-/// Reads `(after, upto]` of `room` and hands it to the hub, serialized once per message.
+/// Reads `(after, upto]` of `room`, at most `pages` pages, and hands it to the hub, serialized
+/// once per message. Returns how many messages were read and whether all of it was.
 async fn repair(
     store: &dyn Store,
     hub: &Hub,
     room: Arc<str>,
     mut after: u64,
     upto: u64,
-) -> StoreResult<u64> {
+    pages: usize,
+) -> StoreResult<(u64, bool)> {
     let mut count = 0;
-    while after < upto {
+    for _ in 0..pages {
+        if after >= upto {
+            break;
+        }
         let page = store
             .read_after(&room, after, Some(upto), REPAIR_PAGE)
             .await?;
-        let Some(last) = page.last() else { break };
+        let Some(last) = page.last() else {
+            return Ok((count, true));
+        };
         after = last.seq;
         for message in &page {
             let frame = Utf8Bytes::from(protocol::message_frame(message));
@@ -349,6 +428,12 @@ async fn repair(
             }));
             count += 1;
         }
+        if page.len() < REPAIR_PAGE {
+            return Ok((count, true));
+        }
     }
-    Ok(count)
+    Ok((count, after >= upto))
 }
+
+#[cfg(test)]
+mod tests;

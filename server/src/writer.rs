@@ -38,6 +38,10 @@ use crate::store::{Appended, NewMessage, Store, StoreError};
 const MAX_BATCH: usize = 512;
 /// Most rooms committed in one transaction.
 const MAX_GROUP: usize = 128;
+/// Most bytes (bodies, senders and idempotency keys) committed in one transaction, so that one
+/// commit's statement, the database's work on it and its memory stay bounded whatever the
+/// message sizes. A single message larger than this is committed alone.
+const MAX_GROUP_BYTES: usize = 4 << 20;
 
 /// Why a message was not committed. Nothing was stored in either case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -55,6 +59,17 @@ struct Pending {
     message: NewMessage,
     reply: oneshot::Sender<CommitResult>,
 }
+
+/// One room's part of a commit: its messages and, in the same order, their senders' replies
+/// (apart, so that the store borrows the messages as they are).
+struct RoomBatch {
+    room: Arc<str>,
+    messages: Vec<NewMessage>,
+    replies: Vec<oneshot::Sender<CommitResult>>,
+}
+
+/// Rooms with their messages, as one commit takes them.
+type Group = Vec<RoomBatch>;
 
 /// A room with messages queued or in a commit. Rooms with neither have no entry.
 #[derive(Default)]
@@ -178,18 +193,43 @@ impl Shared {
             let mut group = {
                 let mut state = self.lock();
                 let state = &mut *state;
-                let mut group = Vec::new();
+                let mut group: Group = Vec::new();
+                let mut bytes = 0usize;
                 while group.len() < MAX_GROUP {
-                    let Some(room) = state.ready.pop_front() else {
+                    let Some(room) = state.ready.front().cloned() else {
                         break;
                     };
                     let Some(queue) = state.rooms.get_mut(&room) else {
+                        state.ready.pop_front();
                         continue;
                     };
+                    // As many of the room's messages as the byte budget takes; at least one
+                    // when the group is still empty.
+                    let mut n = 0;
+                    for pending in queue.pending.iter().take(MAX_BATCH) {
+                        let size = message_bytes(&pending.message);
+                        if bytes + size > MAX_GROUP_BYTES && !(group.is_empty() && n == 0) {
+                            break;
+                        }
+                        bytes += size;
+                        n += 1;
+                    }
+                    if n == 0 {
+                        // The group is full; the room stays first in line for the next one.
+                        break;
+                    }
+                    state.ready.pop_front();
                     queue.committing = true;
-                    let n = queue.pending.len().min(MAX_BATCH);
-                    let batch: Vec<Pending> = queue.pending.drain(..n).collect();
-                    group.push((room, batch));
+                    let (messages, replies) = queue
+                        .pending
+                        .drain(..n)
+                        .map(|p| (p.message, p.reply))
+                        .unzip();
+                    group.push(RoomBatch {
+                        room,
+                        messages,
+                        replies,
+                    });
                 }
                 if group.is_empty() {
                     // Counted out under the same lock that found nothing ready: a submit after
@@ -201,8 +241,8 @@ impl Shared {
                 group
             };
             // Ascending room order: every node locks rooms in the same order (no deadlocks).
-            group.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            guard.rooms = group.iter().map(|(room, _)| Arc::clone(room)).collect();
+            group.sort_unstable_by(|a, b| a.room.cmp(&b.room));
+            guard.rooms = group.iter().map(|b| Arc::clone(&b.room)).collect();
             self.commit(group).await;
             let mut state = self.lock();
             let state = &mut *state;
@@ -222,59 +262,86 @@ impl Shared {
 
     /// Commits `group` (distinct rooms in ascending order) in one transaction, hands the new
     /// messages to the bus and the hub, then answers every sender.
-    async fn commit(&self, group: Vec<(Arc<str>, Vec<Pending>)>) {
-        let mut rooms = Vec::with_capacity(group.len());
-        let mut messages = Vec::with_capacity(group.len());
-        let mut replies = Vec::with_capacity(group.len());
-        for (room, batch) in group {
-            let (m, r): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.message, p.reply)).unzip();
-            rooms.push(room);
-            messages.push(m);
-            replies.push(r);
-        }
-        let batches: Vec<(&str, &[NewMessage])> = rooms
-            .iter()
-            .zip(&messages)
-            .map(|(room, m)| (&**room, m.as_slice()))
-            .collect();
-        let started = Instant::now();
-        let result = self.store.append_rooms(&batches).await;
-        metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
-        let total: usize = messages.iter().map(Vec::len).sum();
-        metrics::histogram!(m::COMMIT_BATCH).record(total as f64);
-        metrics::histogram!(m::COMMIT_ROOMS).record(rooms.len() as f64);
-        match result {
-            Ok(appended) => {
-                let mut fresh = 0u64;
-                for ((room, appended), replies) in rooms.iter().zip(appended).zip(replies) {
-                    for a in appended.iter().filter(|a| !a.duplicate) {
-                        fresh += 1;
-                        self.hand_on(room, a);
-                    }
-                    for (reply, outcome) in replies.into_iter().zip(appended) {
-                        // The sender may have gone away; the message is committed regardless.
-                        let _ = reply.send(Ok(outcome));
+    ///
+    /// A group that fails for a reason other than the database being unavailable (one message
+    /// the database refuses, say) is split in two and each half tried again, left before right,
+    /// down to a single room and then down to a single message: only the message at fault gets
+    /// `internal`, and a few bad messages cost a few transactions each (halving, not one per
+    /// room or message). Left before right keeps each room's messages in submission order, and
+    /// a message that fails takes no seq. Once the database reports itself unavailable, what is
+    /// left of the group is answered `unavailable` without another try: nothing would commit.
+    async fn commit(&self, group: Group) {
+        // Parts still to try, the next one last.
+        let mut parts = vec![group];
+        let mut unavailable = false;
+        while let Some(part) = parts.pop() {
+            if unavailable {
+                answer_failed(part, CommitError::Unavailable);
+                continue;
+            }
+            let part = match self.commit_part(part).await {
+                Ok(()) => continue,
+                Err((part, StoreError::Unavailable(e))) => {
+                    tracing::warn!(error = %e, "commit failed: database unavailable");
+                    metrics::counter!(m::COMMIT_ERRORS, "reason" => "unavailable").increment(1);
+                    unavailable = true;
+                    answer_failed(part, CommitError::Unavailable);
+                    continue;
+                }
+                Err((part, e)) => {
+                    match split(part) {
+                        Ok((left, right)) => {
+                            parts.push(right);
+                            parts.push(left);
+                            continue;
+                        }
+                        Err(single) => {
+                            // One message, alone at fault.
+                            tracing::warn!(error = %e, "commit failed: message refused");
+                            metrics::counter!(m::COMMIT_ERRORS, "reason" => "internal")
+                                .increment(1);
+                            single
+                        }
                     }
                 }
-                metrics::counter!(m::MESSAGES_COMMITTED).increment(fresh);
+            };
+            answer_failed(part, CommitError::Internal);
+        }
+    }
+
+    /// One transaction for `group`; on success hands the new messages on and answers their
+    /// senders, on failure gives the group back unanswered, with the error.
+    async fn commit_part(&self, group: Group) -> Result<(), (Group, StoreError)> {
+        let result = {
+            let batches: Vec<(&str, &[NewMessage])> = group
+                .iter()
+                .map(|b| (&*b.room, b.messages.as_slice()))
+                .collect();
+            let started = Instant::now();
+            let result = self.store.append_rooms(&batches).await;
+            metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+            let total: usize = group.iter().map(|b| b.messages.len()).sum();
+            metrics::histogram!(m::COMMIT_BATCH).record(total as f64);
+            metrics::histogram!(m::COMMIT_ROOMS).record(group.len() as f64);
+            result
+        };
+        let appended = match result {
+            Ok(appended) => appended,
+            Err(e) => return Err((group, e)),
+        };
+        let mut fresh = 0u64;
+        for (batch, appended) in group.into_iter().zip(appended) {
+            for a in appended.iter().filter(|a| !a.duplicate) {
+                fresh += 1;
+                self.hand_on(&batch.room, a);
             }
-            Err(e) => {
-                let err = match e {
-                    StoreError::Unavailable(_) => CommitError::Unavailable,
-                    _ => CommitError::Internal,
-                };
-                let reason = if err == CommitError::Unavailable {
-                    "unavailable"
-                } else {
-                    "internal"
-                };
-                metrics::counter!(m::COMMIT_ERRORS, "reason" => reason).increment(1);
-                tracing::warn!(rooms = rooms.len(), messages = total, error = %e, "commit failed");
-                for reply in replies.into_iter().flatten() {
-                    let _ = reply.send(Err(err));
-                }
+            for (reply, outcome) in batch.replies.into_iter().zip(appended) {
+                // The sender may have gone away; the message is committed regardless.
+                let _ = reply.send(Ok(outcome));
             }
         }
+        metrics::counter!(m::MESSAGES_COMMITTED).increment(fresh);
+        Ok(())
     }
 
     /// Serializes a newly committed message once and hands the same bytes to the other nodes
@@ -298,62 +365,55 @@ impl Shared {
     }
 }
 
+/// What a message weighs against [`MAX_GROUP_BYTES`].
+fn message_bytes(message: &NewMessage) -> usize {
+    message.body.len() + message.sender.len() + message.idem.as_ref().map_or(0, String::len)
+}
+
+/// Answers every sender of `group` with `err`.
+fn answer_failed(group: Group, err: CommitError) {
+    for reply in group.into_iter().flat_map(|b| b.replies) {
+        let _ = reply.send(Err(err));
+    }
+}
+
+/// Halves a group that failed: by rooms while it has several, else its one room's messages
+/// (the earlier half first). A single message comes back as it is.
+fn split(mut group: Group) -> Result<(Group, Group), Group> {
+    if group.len() > 1 {
+        let right = group.split_off(group.len() / 2);
+        return Ok((group, right));
+    }
+    match group.pop() {
+        Some(mut earlier) if earlier.messages.len() > 1 => {
+            let half = earlier.messages.len() / 2;
+            let later = RoomBatch {
+                room: Arc::clone(&earlier.room),
+                messages: earlier.messages.split_off(half),
+                replies: earlier.replies.split_off(half),
+            };
+            Ok((vec![earlier], vec![later]))
+        }
+        Some(single) => Err(vec![single]),
+        None => Err(group),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{RoomInfo, SqliteStore, StoreResult, StoredMessage};
-    use async_trait::async_trait;
+    use crate::store::instrumented::Instrumented;
 
-    /// A real SQLite store that records how many rooms each `append_rooms` call carried.
-    struct Recording {
-        inner: SqliteStore,
-        groups: Mutex<Vec<usize>>,
-    }
-
-    #[async_trait]
-    impl Store for Recording {
-        async fn append_rooms(
-            &self,
-            batches: &[(&str, &[NewMessage])],
-        ) -> StoreResult<Vec<Vec<Appended>>> {
-            self.groups
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(batches.len());
-            self.inner.append_rooms(batches).await
-        }
-        async fn room_info(&self, room: &str) -> StoreResult<RoomInfo> {
-            self.inner.room_info(room).await
-        }
-        async fn read_after(
-            &self,
-            room: &str,
-            after: u64,
-            up_to: Option<u64>,
-            limit: usize,
-        ) -> StoreResult<Vec<StoredMessage>> {
-            self.inner.read_after(room, after, up_to, limit).await
-        }
-        async fn read_before(
-            &self,
-            room: &str,
-            before: u64,
-            limit: usize,
-        ) -> StoreResult<Vec<StoredMessage>> {
-            self.inner.read_before(room, before, limit).await
-        }
-        async fn room_heads(&self, rooms: &[String]) -> StoreResult<Vec<(String, u64)>> {
-            self.inner.room_heads(rooms).await
-        }
-        async fn delete_before(&self, ts_ms: i64, limit: usize) -> StoreResult<u64> {
-            self.inner.delete_before(ts_ms, limit).await
-        }
-        async fn ping(&self) -> StoreResult<()> {
-            self.inner.ping().await
-        }
-        fn kind(&self) -> &'static str {
-            "recording"
-        }
+    /// Rooms and bytes (as weighed against [`MAX_GROUP_BYTES`]) of each commit `store` saw.
+    fn group_sizes(store: &Instrumented) -> Vec<(usize, usize)> {
+        store
+            .groups()
+            .iter()
+            .map(|rooms| {
+                let bytes = rooms.iter().flatten().map(message_bytes).sum();
+                (rooms.len(), bytes)
+            })
+            .collect()
     }
 
     fn message(n: usize) -> NewMessage {
@@ -368,12 +428,7 @@ mod tests {
     /// share the next transaction, and each still gets its own seqs.
     #[tokio::test]
     async fn rooms_ready_together_share_one_commit() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("w.db").display());
-        let store = Arc::new(Recording {
-            inner: SqliteStore::connect(&url).await.expect("sqlite"),
-            groups: Mutex::default(),
-        });
+        let store = Instrumented::new().await;
         let writers = Writers::new(Arc::clone(&store) as Arc<dyn Store>, Hub::new(), None, 1);
         // Submitting never yields: on this single-threaded runtime the committer runs after all.
         let outcomes: Vec<_> = (0..50)
@@ -384,14 +439,52 @@ mod tests {
             let appended = outcome.await.expect("answered").expect("committed");
             assert_eq!(appended.message.seq, (i % 3) as u64 + 1);
         }
-        let groups = store
-            .groups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        assert_eq!(groups, vec![50], "one transaction for all 50 rooms");
+        let rooms: Vec<usize> = group_sizes(&store)
+            .iter()
+            .map(|&(rooms, _)| rooms)
+            .collect();
+        assert_eq!(rooms, vec![50], "one transaction for all 50 rooms");
         // Afterwards every room's entry is gone: an idle room costs nothing.
         assert!(writers.shared.lock().rooms.is_empty());
         assert_eq!(writers.shared.lock().committers, 0);
+    }
+
+    /// A group stops at `MAX_GROUP_BYTES`; what does not fit waits for the next commit, first
+    /// in line; a message larger than the cap is committed alone.
+    #[tokio::test]
+    async fn groups_are_bounded_in_bytes() {
+        let store = Instrumented::new().await;
+        let writers = Writers::new(Arc::clone(&store) as Arc<dyn Store>, Hub::new(), None, 1);
+        let sized = |bytes: usize| NewMessage {
+            sender: "a".into(),
+            body: "x".repeat(bytes - 1),
+            idem: None,
+        };
+        const MIB: usize = 1 << 20;
+        // Ten rooms of 1 MiB each, then one message of 5 MiB, then 1 MiB more in the first room.
+        let mut outcomes: Vec<_> = (0..10)
+            .map(|room| writers.submit(&format!("room-{room}"), sized(MIB)))
+            .collect();
+        outcomes.push(writers.submit("huge", sized(5 * MIB)));
+        outcomes.push(writers.submit("room-0", sized(MIB)));
+        for outcome in outcomes {
+            outcome.await.expect("answered").expect("committed");
+        }
+        let bytes: Vec<usize> = group_sizes(&store)
+            .iter()
+            .map(|&(_, bytes)| bytes)
+            .collect();
+        assert_eq!(bytes.iter().sum::<usize>(), 16 * MIB);
+        for (i, &b) in bytes.iter().enumerate() {
+            assert!(
+                b <= MAX_GROUP_BYTES || b == 5 * MIB,
+                "group {i} carried {b} bytes: {bytes:?}"
+            );
+        }
+        assert!(
+            bytes.contains(&(5 * MIB)),
+            "the huge message alone: {bytes:?}"
+        );
+        assert!(bytes.len() <= 6, "groups still fill up: {bytes:?}");
     }
 }

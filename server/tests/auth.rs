@@ -567,3 +567,66 @@ async fn a_refreshed_token_outlives_the_old_expiry() {
     })
     .await;
 }
+
+/// A refresh that arrived before the token's deadline wins over the deadline, even when the
+/// session handles it only afterwards: here the session is stuck writing to a client that does
+/// not read (tens of MB of messages wait for it) when the refresh comes in, and the deadline
+/// passes before the client reads again. Expiry used to win that race (the timer came first in
+/// the session's `select!`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_queued_before_the_deadline_beats_it() {
+    run_scenario("a_refresh_queued_before_the_deadline_beats_it", async {
+        let server = TestServer::start(
+            ServerOptions::new(StoreKind::Sqlite)
+                .jwt_secret(SECRET)
+                .api_key(API_KEY)
+                .write_timeout("60s")
+                .env("SEQCAST_JWT_LEEWAY", "1s"),
+        )
+        .await;
+        let exp = now() + 8;
+        let claims = |exp: u64| json!({"sub": "alice", "exp": exp, "rooms": ["*"]});
+        let token = sign_claims(&claims(exp), SECRET);
+        let mut alice = WsClient::connect_with(&server, Auth::Query(&token)).await;
+        alice.join("big", None).await;
+
+        // Far more than the socket buffers hold: alice's session blocks writing to her.
+        const MESSAGES: usize = 600;
+        let body = "x".repeat(60_000);
+        let mut writer = WsClient::connect_with(&server, Auth::Query(API_KEY)).await;
+        writer
+            .send_pipelined("big", MESSAGES, 32, Duration::from_secs(60), |_| {
+                json!(body)
+            })
+            .await;
+        let fresh = sign_claims(&claims(now() + 600), SECRET);
+        alice
+            .send_json(json!({"type": "auth", "token": fresh, "ref": "refresh"}))
+            .await;
+        assert!(
+            now() < exp,
+            "the construction took too long: the refresh must go out before the deadline"
+        );
+        // Not reading until the deadline (exp + 1 s leeway) has surely passed.
+        let after_deadline = Duration::from_secs_f64((exp as f64 + 2.5 - now_f64()).max(0.0));
+        tokio::time::sleep(after_deadline).await;
+
+        let mut messages = 0;
+        loop {
+            match alice.next_event(RECV_DEADLINE).await {
+                Some(Event::Frame(f)) if f["type"] == "message" => messages += 1,
+                Some(Event::Frame(f)) if f["ref"] == "refresh" => {
+                    assert_eq!(f["type"], "authed", "{f}");
+                    break;
+                }
+                other => panic!("after {messages} messages: {other:?}"),
+            }
+        }
+        assert!(
+            messages > 0,
+            "the session was not blocked writing; the test proves nothing"
+        );
+        alice.ping().await;
+    })
+    .await;
+}

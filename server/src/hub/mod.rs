@@ -157,23 +157,48 @@ impl Hub {
         }
     }
 
-    /// Sets the head of a room that just got its first session to what that session read from
-    /// the database, so head checks start from there rather than from 0 (which would read the
-    /// room's whole history). Never lowers it.
-    pub fn init_head(&self, room: &str, head: u64) {
-        if let Some(entry) = self.rooms.get(room) {
-            entry.head.fetch_max(head, Ordering::AcqRel);
-            entry.seeded.store(true, Ordering::Release);
-            if self.holes.is_some() {
-                // The order starts after what the joining session reads itself (up to `head`)
-                // and what was handed on before (nothing is held before this).
-                let mut order = lock(&entry.order);
-                if !order.seeded {
-                    order.seeded = true;
-                    order.delivered = head.max(order.passed);
-                }
-            }
+    /// Seeds the room's head and order from what a joining session read from the database
+    /// (`head`), so head checks start from there rather than from 0 (which would read the room's
+    /// whole history). Every joiner calls it, not only the one that opened the room: if the
+    /// opener's join fails, the next joiner seeds the room (else head checks would skip it for
+    /// good). Never lowers the head.
+    ///
+    /// Returns the seq the joining session must catch up to from the database: in a cluster, what
+    /// the room's order already counts as handed on. A later joiner that read an older head
+    /// than the one the room was seeded with would otherwise never get the seqs between the two
+    /// heads: they reach the hub after seeding and are dropped as already handed on.
+    pub fn init_head(&self, room: &str, head: u64) -> u64 {
+        let Some(entry) = self.rooms.get(room).map(|e| Arc::clone(e.value())) else {
+            return head;
+        };
+        entry.head.fetch_max(head, Ordering::AcqRel);
+        entry.seeded.store(true, Ordering::Release);
+        if self.holes.is_none() {
+            return head;
         }
+        // The order starts after what the joining session reads itself (up to `head`) and what
+        // was handed on before (nothing is held before this).
+        let mut order = lock(&entry.order);
+        if !order.seeded {
+            order.seeded = true;
+            order.delivered = head.max(order.passed);
+        }
+        order.delivered.max(head)
+    }
+
+    /// Every seq of the room up to the answer has been handed on (or is at most the head its
+    /// first join read); `None` if the room has no local session or is not seeded yet, when
+    /// nothing may be read for it (from 0 that would be its whole history).
+    pub fn delivered(&self, room: &str) -> Option<u64> {
+        let entry = self.rooms.get(room).map(|e| Arc::clone(e.value()))?;
+        if !entry.seeded.load(Ordering::Acquire) {
+            return None;
+        }
+        if self.holes.is_none() {
+            return Some(entry.head.load(Ordering::Acquire));
+        }
+        let order = lock(&entry.order);
+        order.seeded.then_some(order.delivered)
     }
 
     /// Hands `live` to every session of its room (in a cluster: in seq order, holding it back
@@ -465,6 +490,45 @@ mod tests {
         );
         assert_eq!(seqs(&rx), vec![2, 3]);
         assert!(holes.try_recv().is_err());
+    }
+
+    /// Issue 10, 2.3: a second joiner read an older head (3) than the one the room was seeded
+    /// with (5); seqs 4 and 5 reach the hub after seeding and are dropped, so the joiner must
+    /// read them from the database: `init_head` tells it to catch up to 5.
+    #[test]
+    fn a_later_joiner_with_an_older_head_catches_up_to_the_seeded_order() {
+        let (hub, _holes) = clustered();
+        let (a, _) = sub(64);
+        let (b, b_rx) = sub(64);
+        hub.subscribe("r", 1, a);
+        hub.subscribe("r", 2, b);
+        assert_eq!(hub.init_head("r", 5), 5, "the opener read 5");
+        assert_eq!(
+            hub.init_head("r", 3),
+            5,
+            "the later joiner must read up to 5"
+        );
+        assert_eq!(hub.publish(live("r", 4)).1, 0, "already handed on: dropped");
+        assert_eq!(hub.publish(live("r", 5)).1, 0);
+        assert!(seqs(&b_rx).is_empty());
+        assert_eq!(hub.publish(live("r", 6)).1, 2);
+    }
+
+    /// Issue 10, 2.4: the opener's join failed (it left before seeding); the next joiner seeds
+    /// the room, so head checks see it.
+    #[test]
+    fn a_room_whose_opener_failed_is_seeded_by_the_next_joiner() {
+        let (hub, _holes) = clustered();
+        let (a, _) = sub(64);
+        let (b, _) = sub(64);
+        hub.subscribe("r", 1, a);
+        hub.subscribe("r", 2, b);
+        hub.unsubscribe("r", 1);
+        assert!(hub.seeded_heads().is_empty());
+        assert_eq!(hub.delivered("r"), None);
+        hub.init_head("r", 4);
+        assert_eq!(hub.seeded_heads(), vec![(Arc::from("r"), 4)]);
+        assert_eq!(hub.delivered("r"), Some(4));
     }
 
     #[test]

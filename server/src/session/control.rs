@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use super::Control;
 
 /// Commands and replies queued between the halves at most.
-const CAPACITY: usize = 64;
+pub(super) const CAPACITY: usize = 64;
 
 #[derive(Default)]
 pub(super) struct ControlQueue {

@@ -74,7 +74,8 @@ impl Cursor {
         true
     }
 
-    /// The database had nothing more in `(sent, target]` (retention deleted it): stop looking.
+    /// The database had nothing more in `(sent, target]` (retention deleted it; the session has
+    /// told the client with a `joined` carrying `truncated`): stop looking.
     pub fn exhausted(&mut self) {
         self.sent = self.target;
     }

@@ -25,7 +25,7 @@ use futures_util::stream::SplitSink;
 use futures_util::SinkExt;
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 
-use super::control::ControlQueue;
+use super::control::{self, ControlQueue};
 use super::cursor::{self, Cursor};
 use super::{close, Control, JoinRequest, LeaveRequest};
 use crate::app::AppState;
@@ -74,6 +74,8 @@ pub(super) struct Outbound<'a> {
     counted_catching_up: bool,
     /// Set after a failed catch-up read: no new read before then.
     retry_at: Option<Instant>,
+    /// Counts catch-up pages: which of the rooms that are behind reads next (round robin).
+    catch_up_turn: usize,
 }
 
 impl<'a> Outbound<'a> {
@@ -95,6 +97,7 @@ impl<'a> Outbound<'a> {
             rooms: HashMap::new(),
             counted_catching_up: false,
             retry_at: None,
+            catch_up_turn: 0,
         }
     }
 
@@ -108,7 +111,8 @@ impl<'a> Outbound<'a> {
             let step = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Err(Stop::Draining),
-                _ = &mut self.expiry => Err(Stop::Expired),
+                // Boxed: rare, and it handles queued commands (a join's future among them).
+                _ = &mut self.expiry => Box::pin(self.expired(control)).await,
                 // Before the live stream, which a busy room keeps ready.
                 _ = next_tick(&mut ping) => self.write(vec![Message::Ping(Bytes::new())]).await,
                 cmd = control.recv() => match cmd {
@@ -205,11 +209,11 @@ impl<'a> Outbound<'a> {
             );
             return self.write(vec![Message::Text(frame.into())]).await;
         }
-        let opened = !rejoin
-            && self
-                .state
+        if !rejoin {
+            self.state
                 .hub
                 .subscribe(&room, self.id, Arc::clone(&self.mailbox));
+        }
         let info = match self.state.store.room_info(&room).await {
             Ok(info) => info,
             Err(e) => {
@@ -228,16 +232,36 @@ impl<'a> Outbound<'a> {
             Some(since) if since.saturating_add(1) < info.first => (info.first - 1, true),
             Some(since) => (since, false),
         };
-        if opened {
-            self.state.hub.init_head(&room, info.head);
-        }
+        // Every joiner seeds (or learns) the room's order, and catches up to what it already
+        // counts as handed on.
+        let target = self.state.hub.init_head(&room, info.head);
         self.rooms
-            .insert(Arc::clone(&room), Cursor::new(sent, info.head));
+            .insert(Arc::clone(&room), Cursor::new(sent, target));
         if !rejoin {
             metrics::gauge!(m::SESSIONS_JOINED).increment(1.0);
         }
         let frame = protocol::joined_frame(&room, info.head, info.first, truncated, r.as_ref());
         self.write(vec![Message::Text(frame.into())]).await
+    }
+
+    /// The token's deadline passed. A refresh the inbound half accepted before that may still
+    /// be queued behind a write that blocked (or beside the timer, in this `select!`): what is
+    /// queued arrived before now, so it is handled first, in order; the session expires only if
+    /// the deadline still stands after it.
+    async fn expired(&mut self, control: &ControlQueue) -> Result<(), Stop> {
+        // At most a queue's worth: while a write waits, the inbound half may queue more, and a
+        // client must not keep an expired connection open by sending pings.
+        for _ in 0..control::CAPACITY {
+            let Some(cmd) = control.try_recv() else {
+                break;
+            };
+            self.control(cmd).await?;
+        }
+        if self.expiry.is_elapsed() {
+            Err(Stop::Expired)
+        } else {
+            Ok(())
+        }
     }
 
     /// Unsubscribes from `room`; false if the session was not joined to it.
@@ -313,11 +337,23 @@ impl<'a> Outbound<'a> {
     }
 
     /// Reads one page of missed messages for one room that is behind, and writes it.
+    ///
+    /// The rooms that are behind take turns, a page each: served first-behind in the map's
+    /// order, a room thousands of messages behind kept the session's quiet rooms waiting until
+    /// it was through. (The map's order is stable while no room is joined or left, and a change
+    /// of it only moves whose turn it is.)
     async fn catch_up(&mut self) -> Result<(), Stop> {
+        let behind = self.rooms.values().filter(|c| c.behind()).count();
+        if behind == 0 {
+            return Ok(());
+        }
+        let turn = self.catch_up_turn % behind;
+        self.catch_up_turn = self.catch_up_turn.wrapping_add(1);
         let Some((room, after, upto)) = self
             .rooms
             .iter()
-            .find(|(_, c)| c.behind())
+            .filter(|(_, c)| c.behind())
+            .nth(turn)
             .map(|(room, c)| (Arc::clone(room), c.sent(), c.target()))
         else {
             return Ok(());
@@ -340,16 +376,27 @@ impl<'a> Outbound<'a> {
             return Ok(());
         };
         let full_page = page.len() == CATCH_UP_PAGE;
-        let frames: Vec<Message> = page
-            .iter()
-            .filter(|msg| cursor.replayed(msg.seq))
-            .map(|msg| Message::Text(protocol::message_frame(msg).into()))
-            .collect();
+        // Retention deletes a room's oldest messages: if it deleted the next ones while this
+        // session was behind, what is left starts past `after + 1` (or nothing is left up to the
+        // target). The client is told as a join with `since` tells it: a fresh `joined` with
+        // `truncated` and the `first` seq still stored, then the messages from there on.
+        let first_stored = page.first().map_or(upto + 1, |msg| msg.seq);
+        let truncated = first_stored > cursor.sent() + 1;
+        let mut frames = Vec::with_capacity(page.len() + 1);
+        if truncated {
+            let joined = protocol::joined_frame(&room, upto, first_stored, true, None);
+            frames.push(Message::Text(joined.into()));
+        }
+        frames.extend(
+            page.iter()
+                .filter(|msg| cursor.replayed(msg.seq))
+                .map(|msg| Message::Text(protocol::message_frame(msg).into())),
+        );
         if !full_page {
             // Everything stored up to the target was read; the rest was deleted by retention.
             cursor.exhausted();
         }
-        let n = frames.len() as u64;
+        let n = (frames.len() - usize::from(truncated)) as u64;
         self.write(frames).await?;
         metrics::counter!(m::MESSAGES_DELIVERED).increment(n);
         Ok(())
@@ -433,13 +480,15 @@ impl Drop for Outbound<'_> {
     }
 }
 
+/// What tokio itself uses for "never": about 30 years.
+const NEVER: Duration = Duration::from_secs(86400 * 365 * 30);
+
 /// When the identity's token stops being accepted; far away for identities that do not expire.
+/// A token's `exp` can be anything up to 2^64 - 1 seconds, which no `Instant` can hold: anything
+/// past [`NEVER`] is never.
 fn expiry_deadline(state: &AppState, exp: Option<u64>) -> Instant {
-    match exp {
-        Some(exp) => Instant::now() + state.auth.time_left(exp),
-        // What tokio itself uses for "never": about 30 years.
-        None => Instant::now() + Duration::from_secs(86400 * 365 * 30),
-    }
+    let left = exp.map_or(NEVER, |exp| state.auth.time_left(exp).min(NEVER));
+    Instant::now() + left
 }
 
 /// The keep-alive ping timer (`SEQCAST_PING_INTERVAL`); `None` when pings are off. The first

@@ -6,6 +6,8 @@
 //! zero-config single node; both pass the same contract suite (`server/tests/store_contract.rs`).
 
 mod batch;
+#[cfg(test)]
+pub(crate) mod instrumented;
 mod postgres;
 mod sqlite;
 
@@ -13,7 +15,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use postgres::PostgresStore;
+pub use postgres::{PostgresStore, DEFAULT_TIMEOUT as DEFAULT_DB_TIMEOUT};
 pub use sqlite::SqliteStore;
 
 /// A message waiting to be committed.
@@ -79,8 +81,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Commits several rooms' batches in one transaction: all of them or none. Returns, per
     /// room and in input order, what [`Store::append`] returns for it alone. Rooms must be
-    /// distinct and listed in ascending order: every writer then takes the rooms' locks in the
-    /// same order, so two nodes committing overlapping groups cannot deadlock.
+    /// distinct and listed in ascending byte order (how Rust orders `str`, Postgres's "C"
+    /// collation): every writer then takes the rooms' locks in the same order, so two nodes
+    /// committing overlapping groups cannot deadlock. Backends must lock in that order too,
+    /// whatever collation the database uses.
     async fn append_rooms(
         &self,
         batches: &[(&str, &[NewMessage])],
@@ -135,9 +139,12 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Opens the store named by `url` (`postgres://…` or `sqlite://path`) and applies migrations.
-pub async fn connect(url: &str) -> StoreResult<Arc<dyn Store>> {
+/// `db_timeout` bounds every Postgres operation (`SEQCAST_DB_TIMEOUT`).
+pub async fn connect(url: &str, db_timeout: std::time::Duration) -> StoreResult<Arc<dyn Store>> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(PostgresStore::connect(url).await?))
+        Ok(Arc::new(
+            PostgresStore::connect_with_timeout(url, db_timeout).await?,
+        ))
     } else {
         Ok(Arc::new(SqliteStore::connect(url).await?))
     }

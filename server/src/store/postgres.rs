@@ -1,12 +1,17 @@
 //! Postgres backend: the store for clusters. Any number of nodes may share one database; the
 //! per-room counter row (see `PostgresStore::append_in`) keeps seqs gap-free across all of them.
 
+use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgArguments, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::query::Query;
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{ConnectOptions, Connection, Postgres, Row};
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::time::{timeout_at, Instant};
 
 use super::batch::{self, KeyedMessage};
 use super::{Appended, NewMessage, RoomInfo, Store, StoreError, StoreResult, StoredMessage};
@@ -15,29 +20,101 @@ use super::{Appended, NewMessage, RoomInfo, Store, StoreError, StoreResult, Stor
 /// connections mostly help reads and appends to many rooms at once.
 const MAX_CONNECTIONS: u32 = 16;
 
-/// How long a query waits for a connection. A database that is down shows up as
-/// [`StoreError::Unavailable`] after this long instead of hanging the caller.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections kept for commits: reads (`room_info`, `read_after`, `read_before`,
+/// `room_heads`) may hold at most `MAX_CONNECTIONS - COMMIT_RESERVE` at once, so a burst of
+/// history reads and catch-ups cannot keep messages from being committed.
+const COMMIT_RESERVE: u32 = 4;
+
+/// The default of `SEQCAST_DB_TIMEOUT`: how long one store operation (waiting for a
+/// connection included) may take before it fails as [`StoreError::Unavailable`].
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(4);
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
 
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// Deadline of every operation, from its start (`SEQCAST_DB_TIMEOUT`).
+    timeout: Duration,
+    /// Permits for reads: see [`COMMIT_RESERVE`].
+    reads: Arc<Semaphore>,
 }
 
 impl PostgresStore {
+    /// [`PostgresStore::connect_with_timeout`] with [`DEFAULT_TIMEOUT`].
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        Self::connect_with_timeout(url, DEFAULT_TIMEOUT).await
+    }
+
     /// Connects to `url` and applies pending migrations. Several nodes may start at once: sqlx
     /// holds an advisory lock while it migrates, so exactly one of them applies each migration.
-    pub async fn connect(url: &str) -> StoreResult<Self> {
-        let pool = PgPoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect(url)
+    ///
+    /// Every later operation must finish within `timeout` or fails as unavailable, and its
+    /// connection is thrown away (a paused or unreachable database would otherwise hold the
+    /// caller until TCP gives up, minutes later). As a second line of defence the database
+    /// itself cancels a statement, a lock wait or an idle open transaction after `timeout`
+    /// (`statement_timeout`, `lock_timeout`, `idle_in_transaction_session_timeout`): a node
+    /// that stalls mid-transaction cannot hold its rooms' locks for longer.
+    pub async fn connect_with_timeout(url: &str, timeout: Duration) -> StoreResult<Self> {
+        let options = PgConnectOptions::from_str(url).map_err(classify)?;
+        // Migrations get a connection of their own, without those timeouts: a migration may
+        // legitimately run long.
+        let deadline = Instant::now() + timeout;
+        let mut conn = timeout_at(deadline, options.connect())
             .await
+            .map_err(|_| timed_out())?
             .map_err(classify)?;
-        MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        MIGRATOR.run(&mut conn).await?;
+        conn.close().await.map_err(classify)?;
+
+        let ms = timeout.as_millis().max(1).to_string();
+        let options = options.options([
+            ("statement_timeout", ms.as_str()),
+            ("lock_timeout", ms.as_str()),
+            ("idle_in_transaction_session_timeout", ms.as_str()),
+        ]);
+        let pool = timeout_at(
+            Instant::now() + timeout,
+            PgPoolOptions::new()
+                .max_connections(MAX_CONNECTIONS)
+                .acquire_timeout(timeout)
+                .connect_with(options),
+        )
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(classify)?;
+        Ok(Self {
+            pool,
+            timeout,
+            reads: Arc::new(Semaphore::new((MAX_CONNECTIONS - COMMIT_RESERVE) as usize)),
+        })
+    }
+
+    /// The deadline of an operation starting now.
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.timeout
+    }
+
+    /// A pooled connection, by `deadline`.
+    async fn conn(&self, deadline: Instant) -> StoreResult<PoolConnection<Postgres>> {
+        timeout_at(deadline, self.pool.acquire())
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(classify)
+    }
+
+    /// What a read runs on: one of the read permits (held until the read is done), then a
+    /// connection, both by the read's deadline, which is returned too.
+    async fn read_conn(
+        &self,
+    ) -> StoreResult<(SemaphorePermit<'_>, PoolConnection<Postgres>, Instant)> {
+        let deadline = self.deadline();
+        let permit = timeout_at(deadline, self.reads.acquire())
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?;
+        let conn = self.conn(deadline).await?;
+        Ok((permit, conn, deadline))
     }
 
     /// The body of [`Store::append`], inside the transaction `tx`.
@@ -55,7 +132,7 @@ impl PostgresStore {
     /// is not transactional, so a rollback leaves a hole, and concurrent writers could commit out
     /// of seq order.)
     async fn append_in(
-        tx: &mut Transaction<'static, Postgres>,
+        tx: &mut PgConnection,
         room: &str,
         batch: &[NewMessage],
     ) -> Result<Vec<Appended>, sqlx::Error> {
@@ -67,7 +144,7 @@ impl PostgresStore {
              RETURNING head, (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
         )
         .bind(room)
-        .fetch_one(&mut **tx)
+        .fetch_one(&mut *tx)
         .await?;
 
         let (senders, idems): (Vec<&str>, Vec<&str>) = batch
@@ -87,7 +164,7 @@ impl PostgresStore {
             .bind(room)
             .bind(&senders)
             .bind(&idems)
-            .fetch_all(&mut **tx)
+            .fetch_all(&mut *tx)
             .await?;
             rows.iter()
                 .map(|row| {
@@ -131,13 +208,13 @@ impl PostgresStore {
         .bind(&bodies)
         .bind(&idems)
         .bind(ts_ms)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
 
         sqlx::query("UPDATE rooms SET head = $2 WHERE room = $1")
             .bind(room)
             .bind(batch::to_db(plan.head))
-            .execute(&mut **tx)
+            .execute(&mut *tx)
             .await?;
         Ok(plan.results)
     }
@@ -146,7 +223,9 @@ impl PostgresStore {
     /// to look up, so every room's counter bump and every insert are one statement, run as its
     /// own transaction: one round trip and one commit for the whole group. The row locks of the
     /// bump order it with every other writer of those rooms exactly as in [`Self::append_in`];
-    /// they are taken in the order the rooms are listed (ascending).
+    /// they are taken in byte order (`COLLATE "C"`), as the keyed path takes them, whatever
+    /// the database's collation: under ICU or en_US `general` sorts before `Lobby`, and two
+    /// nodes locking in different orders deadlock.
     async fn append_unkeyed(
         conn: &mut PgConnection,
         batches: &[(&str, &[NewMessage])],
@@ -173,7 +252,8 @@ impl PostgresStore {
             "WITH counts AS ( \
                  SELECT room, n FROM UNNEST($1::text[], $2::bigint[]) AS c (room, n)), \
              bump AS ( \
-                 INSERT INTO rooms (room, head) SELECT room, n FROM counts ORDER BY room \
+                 INSERT INTO rooms (room, head) SELECT room, n FROM counts \
+                 ORDER BY room COLLATE \"C\" \
                  ON CONFLICT (room) DO UPDATE SET head = rooms.head + EXCLUDED.head \
                  RETURNING room, head), \
              stamp AS ( \
@@ -240,7 +320,9 @@ impl PostgresStore {
         room: &str,
         query: Query<'_, Postgres, PgArguments>,
     ) -> StoreResult<Vec<StoredMessage>> {
-        let rows = query.fetch_all(&self.pool).await.map_err(classify)?;
+        let (_permit, mut conn, deadline) = self.read_conn().await?;
+        let outcome = timeout_at(deadline, query.fetch_all(&mut *conn)).await;
+        let rows = settle(conn, outcome)?;
         rows.iter()
             .map(|row| message_from_row(room, row).map_err(classify))
             .collect()
@@ -265,25 +347,27 @@ impl Store for PostgresStore {
             .all(|(_, b)| b.iter().all(|m| m.idem.is_none()))
         {
             // One statement in autocommit for the whole group.
-            let mut conn = self.pool.acquire().await.map_err(classify)?;
-            Self::append_unkeyed(&mut conn, &nonempty)
-                .await
-                .map_err(classify)?
+            let deadline = self.deadline();
+            let mut conn = self.conn(deadline).await?;
+            let outcome = timeout_at(deadline, Self::append_unkeyed(&mut conn, &nonempty)).await;
+            settle(conn, outcome)?
         } else {
             // Idempotency keys need their lookups: one transaction, room by room in the
             // listed order, so one commit (one WAL flush) for every room of the group. Dropping
             // `tx` without committing (on error, or if this future is dropped) rolls back.
-            let mut tx = self.pool.begin().await.map_err(classify)?;
-            let mut appended = Vec::with_capacity(nonempty.len());
-            for (room, batch) in &nonempty {
-                appended.push(
-                    Self::append_in(&mut tx, room, batch)
-                        .await
-                        .map_err(classify)?,
-                );
-            }
-            tx.commit().await.map_err(classify)?;
-            appended
+            let deadline = self.deadline();
+            let mut conn = self.conn(deadline).await?;
+            let outcome = timeout_at(deadline, async {
+                let mut tx = Connection::begin(&mut *conn).await?;
+                let mut appended = Vec::with_capacity(nonempty.len());
+                for (room, batch) in &nonempty {
+                    appended.push(Self::append_in(&mut tx, room, batch).await?);
+                }
+                tx.commit().await?;
+                Ok(appended)
+            })
+            .await;
+            settle(conn, outcome)?
         }
         .into_iter();
         // Empty batches answer with nothing, in their place.
@@ -301,14 +385,14 @@ impl Store for PostgresStore {
 
     async fn room_info(&self, room: &str) -> StoreResult<RoomInfo> {
         // One statement, so both numbers come from the same snapshot.
-        let (head, first): (i64, Option<i64>) = sqlx::query_as(
+        let query = sqlx::query_as::<_, (i64, Option<i64>)>(
             "SELECT COALESCE((SELECT head FROM rooms WHERE room = $1), 0), \
                     (SELECT min(seq) FROM messages WHERE room = $1)",
         )
-        .bind(room)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(classify)?;
+        .bind(room);
+        let (_permit, mut conn, deadline) = self.read_conn().await?;
+        let outcome = timeout_at(deadline, query.fetch_one(&mut *conn)).await;
+        let (head, first) = settle(conn, outcome)?;
         let head = batch::seq_from_db(head).map_err(classify)?;
         let first = match first {
             Some(first) => batch::seq_from_db(first).map_err(classify)?,
@@ -354,42 +438,47 @@ impl Store for PostgresStore {
     }
 
     async fn room_heads(&self, rooms: &[String]) -> StoreResult<Vec<(String, u64)>> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT room, head FROM rooms WHERE room = ANY($1)")
-                .bind(rooms)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(classify)?;
+        let query =
+            sqlx::query_as::<_, (String, i64)>("SELECT room, head FROM rooms WHERE room = ANY($1)")
+                .bind(rooms);
+        let (_permit, mut conn, deadline) = self.read_conn().await?;
+        let outcome = timeout_at(deadline, query.fetch_all(&mut *conn)).await;
+        let rows = settle(conn, outcome)?;
         rows.into_iter()
             .map(|(room, head)| Ok((room, batch::seq_from_db(head).map_err(classify)?)))
             .collect()
     }
 
     async fn delete_before(&self, ts_ms: i64, limit: usize) -> StoreResult<u64> {
-        let rooms: Vec<String> = sqlx::query_scalar(OLDEST_ROOMS)
+        let deadline = self.deadline();
+        let mut conn = self.conn(deadline).await?;
+        let query = sqlx::query_scalar::<_, String>(OLDEST_ROOMS)
             .bind(ts_ms)
-            .bind(batch::limit_to_db(limit))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(classify)?;
+            .bind(batch::limit_to_db(limit));
+        let outcome = timeout_at(deadline, query.fetch_all(&mut *conn)).await;
+        let rooms = settle(conn, outcome)?;
+        // One deadline per room's statement: retention may have many rooms to go through.
         batch::delete_prefixes(rooms, limit, |room, budget| async move {
-            let done = sqlx::query(DELETE_PREFIX)
+            let deadline = self.deadline();
+            let mut conn = timeout_at(deadline, self.pool.acquire())
+                .await
+                .map_err(|_| timeout_error())??;
+            let query = sqlx::query(DELETE_PREFIX)
                 .bind(room)
                 .bind(ts_ms)
-                .bind(budget)
-                .execute(&self.pool)
-                .await?;
-            Ok(done.rows_affected())
+                .bind(budget);
+            let outcome = timeout_at(deadline, query.execute(&mut *conn)).await;
+            Ok(settle_raw(conn, outcome)?.rows_affected())
         })
         .await
         .map_err(classify)
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(classify)?;
+        let deadline = self.deadline();
+        let mut conn = self.conn(deadline).await?;
+        let outcome = timeout_at(deadline, sqlx::query("SELECT 1").execute(&mut *conn)).await;
+        settle(conn, outcome)?;
         Ok(())
     }
 
@@ -433,6 +522,45 @@ fn message_from_row(room: &str, row: &PgRow) -> Result<StoredMessage, sqlx::Erro
     })
 }
 
+/// The error of an operation that missed its deadline: the database may be paused, overloaded
+/// or unreachable; nothing is known to be stored, retry. An I/O error, so [`classify`] makes it
+/// [`StoreError::Unavailable`].
+fn timeout_error() -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "the database did not answer in time",
+    ))
+}
+
+fn timed_out() -> StoreError {
+    classify(timeout_error())
+}
+
+/// The result of an operation on `conn` run under a deadline. When the deadline cut the
+/// operation off, `conn` is mid-statement: it is detached from the pool and dropped (its socket
+/// closed) rather than handed back, where the pool would test it with a ping that a paused
+/// database never answers, holding the connection's slot that long.
+fn settle_raw<T>(
+    conn: PoolConnection<Postgres>,
+    outcome: Result<Result<T, sqlx::Error>, tokio::time::error::Elapsed>,
+) -> Result<T, sqlx::Error> {
+    match outcome {
+        Ok(result) => result,
+        Err(_) => {
+            drop(conn.detach());
+            Err(timeout_error())
+        }
+    }
+}
+
+/// [`settle_raw`], classified.
+fn settle<T>(
+    conn: PoolConnection<Postgres>,
+    outcome: Result<Result<T, sqlx::Error>, tokio::time::error::Elapsed>,
+) -> StoreResult<T> {
+    settle_raw(conn, outcome).map_err(classify)
+}
+
 /// Sorts a failure into "the database cannot serve now, retry later" and everything else.
 fn classify(err: sqlx::Error) -> StoreError {
     let unavailable = match &err {
@@ -458,4 +586,29 @@ fn unavailable_sqlstate(code: &str) -> bool {
         || code.starts_with("53") // insufficient resources: disk full, out of memory, too many connections
         || code.starts_with("57P0") // shutting down, crashed, starting up, database dropped
         || code == "25006" // read-only transaction: connected to a standby, e.g. right after a failover
+        // The transaction was rolled back or the statement cancelled, nothing stored; the same
+        // write may well succeed when retried:
+        || code == "40P01" // deadlock detected
+        || code == "40001" // serialization failure
+        || code == "57014" // query canceled (statement_timeout, or an operator's cancel)
+        || code == "55P03" // lock not available (lock_timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unavailable_sqlstate;
+
+    #[test]
+    fn retryable_sqlstates_are_unavailable() {
+        for code in [
+            "08006", "53100", "53300", "57P01", "57P03", "25006", "40P01", "40001", "57014",
+            "55P03",
+        ] {
+            assert!(unavailable_sqlstate(code), "{code}");
+        }
+        // Bad data (a NUL in text, a broken encoding) and constraint violations are not.
+        for code in ["22021", "22P05", "23505", "42601", "42P01"] {
+            assert!(!unavailable_sqlstate(code), "{code}");
+        }
+    }
 }

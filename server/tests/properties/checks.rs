@@ -98,10 +98,19 @@ fn check_accepted(text: &str, frame: &ClientFrame, max_body: usize) {
                 serde_json::from_str::<&RawValue>(body).is_ok(),
                 "accepted body is not one JSON value: {body:?} in {text:?}"
             );
+            // Bodies are replayed to clients whose parsers may be strict: an accepted body must
+            // be Unicode (no lone surrogate escape). serde_json's `Value` is such a parser; the
+            // one thing it refuses in valid JSON besides is a number beyond f64 (`1e400`).
+            if let Err(e) = serde_json::from_str::<serde_json::Value>(body) {
+                assert!(
+                    e.to_string().starts_with("number out of range"),
+                    "accepted a body a strict parser refuses ({e}): {body:?} in {text:?}"
+                );
+            }
             if let Some(idem) = idem {
                 assert!(
-                    !idem.is_empty() && idem.len() <= MAX_IDEM_BYTES,
-                    "accepted an idem of {} bytes: {text:?}",
+                    !idem.is_empty() && idem.len() <= MAX_IDEM_BYTES && !idem.contains('\0'),
+                    "accepted an idem of {} bytes (or with a NUL): {text:?}",
                     idem.len()
                 );
             }
@@ -156,6 +165,10 @@ fn check_reply(reply: &str, ty: &str, reply_ref: Option<&Ref>, input: &str) {
         None => assert!(!fields.contains_key("ref"), "unasked ref in {reply:?}"),
         Some(r) => {
             let sent = r.as_json();
+            assert!(
+                !sent.starts_with('"') || serde_json::from_str::<String>(sent).is_ok(),
+                "a string ref echoed must be Unicode, got {sent:?} from {input:?}"
+            );
             assert!(
                 serde_json::from_str::<&RawValue>(sent).is_ok()
                     && (sent.starts_with('"')

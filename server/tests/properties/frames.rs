@@ -55,11 +55,34 @@ fn valid_ref() -> impl Strategy<Value = Option<Value>> {
     ]
 }
 
-/// `idem` as the protocol allows it: 1 to 256 bytes.
+/// `idem` as the protocol allows it: 1 to 256 bytes, no U+0000.
 fn valid_idem() -> impl Strategy<Value = Option<String>> {
-    proptest::option::of(
-        any::<String>().prop_filter("1 to 256 bytes", |s| !s.is_empty() && s.len() <= 256),
-    )
+    proptest::option::of(any::<String>().prop_filter("1 to 256 bytes, no NUL", |s| {
+        !s.is_empty() && s.len() <= 256 && !s.contains('\0')
+    }))
+}
+
+/// A JSON string literal made of escapes that are easy to get wrong: surrogates alone, in pairs
+/// and in the wrong order, escaped backslashes before a `u`, and plain text.
+fn escape_heavy_string() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        Just("a"),
+        Just("u"),
+        Just("d800"),
+        Just("é"),
+        Just(r"\\"),
+        Just(r#"\""#),
+        Just(r"\n"),
+        Just(r"\u0000"),
+        Just(r"\u00e9"),
+        Just(r"\ud83d"),
+        Just(r"\uD83D"),
+        Just(r"\ude00"),
+        Just(r"\uDFFF"),
+        Just(r"\udbff"),
+        Just(r"\ud83d\ude00"),
+    ];
+    vec(piece, 0..12).prop_map(|pieces| format!("\"{}\"", pieces.concat()))
 }
 
 /// A well-formed client frame.
@@ -269,6 +292,28 @@ proptest! {
             .as_ref()
             .map(|r| serde_json::from_str(r.as_json()).unwrap());
         prop_assert_eq!(got_ref, reply_ref, "ref of {}", text);
+    }
+
+    /// A body, `idem` or string `ref` with a lone surrogate escape is refused with
+    /// `bad_request`, exactly when serde_json's strict string parse refuses it (the reference).
+    #[test]
+    fn lone_surrogates_are_refused_exactly(s in escape_heavy_string(), field in 0_usize..3) {
+        let lone = serde_json::from_str::<String>(&s).is_err();
+        prop_assert_eq!(seqcast::protocol::has_lone_surrogate(&s), lone, "{}", &s);
+        let text = match field {
+            0 => format!(r#"{{"type":"send","room":"r","body":{{"k":[{s}]}},"ref":1}}"#),
+            1 => format!(r#"{{"type":"send","room":"r","body":1,"idem":{s},"ref":1}}"#),
+            _ => format!(r#"{{"type":"ping","ref":{s}}}"#),
+        };
+        match parse_client_frame(&text, usize::MAX) {
+            Ok(_) => prop_assert!(!lone, "{} accepted", text),
+            Err(e) => {
+                prop_assert_eq!(e.code, ErrorCode::BadRequest);
+                // An idem may also be refused for being empty or holding a NUL.
+                prop_assert!(lone || field == 1, "{} refused: {:?}", text, e);
+            }
+        }
+        check_client_text(&text, usize::MAX);
     }
 
     /// The body limit is exact: a body of exactly `max_body` bytes passes, one more is

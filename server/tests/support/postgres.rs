@@ -159,14 +159,28 @@ impl TestPostgres {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
-    /// Creates a new empty database and returns its URL.
+    /// Creates a new empty database and returns its URL. It has the server's "C" collation: text
+    /// sorts by its bytes.
     pub async fn fresh_database(&self) -> String {
+        self.create_database("").await
+    }
+
+    /// Creates a new empty database whose collation is ICU's en-US, and returns its URL. Text
+    /// sorts as people read it, not by its bytes (`general` before `Lobby`); ICU ships its own
+    /// locale data, so this needs no locale installed on the system.
+    pub async fn fresh_icu_database(&self) -> String {
+        self.create_database("TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
+            .await
+    }
+
+    /// Creates a new empty database with the `CREATE DATABASE` options `options`.
+    async fn create_database(&self, options: &str) -> String {
         static NEXT: AtomicU32 = AtomicU32::new(1);
         let name = format!("test_{}", NEXT.fetch_add(1, Ordering::Relaxed));
         let mut conn = PgConnection::connect(&self.url("postgres"))
             .await
             .unwrap_or_else(|err| panic!("cannot connect to the test Postgres: {err}"));
-        conn.execute(format!("CREATE DATABASE {name}").as_str())
+        conn.execute(format!("CREATE DATABASE {name} {options}").as_str())
             .await
             .unwrap_or_else(|err| panic!("cannot create database {name}: {err}"));
         conn.close()
@@ -189,6 +203,21 @@ impl TestPostgres {
     /// postmaster has exited. The data directory stays until `self` is dropped.
     pub fn kill(&mut self) {
         self.stop_server();
+    }
+
+    /// Freezes the server, as a paused VM or a black-holed network would look to its clients:
+    /// SIGSTOP to the postmaster (first, so it forks no more) and to every process it started
+    /// (each backend has a process group of its own, so a group signal would miss them).
+    /// Connections stay open and nothing is answered until [`TestPostgres::resume`].
+    pub fn pause(&self) {
+        signal("STOP", self.server.id());
+        signal_children("STOP", self.server.id());
+    }
+
+    /// Undoes [`TestPostgres::pause`]: SIGCONT to the backends, then the postmaster.
+    pub fn resume(&self) {
+        signal_children("CONT", self.server.id());
+        signal("CONT", self.server.id());
     }
 
     /// Polls a real connection until the server answers a query, the server exits, or
@@ -276,6 +305,10 @@ impl TestPostgres {
 impl Drop for TestPostgres {
     fn drop(&mut self) {
         self.watchdog_kill();
+        // A test that failed while the server was paused: a stopped process cannot shut down.
+        if matches!(self.server.try_wait(), Ok(None)) {
+            self.resume();
+        }
         self.stop_server();
         remove_dir(&self.dir);
     }
@@ -409,5 +442,20 @@ fn signal(name: &str, pid: u32) {
         Ok(status) if status.success() => {}
         Ok(status) => eprintln!("kill -{name} {pid} failed ({status})"),
         Err(err) => eprintln!("cannot run kill: {err}"),
+    }
+}
+
+/// Sends signal `name` to every child process of `pid` (`pkill -P`, by parent id).
+fn signal_children(name: &str, pid: u32) {
+    let sent = Command::new("pkill")
+        .arg(format!("-{name}"))
+        .arg("-P")
+        .arg(pid.to_string())
+        .status();
+    match sent {
+        // 1: no such process, e.g. a server without backends.
+        Ok(status) if status.success() || status.code() == Some(1) => {}
+        Ok(status) => eprintln!("pkill -{name} -P {pid} failed ({status})"),
+        Err(err) => eprintln!("cannot run pkill: {err}"),
     }
 }

@@ -25,9 +25,10 @@ pub const STARTUP_DEADLINE: Duration = Duration::from_secs(30);
 /// A deadline for a whole scenario, used by [`store_tests!`](crate::store_tests).
 pub const SCENARIO_DEADLINE: Duration = Duration::from_secs(180);
 
-/// Path of the binary under test.
-pub fn seqcast_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_seqcast")
+/// Path of the binary under test: `SEQCAST_TEST_BIN` when set (a copy of the binary that no other
+/// build sharing the target directory can replace while the tests run), else the one cargo built.
+pub fn seqcast_bin() -> String {
+    std::env::var("SEQCAST_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_seqcast").to_owned())
 }
 
 /// Which database the server under test uses.
