@@ -87,6 +87,31 @@ pub async fn serve(
     connections.wait().await;
 }
 
+/// The most bytes a connection's kernel send buffer holds that the client has not yet been sent
+/// (`TCP_NOTSENT_LOWAT`); bytes in flight to it are not counted, so a fast client's throughput
+/// is not limited.
+///
+/// Without it, Linux grows a socket's send buffer to up to 4 MiB (`tcp_wmem`) and takes writes
+/// at memory speed until it is full; it then reports the socket writable again only once a third
+/// of it has drained. A client reading 16 KiB/s thus took 3.6 MB in under a second, then had
+/// its socket accept nothing for 80 s while it kept reading, and was closed as a slow consumer
+/// ([`WriteProgress`] measured the kernel buffer, not the client). With the limit, the socket
+/// accepts more whenever the client has taken about half of it, so the write timeout measures
+/// the client's pace; and a client that reads nothing pins 16 KiB of kernel memory, not 4 MiB.
+pub const UNSENT_BYTES_LIMIT: u32 = 16 * 1024;
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn limit_unsent(stream: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(UNSENT_BYTES_LIMIT) {
+        tracing::debug!(error = %e, "TCP_NOTSENT_LOWAT not set");
+    }
+}
+
+/// Elsewhere the kernel's own send buffer sizing stands (and with it, a slow reader is judged by
+/// how fast the buffer drains a third of itself).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn limit_unsent(_stream: &TcpStream) {}
+
 /// Errors of one incoming connection (it was reset before it was accepted): not the listener's.
 fn is_connection_error(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
@@ -108,6 +133,7 @@ async fn serve_connection(
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "TCP_NODELAY not set");
     }
+    limit_unsent(&stream);
     let progress = WriteProgress::default();
     let stream = ProgressIo {
         inner: stream,
