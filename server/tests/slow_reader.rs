@@ -257,8 +257,10 @@ async fn a_reader_that_stops_is_closed_with_4008() {
     .await;
     let took = stop.elapsed();
     eprintln!("the stopped reader was closed {took:?} after it stopped reading");
+    // The timeout counts from the last bytes the server's socket accepted, which can precede
+    // the stop by one of the reader's receive-window steps (~0.5 s at its pace): 1 s of slack.
     assert!(
-        took >= WRITE_TIMEOUT,
+        took + Duration::from_secs(1) >= WRITE_TIMEOUT,
         "closed before a whole write timeout passed without progress: {took:?}"
     );
     sending.abort();
