@@ -11,7 +11,8 @@
 //!
 //! Every connection's socket records when it last accepted bytes ([`WriteProgress`], handed to
 //! the request as an extension): a WebSocket session's write timeout counts from there, so a
-//! client that reads slowly but keeps reading is never cut off (`session::outbound`).
+//! client that reads slowly but keeps reading is never cut off (`session::outbound`). For that
+//! to measure the client and not the kernel, a socket holds at most [`UNSENT_BYTES_LIMIT`] unsent.
 
 use std::future::Future;
 use std::net::SocketAddr;
