@@ -1,7 +1,7 @@
 //! The HTTP API for rooms: history paging, catch-up and publishing (`/v1/rooms/...`).
 
 use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::{header, request::Parts, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -13,6 +13,7 @@ use serde_json::value::RawValue;
 use crate::app::AppState;
 use crate::auth::Identity;
 use crate::error::ApiError;
+use crate::listener::BodyTimeout;
 use crate::protocol::ErrorCode;
 use crate::protocol::{self, validate_room};
 use crate::reads::ReadPermit;
@@ -107,8 +108,9 @@ impl IntoResponse for ReadsRefused {
 async fn room_info(
     State(state): State<AppState>,
     Caller(caller): Caller,
-    Path(room): Path<String>,
+    room: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(room) = room?;
     readable(&caller, &room)?;
     let _slot = match read_slot(&state, &caller) {
         Ok(slot) => slot,
@@ -129,9 +131,10 @@ struct ListParams {
 async fn list_messages(
     State(state): State<AppState>,
     Caller(caller): Caller,
-    Path(room): Path<String>,
+    room: Result<Path<String>, PathRejection>,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(room) = room?;
     readable(&caller, &room)?;
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let limit = match params.limit {
@@ -192,9 +195,10 @@ struct PostBody<'a> {
 async fn post_message(
     State(state): State<AppState>,
     Caller(caller): Caller,
-    Path(room): Path<String>,
+    room: Result<Path<String>, PathRejection>,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let Path(room) = room?;
     checked_room(&room)?;
     if !caller.can_send(&room) {
         return Err(ApiError::forbidden(format!(
@@ -210,10 +214,11 @@ async fn post_message(
     let max_body = state.config.max_message_bytes;
     let bytes = axum::body::to_bytes(body, state.config.frame_limit().unwrap_or(usize::MAX))
         .await
-        .map_err(|_| {
-            ApiError::too_large(format!(
+        .map_err(|e| match BodyTimeout::caused(&e) {
+            true => ApiError::request_timeout(),
+            false => ApiError::too_large(format!(
                 "request body too large; the limit for `body` is {max_body} bytes"
-            ))
+            )),
         })?;
     let req: PostBody = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("request body must be a JSON object: {e}")))?;

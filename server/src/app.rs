@@ -1,32 +1,28 @@
-//! The node's shared state and its HTTP router.
+//! The node's shared state: what every handler and session is handed. It knows no handler;
+//! the routes are in [`crate::router`].
 
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use axum::http::Request;
-use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower_http::trace::TraceLayer;
 
 use crate::admission::Admission;
 use crate::auth::Authenticator;
 use crate::bus::redis::RedisBus;
 use crate::bus::Bus;
 use crate::config::Config;
-use crate::error::ApiError;
 use crate::hub::{Hub, SessionId};
 use crate::jobs::{self, Jobs};
 use crate::ratelimit::{ExcessAllowance, UserLimiter};
-use crate::redis::RedisLink;
 use crate::reads::UserReads;
+use crate::redis::RedisLink;
 use crate::relay::{self, RelayStatus};
 use crate::store::Store;
 use crate::writer::Writers;
-use crate::{api, ops, ws};
 
 /// A cheap handle on the node's state, cloned into every handler and session.
 #[derive(Clone)]
@@ -161,19 +157,4 @@ impl AppState {
     pub fn is_draining(&self) -> bool {
         self.shutdown.is_cancelled()
     }
-}
-
-/// The whole HTTP surface of a node; `serve` and tests use the same router.
-pub fn router(state: AppState) -> Router {
-    // Spans carry the path only: a query string may hold a token.
-    let trace = TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
-        tracing::debug_span!("http", method = %req.method(), path = %req.uri().path())
-    });
-    Router::new()
-        .merge(ws::routes())
-        .merge(api::routes())
-        .merge(ops::routes())
-        .fallback(|| async { ApiError::not_found() })
-        .layer(trace)
-        .with_state(state)
 }

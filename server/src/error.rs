@@ -1,8 +1,13 @@
 //! The HTTP error boundary: every handler error becomes `{"error": code, "message": text}` with
 //! its status here, in one place. Internal details are logged, never sent to the client.
+//!
+//! axum's own refusals (a path parameter that does not decode, a method a route does not serve,
+//! a request to `/v1/ws` that is no WebSocket handshake) are plain text; they are turned into
+//! this JSON too, keeping axum's status (and, for 405, its `Allow` header).
 
 use std::time::Duration;
 
+use axum::extract::rejection::PathRejection;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -45,6 +50,38 @@ impl ApiError {
             status: StatusCode::NOT_FOUND,
             code: "not_found",
             message: "no such endpoint".into(),
+        }
+    }
+
+    /// The route exists but not for this method (405). The router adds the `Allow` header.
+    pub fn method_not_allowed() -> ApiError {
+        ApiError {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            code: "method_not_allowed",
+            message: "method not allowed on this path; see the Allow header".into(),
+        }
+    }
+
+    /// The request body did not arrive within `SEQCAST_HANDSHAKE_TIMEOUT` (408).
+    pub fn request_timeout() -> ApiError {
+        ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            code: "request_timeout",
+            message: "the request body did not arrive within SEQCAST_HANDSHAKE_TIMEOUT".into(),
+        }
+    }
+
+    /// One of axum's own refusals, with its status: 405 is `method_not_allowed`, anything else
+    /// the client's malformed request (`bad_request`).
+    pub fn rejected(status: StatusCode, message: impl Into<String>) -> ApiError {
+        let code = match status {
+            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+            _ => ErrorCode::BadRequest.as_str(),
+        };
+        ApiError {
+            status,
+            code,
+            message: message.into(),
         }
     }
 
@@ -91,7 +128,24 @@ pub fn rate_limited(wait: Duration) -> Response {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": self.code, "message": self.message });
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body may still be on its way: the connection cannot carry another
+            // request.
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+        }
+        response
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(e: PathRejection) -> ApiError {
+        // Any path that routed but whose parameter does not decode (invalid percent-encoding
+        // or UTF-8) is the client's malformed request.
+        ApiError::bad_request(e.body_text())
     }
 }
 

@@ -26,7 +26,8 @@
 //! - [`jobs`]: leader election through the Redis link and the background jobs (retention).
 //! - [`session`]: one connection; its outbound half keeps a cursor per room and reads the
 //!   database whenever it is behind the live stream (join with `since`, gaps, slow clients).
-//! - [`api`], [`ws`], [`ops`]: the HTTP surface; [`app`] ties state and router together.
+//! - [`api`], [`ws`], [`ops`]: the HTTP handlers; [`router`] puts them together under one
+//!   router; [`app`] is the state they are all handed (it knows no handler).
 //! - [`listener`]: the HTTP server loop (request deadlines, peer addresses, graceful stop).
 //! - [`admission`]: who may connect: origins, client addresses, connection limits.
 //! - [`ratelimit`]: send rates per connection and per user (token buckets, Redis leases), one
@@ -54,6 +55,7 @@ pub mod ratelimit;
 pub mod reads;
 pub mod redis;
 pub mod relay;
+pub mod router;
 pub mod session;
 pub mod store;
 pub mod writer;
@@ -102,7 +104,7 @@ pub async fn serve(
         (!state.config.handshake_timeout.is_zero()).then_some(state.config.handshake_timeout);
     let mut server_task = tokio::spawn(listener::serve(
         listener,
-        app::router(state.clone()),
+        router::router(state.clone()),
         request_timeout,
         http_stop.clone(),
     ));

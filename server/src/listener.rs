@@ -6,12 +6,19 @@
 //! head in that time is closed, whether it dribbles its headers (slowloris) or sits idle between
 //! keep-alive requests: hyper's header read timer starts whenever the connection waits for a
 //! request head, the first one or the next one, and only runs with a timer set. A request body
-//! must then arrive within the same time from the end of its head, or reading it fails and the
-//! connection is closed after the response.
+//! must then arrive within the same time from the end of its head, or reading it fails (408
+//! `request_timeout`, see [`BodyTimeout`]) and the connection is closed after the response.
+//!
+//! Every connection's socket records when it last accepted bytes ([`WriteProgress`], handed to
+//! the request as an extension): a WebSocket session's write timeout counts from there, so a
+//! client that reads slowly but keeps reading is never cut off (`session::outbound`). For that
+//! to measure the client and not the kernel, a socket holds at most [`UNSENT_BYTES_LIMIT`] unsent.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,8 +31,9 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -80,6 +88,31 @@ pub async fn serve(
     connections.wait().await;
 }
 
+/// The most bytes a connection's kernel send buffer holds that the client has not yet been sent
+/// (`TCP_NOTSENT_LOWAT`); bytes in flight to it are not counted, so a fast client's throughput
+/// is not limited.
+///
+/// Without it, Linux grows a socket's send buffer to up to 4 MiB (`tcp_wmem`) and takes writes
+/// at memory speed until it is full; it then reports the socket writable again only once a third
+/// of it has drained. A client reading 16 KiB/s thus took 3.6 MB in under a second, then had
+/// its socket accept nothing for 80 s while it kept reading, and was closed as a slow consumer
+/// ([`WriteProgress`] measured the kernel buffer, not the client). With the limit, the socket
+/// accepts more whenever the client has taken about half of it, so the write timeout measures
+/// the client's pace; and a client that reads nothing pins 16 KiB of kernel memory, not 4 MiB.
+pub const UNSENT_BYTES_LIMIT: u32 = 16 * 1024;
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn limit_unsent(stream: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(UNSENT_BYTES_LIMIT) {
+        tracing::debug!(error = %e, "TCP_NOTSENT_LOWAT not set");
+    }
+}
+
+/// Elsewhere the kernel's own send buffer sizing stands (and with it, a slow reader is judged by
+/// how fast the buffer drains a third of itself).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn limit_unsent(_stream: &TcpStream) {}
+
 /// Errors of one incoming connection (it was reset before it was accepted): not the listener's.
 fn is_connection_error(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
@@ -101,6 +134,12 @@ async fn serve_connection(
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "TCP_NODELAY not set");
     }
+    limit_unsent(&stream);
+    let progress = WriteProgress::default();
+    let stream = ProgressIo {
+        inner: stream,
+        progress: progress.clone(),
+    };
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let mut request = request.map(|body| match request_timeout {
             Some(timeout) if !http_body::Body::is_end_stream(&body) => {
@@ -109,6 +148,7 @@ async fn serve_connection(
             _ => Body::new(body),
         });
         request.extensions_mut().insert(ConnectInfo(peer));
+        request.extensions_mut().insert(progress.clone());
         // A router is always ready: no `poll_ready` needed before `call`.
         tower_service::Service::call(&mut router.clone(), request)
     });
@@ -158,9 +198,7 @@ impl http_body::Body for DeadlineBody {
             return Poll::Ready(frame.map(|result| result.map_err(Into::into)));
         }
         if this.deadline.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Some(Err(
-                "the request body did not arrive within SEQCAST_HANDSHAKE_TIMEOUT".into(),
-            )));
+            return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
         }
         Poll::Pending
     }
@@ -171,5 +209,119 @@ impl http_body::Body for DeadlineBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A request body did not arrive in full within `SEQCAST_HANDSHAKE_TIMEOUT`: the error reading it
+/// fails with, so a handler can answer 408 rather than take it for an oversized body.
+#[derive(Debug)]
+pub struct BodyTimeout;
+
+impl std::fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body did not arrive within SEQCAST_HANDSHAKE_TIMEOUT")
+    }
+}
+
+impl std::error::Error for BodyTimeout {}
+
+impl BodyTimeout {
+    /// Whether `error`, or an error it wraps, is a [`BodyTimeout`].
+    pub fn caused(error: &(dyn std::error::Error + 'static)) -> bool {
+        let mut next = Some(error);
+        while let Some(e) = next {
+            if e.is::<BodyTimeout>() {
+                return true;
+            }
+            next = e.source();
+        }
+        false
+    }
+}
+
+/// When a connection's socket last accepted bytes from the server. Shared by the connection's
+/// I/O and whoever writes to it (the WebSocket session after an upgrade).
+#[derive(Clone, Debug, Default)]
+pub struct WriteProgress(Arc<AtomicU64>);
+
+impl WriteProgress {
+    /// The instant of the last write that accepted at least one byte; `None` before any.
+    pub fn last(&self) -> Option<Instant> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            nanos => Some(progress_base() + Duration::from_nanos(nanos)),
+        }
+    }
+
+    fn mark(&self) {
+        // Saturates after 584 years of uptime; never 0 (0 = "no write yet").
+        let nanos = u64::try_from(progress_base().elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.0.store(nanos.max(1), Ordering::Relaxed);
+    }
+}
+
+/// The fixed instant [`WriteProgress`] counts from, so an instant fits in one atomic.
+fn progress_base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+/// A connection's socket that records every write accepting bytes in its [`WriteProgress`].
+struct ProgressIo {
+    inner: TcpStream,
+    progress: WriteProgress,
+}
+
+impl ProgressIo {
+    fn record(&self, written: &Poll<std::io::Result<usize>>) {
+        if matches!(written, Poll::Ready(Ok(n)) if *n > 0) {
+            self.progress.mark();
+        }
+    }
+}
+
+impl AsyncRead for ProgressIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ProgressIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.record(&written);
+        written
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.record(&written);
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }

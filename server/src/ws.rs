@@ -7,10 +7,12 @@
 use std::net::SocketAddr;
 
 use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{ConnectInfo, Query, State, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::Extension;
 use axum::Router;
 use futures_util::FutureExt;
 use serde::Deserialize;
@@ -18,6 +20,7 @@ use serde::Deserialize;
 use crate::api::bearer_token;
 use crate::app::AppState;
 use crate::error::ApiError;
+use crate::listener::WriteProgress;
 use crate::session;
 
 /// Read buffer per connection, and the most one socket read takes in. Small, because every idle
@@ -41,8 +44,18 @@ async fn upgrade(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     params: Result<Query<WsParams>, QueryRejection>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    progress: Option<Extension<WriteProgress>>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    // Not a WebSocket handshake: the JSON error every HTTP error is, with axum's status.
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => {
+            return ApiError::rejected(rejection.status(), rejection.body_text()).into_response()
+        }
+    };
+    // Always there behind the listener; a router served otherwise (tests) has no progress.
+    let progress = progress.map(|Extension(p)| p).unwrap_or_default();
     if state.is_draining() {
         return ApiError::unavailable("the node is shutting down; connect to another")
             .into_response();
@@ -92,9 +105,11 @@ async fn upgrade(
         .on_upgrade(move |socket| {
             // A combinator, not an async block: a block would keep room for the socket and the
             // session future next to the session future it awaits (see `session::run`).
-            sessions.track_future(session::run(socket, state, identity).map(move |()| {
-                // Held until the session ends; dropped unused if the upgrade fails.
-                drop(permit);
-            }))
+            sessions.track_future(
+                session::run(socket, state, identity, progress).map(move |()| {
+                    // Held until the session ends; dropped unused if the upgrade fails.
+                    drop(permit);
+                }),
+            )
         })
 }

@@ -16,11 +16,13 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use support::check::eventually;
+use support::http::Http;
 use support::load::{self, Recorder};
 use support::postgres::TestPostgres;
 use support::redis::TestRedis;
 use support::server::{ServerOptions, StoreKind, TestServer};
-use support::ws::{eventually, Event, Http, WsClient};
+use support::ws::{Event, WsClient};
 
 /// How long Postgres stays stopped: longer than any answer may take, so that an answer held for
 /// the whole pause shows.

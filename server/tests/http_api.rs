@@ -471,3 +471,92 @@ async fn error_statuses_and_shape(store: StoreKind) {
     let posted = alice.post_message("general", &json!({"body": "ok"})).await;
     assert_eq!(posted["seq"], 1);
 }
+
+/// axum's own refusals answer in the protocol's JSON error shape too: a path parameter that does
+/// not decode (400 `bad_request`), a method a path does not serve (405 `method_not_allowed` with
+/// `Allow`), a plain GET of the WebSocket endpoint; and a request body that does not arrive within
+/// `SEQCAST_HANDSHAKE_TIMEOUT` is 408 `request_timeout`, not 413.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn axum_refusals_and_slow_bodies_are_json_errors() {
+    let server = TestServer::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .jwt_secret(SECRET)
+            .api_key(API_KEY)
+            .env("SEQCAST_HANDSHAKE_TIMEOUT", "1s"),
+    )
+    .await;
+    let key = Http::new(&server).bearer(API_KEY);
+    for path in [
+        "/v1/rooms/%FF/messages?after=0",
+        "/v1/rooms/%C3%28",
+        "/v1/rooms/a%FFb",
+    ] {
+        key.get(path).await.assert_error(400, "bad_request");
+    }
+    key.post_json("/v1/rooms/%FF/messages", &json!({"body": 1}))
+        .await
+        .assert_error(400, "bad_request");
+
+    let client = reqwest::Client::new();
+    for (method, path, allowed) in [
+        (
+            reqwest::Method::DELETE,
+            "/v1/rooms/general/messages",
+            "POST",
+        ),
+        (reqwest::Method::PUT, "/v1/rooms/general", "GET"),
+        (reqwest::Method::POST, "/ready", "GET"),
+        (reqwest::Method::POST, "/v1/ws", "GET"),
+    ] {
+        let response = client
+            .request(method.clone(), format!("{}{path}", server.http_url()))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap();
+        let allow = response
+            .headers()
+            .get("allow")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_else(|| panic!("{method} {path}: 405 without Allow"));
+        assert!(allow.contains(allowed), "{method} {path}: Allow {allow:?}");
+        let reply = support::http::HttpReply {
+            status: response.status().as_u16(),
+            content_type: String::new(),
+            text: response.text().await.unwrap(),
+        };
+        reply.assert_error(405, "method_not_allowed");
+    }
+    // A GET of the WebSocket endpoint without the handshake headers.
+    let reply = key.get("/v1/ws").await;
+    assert!((400..500).contains(&reply.status), "{reply:?}");
+    reply.assert_error(reply.status, "bad_request");
+
+    // A complete head promising 100 bytes of body, then 10 of them, then nothing.
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/rooms/general/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"body\":1"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stream, head.as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut answer),
+    )
+    .await
+    .expect("the server answers and closes within its handshake timeout")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+    assert!(head.starts_with("HTTP/1.1 408"), "{answer}");
+    let reply = support::http::HttpReply {
+        status: 408,
+        content_type: String::new(),
+        text: body.to_owned(),
+    };
+    reply.assert_error(408, "request_timeout");
+    assert_eq!(key.room("general").await["head"], 0, "nothing was stored");
+}

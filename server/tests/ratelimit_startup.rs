@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use support::http::Http;
 use support::postgres::TestPostgres;
 use support::redis::TestRedis;
 use support::server::{Claims, ServerOptions, StoreKind, TestServer};
-use support::ws::{Auth, Http, WsClient};
+use support::ws::{Auth, WsClient};
 
 const SECRET: &str = "ratelimit-startup-secret";
 const NODES: usize = 3;

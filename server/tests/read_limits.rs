@@ -8,10 +8,12 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use support::check::eventually;
+use support::http::Http;
 use support::load::{self, Recorder};
 use support::postgres::TestPostgres;
 use support::server::{Claims, ServerOptions, StoreKind, TestServer};
-use support::ws::{eventually, Auth, Http, WsClient};
+use support::ws::{Auth, WsClient};
 
 const SECRET: &str = "read-limits-secret";
 /// Messages in the room the hostile user pages through.

@@ -14,10 +14,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use support::check::eventually;
+use support::http::{metric_value, Http};
 use support::postgres::TestPostgres;
 use support::redis::TestRedis;
 use support::server::{Claims, ServerOptions, StoreKind, TestServer};
-use support::ws::{eventually, metric_value, Auth, Http, WsClient};
+use support::ws::{Auth, WsClient};
 
 const SECRET: &str = "redis-link-secret";
 const BUS_UP: &str = "seqcast_bus_up";

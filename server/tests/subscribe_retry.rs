@@ -14,10 +14,12 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use support::check::eventually;
+use support::http::{metric_value, Http};
 use support::postgres::TestPostgres;
 use support::redis::TestRedis;
 use support::server::{ServerOptions, StoreKind, TestServer};
-use support::ws::{eventually, metric_value, Http, WsClient};
+use support::ws::WsClient;
 
 const ROOM: &str = "acl";
 const RECEIVED: &str = "seqcast_bus_received_total";

@@ -5,8 +5,8 @@ use tokio::time::Instant;
 
 use super::user::user_refusal;
 use super::{AbuseWatch, TokenBucket, UserLimiter};
-use crate::app::AppState;
 use crate::auth::Identity;
+use crate::config::Config;
 use crate::metrics as m;
 use crate::protocol::{self, ClientFrame, ErrorCode, FrameError, Ref};
 
@@ -29,17 +29,20 @@ pub struct SessionLimits {
 }
 
 impl SessionLimits {
-    pub fn new(state: &AppState, identity: &Identity) -> SessionLimits {
+    /// The limits for `identity` under `config`, the user's through the node's `user_limits`.
+    /// (Handed the two it needs rather than the node's state, which holds the limiter: a
+    /// module the state is built from does not import the state.)
+    pub fn new(config: &Config, user_limits: &UserLimiter, identity: &Identity) -> SessionLimits {
         if identity.is_server() {
             return SessionLimits {
                 connection: None,
                 user: None,
             };
         }
-        let rate = state.config.send_rate;
+        let rate = config.send_rate;
         let connection = TokenBucket::new(rate, Instant::now()).map(|b| (b, AbuseWatch::new(rate)));
-        let user = (!state.config.dev_mode() && state.user_limits.is_on())
-            .then(|| (state.user_limits.clone(), identity.user.clone()));
+        let user = (!config.dev_mode() && user_limits.is_on())
+            .then(|| (user_limits.clone(), identity.user.clone()));
         SessionLimits { connection, user }
     }
 

@@ -42,7 +42,7 @@ pub(super) async fn run(
     control: &ControlQueue,
 ) {
     let mut in_flight: FuturesUnordered<PendingAck> = FuturesUnordered::new();
-    let mut limits = SessionLimits::new(state, &identity);
+    let mut limits = SessionLimits::new(&state.config, &state.user_limits, &identity);
     // Idle detection: `last_received` moves with every frame (cheap); the timer is re-armed
     // from it only when it fires.
     let idle_timeout = state.config.idle_timeout;

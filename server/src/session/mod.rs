@@ -34,6 +34,7 @@ use self::control::ControlQueue;
 use crate::app::AppState;
 use crate::auth::{AuthError, Identity};
 use crate::hub::Mailbox;
+use crate::listener::WriteProgress;
 use crate::metrics as m;
 use crate::protocol::{self, ErrorCode, Ref};
 
@@ -84,7 +85,8 @@ const _: () = assert!(std::mem::size_of::<Control>() <= 32);
 
 /// Serves an upgraded connection until it ends. `identity` is the outcome of authentication at
 /// the upgrade: a failure is reported in-band (an `error` frame, then close 1008), since browsers
-/// cannot read the status of a refused upgrade.
+/// cannot read the status of a refused upgrade. `progress` tells when the connection's socket
+/// last accepted bytes (the write timeout counts from there).
 ///
 /// Not an `async fn`, and no future here captures another by value: an async body keeps room
 /// for its arguments, and for a captured future next to the copy it awaits, for its whole life,
@@ -94,11 +96,12 @@ pub fn run(
     socket: WebSocket,
     state: AppState,
     identity: Result<Identity, AuthError>,
+    progress: WriteProgress,
 ) -> impl std::future::Future<Output = ()> + Send {
     match identity {
         Ok(identity) => {
             let (sink, stream) = socket.split();
-            Either::Left(serve(sink, stream, state, identity))
+            Either::Left(serve(sink, stream, state, identity, progress))
         }
         Err(e) => Either::Right(refuse(socket, e)),
     }
@@ -109,6 +112,7 @@ async fn serve(
     stream: SplitStream<WebSocket>,
     state: AppState,
     identity: Identity,
+    progress: WriteProgress,
 ) {
     metrics::gauge!(m::CONNECTIONS_OPEN).increment(1.0);
     let id = state.next_session_id();
@@ -127,7 +131,7 @@ async fn serve(
         control.inbound_gone();
     });
     let outbound = pin!(async {
-        outbound::Outbound::new(&state, id, exp, reader, sink, mailbox)
+        outbound::Outbound::new(&state, id, exp, reader, sink, progress, mailbox)
             .run(&control)
             .await;
         control.outbound_gone();

@@ -5,9 +5,10 @@
 //! done a page at a time between other work so replies and shutdown stay responsive during a long
 //! replay.
 //!
-//! Slow-client policy: every socket write must make progress within `SEQCAST_WRITE_TIMEOUT`.
-//! A client that reads slowly keeps up with its own pace (it falls behind the live stream and is
-//! fed from the database); one that accepts no bytes for the whole timeout is closed with 4008.
+//! Slow-client policy: the socket must accept bytes at least once every `SEQCAST_WRITE_TIMEOUT`
+//! while a write is pending (the listener's [`WriteProgress`] records when it last did). A client
+//! that reads slowly keeps up with its own pace (it falls behind the live stream and is fed from
+//! the database); one that accepts no bytes for the whole timeout is closed with 4008.
 //!
 //! It also pings the client every `SEQCAST_PING_INTERVAL` and closes the connection (1008) when
 //! its token expires; an `auth` refresh moves that deadline and leaves the rooms the new token
@@ -30,6 +31,7 @@ use super::{close, Control, JoinRequest, LeaveRequest};
 use crate::app::AppState;
 use crate::auth::Identity;
 use crate::hub::{Delivery, Live, Mailbox, SessionId};
+use crate::listener::WriteProgress;
 use crate::metrics as m;
 use crate::protocol::{self, ErrorCode, Ref};
 use crate::reads::ReadPermit;
@@ -64,6 +66,8 @@ pub(super) struct Outbound<'a> {
     /// Fires when the connection's token (plus leeway) expires; moved by a refresh.
     expiry: Pin<Box<Sleep>>,
     sink: SplitSink<WebSocket, Message>,
+    /// When the socket last accepted bytes: the write timeout counts from there.
+    progress: WriteProgress,
     /// Live frames from the hub; shared with every room entry of this session.
     mailbox: Arc<Mailbox>,
     rooms: HashMap<Arc<str>, Cursor>,
@@ -85,6 +89,7 @@ impl<'a> Outbound<'a> {
         exp: Option<u64>,
         reader: Option<String>,
         sink: SplitSink<WebSocket, Message>,
+        progress: WriteProgress,
         mailbox: Arc<Mailbox>,
     ) -> Self {
         Outbound {
@@ -92,6 +97,7 @@ impl<'a> Outbound<'a> {
             id,
             expiry: Box::pin(tokio::time::sleep_until(expiry_deadline(state, exp))),
             sink,
+            progress,
             mailbox,
             rooms: HashMap::new(),
             counted_catching_up: false,
@@ -416,25 +422,20 @@ impl<'a> Outbound<'a> {
         Ok(())
     }
 
-    /// Feeds frames to the socket and flushes them; every step must progress within the write
-    /// timeout or the client is a slow consumer.
+    /// Feeds frames to the socket and flushes them. The client is a slow consumer when its socket
+    /// accepts no bytes for the write timeout, counted from the later of this call and the last
+    /// bytes it accepted: a client that reads slowly but keeps reading is never cut off, however
+    /// long a large batch takes to go out.
     async fn write(&mut self, frames: Vec<Message>) -> Result<(), Stop> {
         // Before writing: a write can block for the whole timeout, and the gauge should show
         // a session that fell behind while it is stuck there.
         self.update_catching_up_gauge();
         let limit = self.state.config.write_timeout;
+        let start = Instant::now();
         for frame in frames {
-            match tokio::time::timeout(limit, self.sink.feed(frame)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(Stop::Broken),
-                Err(_) => return Err(Stop::Slow),
-            }
+            progressing(limit, start, &self.progress, self.sink.feed(frame)).await?;
         }
-        match tokio::time::timeout(limit, self.sink.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(Stop::Broken),
-            Err(_) => Err(Stop::Slow),
-        }
+        progressing(limit, start, &self.progress, self.sink.flush()).await
     }
 
     fn update_catching_up_gauge(&mut self) {
@@ -542,6 +543,28 @@ fn store_error_frame(e: &StoreError, r: Option<&Ref>) -> String {
         _ => {
             tracing::error!(error = %e, "store error");
             protocol::error_frame(ErrorCode::Internal, "internal error", r)
+        }
+    }
+}
+
+/// Awaits one socket write step (a feed or a flush) until it completes: [`Stop::Slow`] once the
+/// socket has accepted no bytes for `limit`, counted from `start` or the last bytes accepted,
+/// whichever is later; [`Stop::Broken`] if it fails.
+async fn progressing<E>(
+    limit: Duration,
+    start: Instant,
+    progress: &WriteProgress,
+    step: impl std::future::Future<Output = Result<(), E>>,
+) -> Result<(), Stop> {
+    let mut step = std::pin::pin!(step);
+    loop {
+        let since = progress.last().map_or(start, |last| last.max(start));
+        match tokio::time::timeout_at(since + limit, step.as_mut()).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(_)) => return Err(Stop::Broken),
+            // Bytes went out meanwhile: the deadline moves with them.
+            Err(_) if progress.last().is_some_and(|last| last > since) => {}
+            Err(_) => return Err(Stop::Slow),
         }
     }
 }

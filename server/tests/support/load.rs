@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::ws::{Auth, Event, Http, WsClient};
+use super::http::Http;
+use super::ws::{Auth, Event, WsClient};
 
 /// How long a request is waited for before it counts as unanswered.
 pub const GIVE_UP: Duration = Duration::from_secs(30);
