@@ -14,11 +14,11 @@ use crate::app::AppState;
 use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::listener::BodyTimeout;
-use crate::protocol::ErrorCode;
-use crate::protocol::{self, validate_room};
 use crate::reads::ReadPermit;
 use crate::store::NewMessage;
 use crate::writer::CommitError;
+use seqcast_protocol::ErrorCode;
+use seqcast_protocol::{self as protocol, validate_room};
 
 /// `limit` when none is given.
 pub const DEFAULT_LIMIT: usize = 100;

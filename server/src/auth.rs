@@ -19,7 +19,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::config::Config;
-pub use crate::protocol::pattern_matches;
+pub use seqcast_protocol::pattern_matches;
 
 /// The claims seqcast reads from a token. `nbf`, `aud` and `iss` are checked by the verifier
 /// (see [`Authenticator`]) and not kept.

@@ -13,9 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::auth::AuthError;
-use crate::protocol::ErrorCode;
 use crate::store::StoreError;
 use crate::writer::CommitError;
+use seqcast_protocol::ErrorCode;
 
 #[derive(Debug)]
 pub struct ApiError {

@@ -12,7 +12,8 @@
 //!
 //! - [`config`]: environment configuration and its defaults.
 //! - [`auth`]: tokens, the server key, room patterns.
-//! - [`protocol`]: client frame parsing and server frame writing.
+//! - `seqcast_protocol` (the `protocol/` crate, so that fuzzing builds it alone): client frame
+//!   parsing and server frame writing; imported by name, not re-exported.
 //! - [`store`]: the `Store` trait with Postgres and SQLite backends.
 //! - [`writer`]: per-room commit queues, committed together across rooms (node-wide group
 //!   commit); the only way a message is committed.
@@ -49,8 +50,6 @@ pub mod jobs;
 pub mod listener;
 pub mod metrics;
 pub mod ops;
-/// The wire protocol, a crate of its own (`protocol/`) so that fuzzing builds it alone.
-pub use seqcast_protocol as protocol;
 pub mod ratelimit;
 pub mod reads;
 pub mod redis;

@@ -25,8 +25,8 @@ use crate::bus::{Bus, BusEvent, BusState};
 use crate::config::Config;
 use crate::hub::{Hub, Live, RoomChange};
 use crate::metrics as m;
-use crate::protocol;
 use crate::store::{Store, StoreResult};
+use seqcast_protocol as protocol;
 
 /// Messages read per page while repairing a room.
 const REPAIR_PAGE: usize = 500;

@@ -30,8 +30,8 @@ use tokio::sync::oneshot;
 use crate::bus::{Bus, BusMessage};
 use crate::hub::{Hub, Live};
 use crate::metrics as m;
-use crate::protocol;
 use crate::store::{Appended, NewMessage, Store, StoreError};
+use seqcast_protocol as protocol;
 
 /// Most messages of one room committed in one transaction; a larger backlog is committed in
 /// several.

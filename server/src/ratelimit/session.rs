@@ -8,7 +8,7 @@ use super::{AbuseWatch, TokenBucket, UserLimiter};
 use crate::auth::Identity;
 use crate::config::Config;
 use crate::metrics as m;
-use crate::protocol::{self, ClientFrame, ErrorCode, FrameError, Ref};
+use seqcast_protocol::{self as protocol, ClientFrame, ErrorCode, FrameError, Ref};
 
 /// Why a frame is not executed.
 #[derive(Debug)]

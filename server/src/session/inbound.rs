@@ -12,10 +12,10 @@ use super::control::ControlQueue;
 use super::{close, Control, JoinRequest, LeaveRequest};
 use crate::app::AppState;
 use crate::auth::{Identity, RefreshError};
-use crate::protocol::{self, ClientFrame, ErrorCode, Ref};
 use crate::ratelimit::{Refusal, SessionLimits};
 use crate::store::NewMessage;
 use crate::writer::{CommitError, CommitResult};
+use seqcast_protocol::{self as protocol, ClientFrame, ErrorCode, Ref};
 
 /// Sends of one connection awaiting their commit. Past this the session stops reading the
 /// client's frames until one completes: pipelining is allowed, unbounded buffering is not.

@@ -36,7 +36,7 @@ use crate::auth::{AuthError, Identity};
 use crate::hub::Mailbox;
 use crate::listener::WriteProgress;
 use crate::metrics as m;
-use crate::protocol::{self, ErrorCode, Ref};
+use seqcast_protocol::{self as protocol, ErrorCode, Ref};
 
 /// WebSocket close codes used by seqcast (see the protocol contract).
 pub mod close {

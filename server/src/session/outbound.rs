@@ -33,9 +33,9 @@ use crate::auth::Identity;
 use crate::hub::{Delivery, Live, Mailbox, SessionId};
 use crate::listener::WriteProgress;
 use crate::metrics as m;
-use crate::protocol::{self, ErrorCode, Ref};
 use crate::reads::ReadPermit;
 use crate::store::StoreError;
+use seqcast_protocol::{self as protocol, ErrorCode, Ref};
 
 /// Messages read from the database per catch-up step.
 const CATCH_UP_PAGE: usize = 500;

@@ -29,7 +29,7 @@ pub struct NewMessage {
     pub idem: Option<String>,
 }
 
-pub use crate::protocol::StoredMessage;
+pub use seqcast_protocol::StoredMessage;
 
 /// The outcome of one message of an [`Store::append`] batch.
 #[derive(Debug, Clone, PartialEq, Eq)]

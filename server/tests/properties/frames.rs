@@ -1,10 +1,10 @@
-//! Client frame parsing (`seqcast::protocol::parse_client_frame`).
+//! Client frame parsing (`seqcast_protocol::parse_client_frame`).
 
 use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 
-use seqcast::protocol::{parse_client_frame, ClientFrame, ErrorCode};
+use seqcast_protocol::{parse_client_frame, ClientFrame, ErrorCode};
 
 use crate::checks::{check_client_bytes, check_client_text};
 use crate::config;
@@ -299,7 +299,7 @@ proptest! {
     #[test]
     fn lone_surrogates_are_refused_exactly(s in escape_heavy_string(), field in 0_usize..3) {
         let lone = serde_json::from_str::<String>(&s).is_err();
-        prop_assert_eq!(seqcast::protocol::has_lone_surrogate(&s), lone, "{}", &s);
+        prop_assert_eq!(seqcast_protocol::has_lone_surrogate(&s), lone, "{}", &s);
         let text = match field {
             0 => format!(r#"{{"type":"send","room":"r","body":{{"k":[{s}]}},"ref":1}}"#),
             1 => format!(r#"{{"type":"send","room":"r","body":1,"idem":{s},"ref":1}}"#),
