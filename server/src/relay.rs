@@ -67,14 +67,6 @@ impl RelayStatus {
         self.shared.kind
     }
 
-    pub fn state(&self) -> BusState {
-        if self.shared.up.load(Ordering::Acquire) {
-            BusState::Up
-        } else {
-            BusState::Down
-        }
-    }
-
     fn bus_up(&self) -> bool {
         self.shared.up.load(Ordering::Acquire)
     }

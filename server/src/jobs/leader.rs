@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::redis::{timed_out, RedisLink, Script};
+use crate::redis::{RedisLink, Script};
 
 use crate::metrics::LEADER;
 
@@ -319,14 +319,7 @@ impl Lock {
             Some(SetOptions::NX),
             false,
         );
-        let set = match tokio::time::timeout(self.redis.timeout(), set).await {
-            Ok(set) => set,
-            Err(_) => Err(timed_out(self.redis.timeout())),
-        };
-        if let Err(e) = &set {
-            self.redis.report_outage(e);
-        }
-        Ok(set?.is_some())
+        Ok(self.redis.bounded(set).await?.is_some())
     }
 
     async fn extend(&self) -> Result<bool, RedisError> {

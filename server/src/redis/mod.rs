@@ -196,6 +196,23 @@ impl RedisLink {
         }
     }
 
+    /// Awaits one of a user's commands for at most the link's timeout (which the error then
+    /// says), reporting an outage to the link when it gets no answer.
+    pub async fn bounded<T>(
+        &self,
+        command: impl std::future::Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, RedisError> {
+        let timeout = self.timeout();
+        let result = match tokio::time::timeout(timeout, command).await {
+            Ok(result) => result,
+            Err(_) => Err(timed_out(timeout)),
+        };
+        if let Err(e) = &result {
+            self.report_outage(e);
+        }
+        result
+    }
+
     /// Closes both connections. For the end of a node, after every user is done.
     pub async fn quit(&self) {
         let _ = self.shared.commands.quit().await;

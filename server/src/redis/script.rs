@@ -5,7 +5,7 @@ use fred::interfaces::ClientLike;
 use fred::types::{ClusterHash, CustomCommand, FromValue, Value};
 use sha1::{Digest, Sha1};
 
-use super::{timed_out, RedisLink};
+use super::RedisLink;
 
 /// A Lua script with one key, known by its SHA-1.
 pub struct Script {
@@ -37,14 +37,7 @@ impl Script {
                 other => other,
             }
         };
-        let result = match tokio::time::timeout(link.timeout(), call).await {
-            Ok(result) => result,
-            Err(_) => Err(timed_out(link.timeout())),
-        };
-        if let Err(e) = &result {
-            link.report_outage(e);
-        }
-        result
+        link.bounded(call).await
     }
 
     /// `command script 1 key args...`. Through `custom` because fred's `eval` takes no
