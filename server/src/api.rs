@@ -17,7 +17,6 @@ use crate::listener::BodyTimeout;
 use crate::reads::ReadPermit;
 use crate::store::NewMessage;
 use crate::writer::CommitError;
-use seqcast_protocol::ErrorCode;
 use seqcast_protocol::{self as protocol, validate_room};
 
 /// `limit` when none is given.
@@ -89,19 +88,11 @@ struct ReadsRefused(usize);
 
 impl IntoResponse for ReadsRefused {
     fn into_response(self) -> Response {
-        let mut response = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::RateLimited,
-            format!(
-                "at most {} reads per user at once; retry when one is done",
-                self.0
-            ),
-        )
-        .into_response();
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from(1));
-        response
+        let message = format!(
+            "at most {} reads per user at once; retry when one is done",
+            self.0
+        );
+        crate::error::too_many_requests(message, 1)
     }
 }
 

@@ -112,16 +112,22 @@ impl ApiError {
 /// `rate_limited`, with `Retry-After` in whole seconds (rounded up, at least 1) and the wait in
 /// milliseconds in the message, as on the WebSocket.
 pub fn rate_limited(wait: Duration) -> Response {
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    too_many_requests(crate::ratelimit::user::user_refusal(wait), seconds.max(1))
+}
+
+/// 429 `rate_limited` with `message` and `Retry-After: retry_after` (seconds): the one shape of
+/// every HTTP refusal for going too fast (the user send rate, the user's reads in flight).
+pub fn too_many_requests(message: impl Into<String>, retry_after: u64) -> Response {
     let mut response = ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::RateLimited,
-        crate::ratelimit::user::user_refusal(wait),
+        message,
     )
     .into_response();
-    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     response
         .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
     response
 }
 
@@ -132,10 +138,9 @@ impl IntoResponse for ApiError {
         if self.status == StatusCode::REQUEST_TIMEOUT {
             // The rest of the body may still be on its way: the connection cannot carry another
             // request.
-            response.headers_mut().insert(
-                header::CONNECTION,
-                header::HeaderValue::from_static("close"),
-            );
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }

@@ -87,9 +87,10 @@ pub(crate) fn user_refusal(wait: Duration) -> String {
 /// Right after start the node does not know yet whether Redis is usable (the link is
 /// `Connecting`). It does not count alone meanwhile (each node would then grant a whole burst of
 /// its own, on top of the cluster's: issue 10, item 3): sends wait for the link's first probe, a
-/// PING that waits for the connection, at most about the Redis timeout. Why here rather than by keeping `/ready` at 503: sends reach a node before or
-/// without its `/ready` being asked, and a Redis that is down at start must not keep a node out
-/// of service (`/ready` is about the database).
+/// PING that waits for the connection, at most about the Redis timeout. Why here rather than by
+/// keeping `/ready` at 503: sends reach a node before or without its `/ready` being asked, and a
+/// Redis that is down at start must not keep a node out of service (`/ready` is about the
+/// database).
 #[derive(Clone)]
 pub struct UserLimiter {
     /// `None`: the limit is off.
