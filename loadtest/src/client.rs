@@ -244,23 +244,48 @@ impl Http {
     }
 
     /// `GET /v1/rooms/{room}`: the room's last committed seq.
+    ///
+    /// A real client's manners: a 429 (the server's per-user read limit, `Retry-After` seconds)
+    /// is waited out and retried, up to [`HEAD_ATTEMPTS`] times, so a scenario reading many
+    /// heads at once is not reported as failing against a server that is doing its job.
     pub async fn head(&self, node: &Node, room: &str) -> Result<u64> {
-        let mut request = self.client.get(format!("{}/v1/rooms/{room}", node.http));
-        if let Some(token) = self.auth.token("loadtest-http")? {
-            request = request.bearer_auth(token);
+        let mut attempt = 1;
+        loop {
+            let mut request = self.client.get(format!("{}/v1/rooms/{room}", node.http));
+            if let Some(token) = self.auth.token("loadtest-http")? {
+                request = request.bearer_auth(token);
+            }
+            let response = request
+                .send()
+                .await
+                .with_context(|| format!("GET /v1/rooms/{room} on {}", node.http))?;
+            let status = response.status();
+            if status == reqwest::StatusCode::TOO_MANY_REQUESTS && attempt < HEAD_ATTEMPTS {
+                attempt += 1;
+                tokio::time::sleep(retry_after(response.headers())).await;
+                continue;
+            }
+            if !status.is_success() {
+                let text = response.text().await.unwrap_or_default();
+                bail!("GET /v1/rooms/{room} on {}: {status} {text}", node.http);
+            }
+            let info: RoomInfo = response.json().await.context("room info")?;
+            return Ok(info.head);
         }
-        let response = request
-            .send()
-            .await
-            .with_context(|| format!("GET /v1/rooms/{room} on {}", node.http))?;
-        let status = response.status();
-        if !status.is_success() {
-            let text = response.text().await.unwrap_or_default();
-            bail!("GET /v1/rooms/{room} on {}: {status} {text}", node.http);
-        }
-        let info: RoomInfo = response.json().await.context("room info")?;
-        Ok(info.head)
     }
+}
+
+/// How many times [`Http::head`] asks before a 429 counts as an error.
+const HEAD_ATTEMPTS: u32 = 10;
+
+/// The wait a 429 asks for: its `Retry-After` in seconds (capped at 5), 1 s when absent.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Duration {
+    let secs = headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(1);
+    Duration::from_secs(secs.clamp(1, 5))
 }
 
 #[cfg(test)]
@@ -291,5 +316,23 @@ mod tests {
         let joined = Incoming::parse(r#"{"type":"joined","room":"r","head":57,"first":1,"ref":1}"#);
         assert_eq!(joined.expect("a joined frame parses").head, Some(57));
         assert!(Incoming::parse("not json").is_err());
+    }
+
+    #[test]
+    fn retry_after_is_read_and_bounded() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        assert_eq!(retry_after(&headers), Duration::from_secs(1));
+        headers.insert(reqwest::header::RETRY_AFTER, HeaderValue::from_static("3"));
+        assert_eq!(retry_after(&headers), Duration::from_secs(3));
+        headers.insert(
+            reqwest::header::RETRY_AFTER,
+            HeaderValue::from_static("3600"),
+        );
+        assert_eq!(retry_after(&headers), Duration::from_secs(5));
+        headers.insert(
+            reqwest::header::RETRY_AFTER,
+            HeaderValue::from_static("soon"),
+        );
+        assert_eq!(retry_after(&headers), Duration::from_secs(1));
     }
 }
