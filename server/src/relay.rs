@@ -195,7 +195,13 @@ async fn subscriptions(
         let mut rooms = rooms.into_iter();
         while let Some(room) = rooms.next() {
             if let Err(e) = bus.subscribe(&room).await {
-                tracing::debug!(room = %room, error = %e, "subscribe failed; retrying");
+                // Said once per run of failures (a refusal such as an ACL without the channel
+                // is an operator's to fix); the retries that follow stay quiet.
+                if was_pending {
+                    tracing::debug!(room = %room, error = %e, "subscribe failed; retrying");
+                } else {
+                    tracing::warn!(room = %room, error = %e, "subscribe failed; retrying with backoff up to 2 s");
+                }
                 // Each attempt may wait for the Redis timeout: the rest are tried with it later.
                 pending.insert(room);
                 pending.extend(rooms);

@@ -38,12 +38,10 @@ async fn wait_bus_up(http: &Http) {
     .await;
 }
 
-/// Ignored: it fails, and shows a defect the relay's retry cannot see. fred 10.1 reports a
-/// SUBSCRIBE that Redis refuses (`-NOPERM`) as a success (no "subscribe failed" is logged, the
-/// ACL log holds one denial, `PUBSUB CHANNELS` stays empty after the grant), so the relay never
-/// retries it and b hears nothing through the bus until a reconnect; head checks still deliver
-/// (1 s). The retry (commit 82aa263) covers SUBSCRIBEs that fail or time out.
-#[ignore = "a SUBSCRIBE refused with NOPERM is reported as success by fred: never retried"]
+/// Before the fix, fred reported the refused SUBSCRIBE as a success (it answers SUBSCRIBE when
+/// written and dropped the `-NOPERM` reply unseen), so the relay never retried it and b heard
+/// nothing through the bus until a reconnect. The bus now pipelines a PING behind each SUBSCRIBE
+/// to learn the outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_subscribe_is_retried_while_the_bus_stays_up() {
     let scenario = async {
@@ -102,8 +100,18 @@ async fn a_refused_subscribe_is_retried_while_the_bus_stays_up() {
         );
         assert_eq!(http_b.get("/ready").await.json()["bus_state"], "up");
 
-        // Redis denied exactly one SUBSCRIBE so far.
-        eprintln!("ACL LOG: {}", redis.command(&["ACL", "LOG"]));
+        // The refusals are seen and retried: Redis logs every denied SUBSCRIBE (one ACL LOG
+        // entry whose count grows). Before the fix it stayed at 1.
+        eventually(
+            Duration::from_secs(10),
+            "b retries its refused SUBSCRIBE",
+            || {
+                let log = redis.command(&["ACL", "LOG"]);
+                async move { denied_subscribes(&log) >= 2 }
+            },
+        )
+        .await;
+        assert_eq!(http_b.get("/ready").await.json()["bus_state"], "up");
         redis.command(&["ACL", "SETUSER", "nodeb", "allchannels"]);
         // The retry backs off to 2 s at most.
         eventually(Duration::from_secs(10), "b hears a through the bus", || {
@@ -119,4 +127,23 @@ async fn a_refused_subscribe_is_retried_while_the_bus_stays_up() {
         );
     };
     tokio::time::timeout(DEADLINE, scenario).await.unwrap();
+}
+
+/// The `count` of the ACL LOG entry for a channel denial on the room's channel, from
+/// `redis-cli ACL LOG` output (one field name or value per line).
+fn denied_subscribes(log: &str) -> u64 {
+    let lines: Vec<&str> = log.lines().map(str::trim).collect();
+    let mut count = 0;
+    for entry in lines.split(|line| *line == "count").skip(1) {
+        let is_room_channel = entry
+            .windows(2)
+            .any(|w| w[0] == "object" && w[1].ends_with(&format!("room:{ROOM}")));
+        if is_room_channel {
+            count += entry
+                .first()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    count
 }

@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use fred::interfaces::{EventInterface, PubsubInterface};
+use fred::clients::Pipeline;
+use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -196,11 +197,25 @@ impl Bus for RedisBus {
         }
     }
 
+    /// SUBSCRIBE, then learn whether Redis accepted it.
+    ///
+    /// fred answers a SUBSCRIBE as soon as it is written (its success reply is a push frame), so
+    /// a refusal, such as `-NOPERM` from an ACL user without the channel, would be dropped unseen
+    /// and never retried. A PING pipelined behind it is answered in order on the same connection:
+    /// it receives the SUBSCRIBE's error if there was one, and its own reply otherwise. fred's
+    /// connection task writes every command of a pipeline before it reads the next reply, so the
+    /// error cannot arrive before the PING waits for it. `subscribe_retry` (real Redis, real
+    /// ACL) guards this against a change in fred.
     async fn subscribe(&self, room: &str) -> Result<(), BusError> {
         let s = &self.shared;
-        let subscribe = s.link.subscriber().subscribe(s.channel(room));
-        match tokio::time::timeout(s.link.timeout(), subscribe).await {
-            Ok(Ok(())) => Ok(()),
+        let pipeline = Pipeline::from(s.link.subscriber().clone());
+        let confirmed = async {
+            pipeline.subscribe(s.channel(room)).await?;
+            pipeline.ping::<()>(None).await?;
+            pipeline.last::<fred::types::Value>().await
+        };
+        match tokio::time::timeout(s.link.timeout(), confirmed).await {
+            Ok(Ok(_pong)) => Ok(()),
             Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
             Err(_) => Err(BusError::Timeout),
         }
