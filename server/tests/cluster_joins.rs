@@ -5,6 +5,9 @@
 //! Without Redis, so that the other node's messages reach the joining node only through its
 //! head checks: a joiner that read an older head than the one the room was seeded with waited
 //! forever for the seqs between the two heads once the room went quiet.
+//!
+//! This storm leaves the interleaving to chance (it passed before the fix too); `join_seeding`
+//! forces the two orders that failed, with a lock and a stopped backend in Postgres.
 #![allow(clippy::unwrap_used)]
 
 #[allow(dead_code)]

@@ -433,7 +433,7 @@ fn spawn_watchdog(server_pid: u32, dir: &Path) -> Child {
 }
 
 /// Sends signal `name` (as `kill` spells it) to `pid`.
-fn signal(name: &str, pid: u32) {
+pub fn signal(name: &str, pid: u32) {
     let sent = Command::new("kill")
         .arg(format!("-{name}"))
         .arg(pid.to_string())
