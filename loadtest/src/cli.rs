@@ -70,6 +70,11 @@ pub struct Common {
     /// Connections opened at once while setting up.
     #[arg(long, global = true, default_value_t = 256)]
     pub connect_concurrency: usize,
+    /// Send without an `idem` key. By default every send carries one, as real clients' sends
+    /// do (the protocol asks for it, so that a resend after a reconnect is never stored
+    /// twice); this flag measures the keyless path for comparison.
+    #[arg(long, global = true)]
+    pub no_idem: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -36,6 +36,8 @@ pub struct PublisherSpec {
     pub budget: Option<Arc<AtomicU64>>,
     /// Padding appended to every body.
     pub pad: Arc<str>,
+    /// Whether every send carries an `idem` key.
+    pub idem: bool,
 }
 
 /// What a publisher did.
@@ -116,7 +118,8 @@ impl Publisher {
                     }
                     let (index, room) = &spec.rooms[cursor];
                     cursor = (cursor + 1) % spec.rooms.len();
-                    let frame = client::send_frame(room, spec.id, out.sent, next_ref, &spec.pad);
+                    let frame =
+                        client::send_frame(room, spec.id, out.sent, next_ref, &spec.pad, spec.idem);
                     if let Err(e) = self.ws.feed(Message::text(frame)).await {
                         out.error(format!("publisher {}: send failed: {e}", spec.id));
                         return out;

@@ -21,6 +21,9 @@ pub const COMMIT_BATCH: &str = "seqcast_commit_batch_size";
 pub const COMMIT_ROOMS: &str = "seqcast_commit_rooms";
 /// Commits that failed (counter, label `reason`: `unavailable` or `internal`).
 pub const COMMIT_ERRORS: &str = "seqcast_commit_errors_total";
+/// Keyed groups committed again room by room because their one-statement commit met a key that
+/// another writer stored meanwhile (counter; Postgres only).
+pub const STORE_KEYED_RETRIES: &str = "seqcast_commit_keyed_retries_total";
 /// Sessions reading the database because they are behind the live stream (gauge).
 pub const SESSIONS_CATCHING_UP: &str = "seqcast_sessions_catching_up";
 /// Sessions closed with 4008 because they accepted no bytes for the write timeout (counter).
@@ -114,6 +117,10 @@ fn describe() {
     describe_histogram!(COMMIT_BATCH, "Messages per commit transaction");
     describe_histogram!(COMMIT_ROOMS, "Rooms per commit transaction");
     describe_counter!(COMMIT_ERRORS, "Failed commits");
+    describe_counter!(
+        STORE_KEYED_RETRIES,
+        "Keyed groups committed again room by room after a racing idempotency key"
+    );
     describe_gauge!(
         SESSIONS_CATCHING_UP,
         "Sessions reading the database to catch up"

@@ -36,6 +36,7 @@ pub async fn run(ctx: &Ctx, args: &Catchup) -> Result<Report> {
             "messages": args.messages,
             "publishers": args.publishers,
             "window": args.window,
+            "idem": ctx.idem,
         }),
     );
     report.nodes = ctx.node_urls();
@@ -54,6 +55,7 @@ pub async fn run(ctx: &Ctx, args: &Catchup) -> Result<Report> {
             start_offset: Duration::ZERO,
             budget: Some(budget.clone()),
             pad: Arc::from(""),
+            idem: ctx.idem,
         })
         .collect();
     let publishers = connect_publishers(ctx, specs, &mut report).await;

@@ -38,6 +38,8 @@ pub struct Ctx {
     pub connect_concurrency: usize,
     /// `{prefix}-{run id}`: the start of every room name of this run.
     pub run_prefix: String,
+    /// Whether sends carry an `idem` key (not `--no-idem`).
+    pub idem: bool,
 }
 
 impl Ctx {
@@ -63,6 +65,7 @@ impl Ctx {
             watched: common.watch_pid.clone(),
             connect_concurrency: common.connect_concurrency.max(1),
             run_prefix: format!("{}-{started}-{}", common.room_prefix, std::process::id()),
+            idem: !common.no_idem,
         })
     }
 

@@ -41,7 +41,9 @@ pub struct Plan {
 }
 
 pub async fn run(ctx: &Ctx, plan: Plan) -> Result<Report> {
-    let mut report = Report::new(plan.scenario, plan.params.clone());
+    let mut params = plan.params.clone();
+    params["idem"] = ctx.idem.into();
+    let mut report = Report::new(plan.scenario, params);
     report.nodes = ctx.node_urls();
     let rooms = ctx.rooms(plan.scenario, plan.rooms);
 
@@ -164,6 +166,7 @@ fn publisher_specs(ctx: &Ctx, rooms: &[Arc<str>], plan: &Plan) -> Vec<PublisherS
                     .unwrap_or_default(),
                 budget: None,
                 pad: pad.clone(),
+                idem: ctx.idem,
             }
         })
         .collect()

@@ -53,6 +53,7 @@ mod collation;
 mod failures;
 mod groups;
 mod idem;
+mod keyed_groups;
 mod nodes;
 mod reads;
 mod retention;

@@ -1,5 +1,5 @@
 //! Postgres backend: the store for clusters. Any number of nodes may share one database; the
-//! per-room counter row (see `PostgresStore::append_in`) keeps seqs gap-free across all of them.
+//! per-room counter row (see `append::room_in`) keeps seqs gap-free across all of them.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -7,14 +7,17 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::query::Query;
 use sqlx::{ConnectOptions, Connection, Postgres, Row};
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::{timeout_at, Instant};
 
-use super::batch::{self, KeyedMessage};
+mod append;
+
+use super::batch;
 use super::{Appended, NewMessage, RoomInfo, Store, StoreError, StoreResult, StoredMessage};
+use crate::metrics as m;
 
 /// Connections per node. Appends to one room serialize on its counter row anyway, so more
 /// connections mostly help reads and appends to many rooms at once.
@@ -117,203 +120,6 @@ impl PostgresStore {
         Ok((permit, conn, deadline))
     }
 
-    /// The body of [`Store::append`], inside the transaction `tx`.
-    ///
-    /// Why seqs come out without holes and commit in seq order, even with many nodes writing:
-    /// the first statement inserts or touches the room's row in `rooms`, which takes that row's
-    /// lock until the transaction ends. Every other writer of the room, on any node, blocks on
-    /// that same statement, so one transaction at a time reads the head, inserts the seqs after
-    /// it and stores the new head. The next writer is let through only once this transaction
-    /// has committed (and its rows are visible), and then reads the new head: seqs are handed out
-    /// in commit order. Under READ COMMITTED each later statement of that writer sees what this
-    /// one committed, so its idempotency-key lookup finds keys stored a moment ago by another
-    /// node. If this transaction rolls back, its head bump rolls back with it and the next
-    /// writer reuses those seqs: no holes. (A Postgres `SEQUENCE` would not do: `nextval`
-    /// is not transactional, so a rollback leaves a hole, and concurrent writers could commit out
-    /// of seq order.)
-    async fn append_in(
-        tx: &mut PgConnection,
-        room: &str,
-        batch: &[NewMessage],
-    ) -> Result<Vec<Appended>, sqlx::Error> {
-        // The commit timestamp is the database's clock, read under the lock: timestamps follow
-        // seq order whichever node commits.
-        let (head, ts_ms): (i64, i64) = sqlx::query_as(
-            "INSERT INTO rooms (room, head) VALUES ($1, 0) \
-             ON CONFLICT (room) DO UPDATE SET head = rooms.head \
-             RETURNING head, (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
-        )
-        .bind(room)
-        .fetch_one(&mut *tx)
-        .await?;
-
-        let (senders, idems): (Vec<&str>, Vec<&str>) = batch
-            .iter()
-            .filter_map(|m| Some((m.sender.as_str(), m.idem.as_deref()?)))
-            .unzip();
-        let stored = if idems.is_empty() {
-            Vec::new()
-        } else {
-            let rows = sqlx::query(
-                "SELECT m.idem, m.seq, m.id::text AS id, m.sender, m.body, m.ts_ms \
-                 FROM messages m \
-                 JOIN UNNEST($2::text[], $3::text[]) AS k (sender, idem) \
-                   ON m.sender = k.sender AND m.idem = k.idem \
-                 WHERE m.room = $1 AND m.idem IS NOT NULL",
-            )
-            .bind(room)
-            .bind(&senders)
-            .bind(&idems)
-            .fetch_all(&mut *tx)
-            .await?;
-            rows.iter()
-                .map(|row| {
-                    Ok(KeyedMessage {
-                        idem: row.try_get("idem")?,
-                        message: message_from_row(room, row)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, sqlx::Error>>()?
-        };
-
-        let plan = batch::plan(room, batch::seq_from_db(head)?, ts_ms, batch, stored);
-        if plan.new.is_empty() {
-            return Ok(plan.results);
-        }
-
-        let mut seqs = Vec::with_capacity(plan.new.len());
-        let mut ids = Vec::with_capacity(plan.new.len());
-        let mut senders = Vec::with_capacity(plan.new.len());
-        let mut bodies = Vec::with_capacity(plan.new.len());
-        let mut idems = Vec::with_capacity(plan.new.len());
-        for &i in &plan.new {
-            let message = &plan.results[i].message;
-            seqs.push(batch::to_db(message.seq));
-            ids.push(message.id.to_string());
-            senders.push(message.sender.as_str());
-            bodies.push(message.body.as_str());
-            idems.push(batch[i].idem.as_deref());
-        }
-        // One statement for the whole batch, whatever its size: arrays, not one bind per value.
-        sqlx::query(
-            "INSERT INTO messages (room, seq, id, sender, body, idem, ts_ms) \
-             SELECT $1, t.seq, t.id::uuid, t.sender, t.body, t.idem, $7 \
-             FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[]) \
-               AS t (seq, id, sender, body, idem)",
-        )
-        .bind(room)
-        .bind(&seqs)
-        .bind(&ids)
-        .bind(&senders)
-        .bind(&bodies)
-        .bind(&idems)
-        .bind(ts_ms)
-        .execute(&mut *tx)
-        .await?;
-
-        sqlx::query("UPDATE rooms SET head = $2 WHERE room = $1")
-            .bind(room)
-            .bind(batch::to_db(plan.head))
-            .execute(&mut *tx)
-            .await?;
-        Ok(plan.results)
-    }
-
-    /// [`Store::append_rooms`] for batches without idempotency keys (the common case): nothing
-    /// to look up, so every room's counter bump and every insert are one statement, run as its
-    /// own transaction: one round trip and one commit for the whole group. The row locks of the
-    /// bump order it with every other writer of those rooms exactly as in [`Self::append_in`];
-    /// they are taken in byte order (`COLLATE "C"`), as the keyed path takes them, whatever
-    /// the database's collation: under ICU or en_US `general` sorts before `Lobby`, and two
-    /// nodes locking in different orders deadlock.
-    async fn append_unkeyed(
-        conn: &mut PgConnection,
-        batches: &[(&str, &[NewMessage])],
-    ) -> Result<Vec<Vec<Appended>>, sqlx::Error> {
-        let rooms: Vec<&str> = batches.iter().map(|(room, _)| *room).collect();
-        let counts: Vec<i64> = batches.iter().map(|(_, b)| b.len() as i64).collect();
-        let total = batches.iter().map(|(_, b)| b.len()).sum();
-        let mut message_rooms = Vec::with_capacity(total);
-        let mut ids = Vec::with_capacity(total);
-        let mut senders = Vec::with_capacity(total);
-        let mut bodies = Vec::with_capacity(total);
-        for (room, batch) in batches {
-            for m in batch.iter() {
-                message_rooms.push(*room);
-                ids.push(uuid::Uuid::now_v7());
-                senders.push(m.sender.as_str());
-                bodies.push(m.body.as_str());
-            }
-        }
-        // Data-modifying CTEs run exactly once, whether or not the final SELECT reads them. The
-        // timestamp aggregates over `bump`, so it is taken once every room's lock is held. A
-        // message's seq is its room's new head minus the room's count plus its place in the room.
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-            "WITH counts AS ( \
-                 SELECT room, n FROM UNNEST($1::text[], $2::bigint[]) AS c (room, n)), \
-             bump AS ( \
-                 INSERT INTO rooms (room, head) SELECT room, n FROM counts \
-                 ORDER BY room COLLATE \"C\" \
-                 ON CONFLICT (room) DO UPDATE SET head = rooms.head + EXCLUDED.head \
-                 RETURNING room, head), \
-             stamp AS ( \
-                 SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ts_ms, \
-                        count(*) AS locked \
-                 FROM bump), \
-             inserted AS ( \
-                 INSERT INTO messages (room, seq, id, sender, body, idem, ts_ms) \
-                 SELECT t.room, \
-                        bump.head - counts.n \
-                          + row_number() OVER (PARTITION BY t.room ORDER BY t.ord), \
-                        t.id, t.sender, t.body, NULL, stamp.ts_ms \
-                 FROM UNNEST($3::text[], $4::uuid[], $5::text[], $6::text[]) WITH ORDINALITY \
-                        AS t (room, id, sender, body, ord) \
-                 JOIN bump ON bump.room = t.room \
-                 JOIN counts ON counts.room = t.room \
-                 CROSS JOIN stamp) \
-             SELECT bump.room, bump.head, stamp.ts_ms FROM bump, stamp",
-        )
-        .bind(&rooms)
-        .bind(&counts)
-        .bind(&message_rooms)
-        // Binary UUIDs: no text to format here or to parse in the database.
-        .bind(&ids)
-        .bind(&senders)
-        .bind(&bodies)
-        .fetch_all(&mut *conn)
-        .await?;
-        let mut heads = std::collections::HashMap::with_capacity(rows.len());
-        for (room, head, ts_ms) in rows {
-            heads.insert(room, (batch::seq_from_db(head)?, ts_ms));
-        }
-        let mut ids = ids.into_iter();
-        batches
-            .iter()
-            .map(|(room, batch)| {
-                let Some(&(head, ts_ms)) = heads.get(*room) else {
-                    return Err(sqlx::Error::RowNotFound);
-                };
-                let first = head + 1 - batch.len() as u64;
-                Ok(batch
-                    .iter()
-                    .zip(ids.by_ref())
-                    .enumerate()
-                    .map(|(i, (input, id))| Appended {
-                        message: StoredMessage {
-                            room: (*room).to_owned(),
-                            seq: first + i as u64,
-                            id,
-                            sender: input.sender.clone(),
-                            body: input.body.clone(),
-                            ts_ms,
-                        },
-                        duplicate: false,
-                    })
-                    .collect())
-            })
-            .collect()
-    }
-
     /// Runs a query for [`message_from_row`]'s columns.
     async fn fetch_messages(
         &self,
@@ -342,29 +148,23 @@ impl Store for PostgresStore {
             .collect();
         let mut appended = if nonempty.is_empty() {
             Vec::new()
-        } else if nonempty
-            .iter()
-            .all(|(_, b)| b.iter().all(|m| m.idem.is_none()))
-        {
-            // One statement in autocommit for the whole group.
-            let deadline = self.deadline();
-            let mut conn = self.conn(deadline).await?;
-            let outcome = timeout_at(deadline, Self::append_unkeyed(&mut conn, &nonempty)).await;
-            settle(conn, outcome)?
         } else {
-            // Idempotency keys need their lookups: one transaction, room by room in the
-            // listed order, so one commit (one WAL flush) for every room of the group. Dropping
-            // `tx` without committing (on error, or if this future is dropped) rolls back.
+            let unkeyed = nonempty
+                .iter()
+                .all(|(_, b)| b.iter().all(|m| m.idem.is_none()));
             let deadline = self.deadline();
             let mut conn = self.conn(deadline).await?;
             let outcome = timeout_at(deadline, async {
-                let mut tx = Connection::begin(&mut *conn).await?;
-                let mut appended = Vec::with_capacity(nonempty.len());
-                for (room, batch) in &nonempty {
-                    appended.push(Self::append_in(&mut tx, room, batch).await?);
+                if unkeyed {
+                    return append::unkeyed(&mut conn, &nonempty).await;
                 }
-                tx.commit().await?;
-                Ok(appended)
+                match append::keyed(&mut conn, &nonempty).await? {
+                    Some(appended) => Ok(appended),
+                    None => {
+                        metrics::counter!(m::STORE_KEYED_RETRIES).increment(1);
+                        append::in_transaction(&mut conn, &nonempty).await
+                    }
+                }
             })
             .await;
             settle(conn, outcome)?
