@@ -21,10 +21,11 @@
 # performance target is reported (docs/benchmarks.md, and the summary printed at the end) but is
 # not a failure.
 #
-# Binaries are built into ${CARGO_TARGET_DIR:-target}. BENCH_KEEP=1 keeps the work directory
-# (logs, pgbench scripts, every loadtest output) for a look afterwards. BENCH_ONLY=a,b runs only
-# the named steps (pgbench runs and scenarios, e.g. BENCH_ONLY=pgbench,fanout) and writes no
-# document.
+# Binaries are built into ${CARGO_TARGET_DIR:-target}. BENCH_SEQCAST_BIN=PATH runs the nodes
+# from another seqcast binary (e.g. one built from an older commit, for a before/after
+# comparison). BENCH_KEEP=1 keeps the work directory (logs, pgbench scripts, every loadtest
+# output) for a look afterwards. BENCH_ONLY=a,b runs only the named steps (pgbench runs and
+# scenarios, e.g. BENCH_ONLY=pgbench,fanout) and writes no document.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
@@ -35,7 +36,7 @@ case "${1:-}" in
     --smoke) MODE=smoke ;;
     --cluster) MODE=cluster ;;
     -h | --help)
-        sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     *)
@@ -241,7 +242,7 @@ NODE_ENV=(
 start_node() {
     local i=$1 out="$WORK/n$1.out"
     : >"$out"
-    env "${NODE_ENV[@]}" "SEQCAST_NODE_ID=n$i" "$BIN/seqcast" >"$out" 2>>"$WORK/n$i.log" &
+    env "${NODE_ENV[@]}" "SEQCAST_NODE_ID=n$i" "${BENCH_SEQCAST_BIN:-$BIN/seqcast}" >"$out" 2>>"$WORK/n$i.log" &
     NODE_PIDS[i]=$!
     if ! wait_until 60 "node n$i" grep -q "seqcast listening on http://" "$out"; then
         tail -20 "$WORK/n$i.log" >&2

@@ -221,6 +221,10 @@ pub async fn connect_publishers(
     publishers
 }
 
+/// Head reads in flight at once in [`settle_heads`]: within the server's default per-user read
+/// limit (4).
+const HEAD_READS_AT_ONCE: usize = 4;
+
 /// Reads every room's head over HTTP and checks the acks against it: each seq `1..=head`
 /// acknowledged once. Returns the heads by room index (the highest ack where HTTP failed).
 pub async fn settle_heads(
@@ -230,7 +234,13 @@ pub async fn settle_heads(
     report: &mut Report,
 ) -> Vec<u64> {
     let node = &ctx.nodes[0];
-    let answers = join_all(rooms.iter().map(|room| ctx.http.head(node, room))).await;
+    // A few at a time: the server lets one user have only a few reads in flight
+    // (`SEQCAST_USER_READ_CONCURRENCY`, default 4) and refuses the rest with 429.
+    let answers: Vec<_> =
+        futures_util::stream::iter(rooms.iter().map(|room| ctx.http.head(node, room)))
+            .buffered(HEAD_READS_AT_ONCE)
+            .collect()
+            .await;
     let mut heads = Vec::with_capacity(rooms.len());
     for (index, (room, answer)) in rooms.iter().zip(answers).enumerate() {
         let acks: Vec<u64> = published

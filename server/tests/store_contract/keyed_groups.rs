@@ -1,5 +1,7 @@
-//! Groups with idempotency keys (one statement on Postgres): every kind of input in one group,
-//! and, on Postgres, a key that another node commits while the group waits for its room.
+//! Groups with idempotency keys: every kind of input in one group, and, on Postgres, a key that
+//! another node commits while the group waits for its room. On Postgres a group whose keys are
+//! all new commits in one statement; one that repeats a stored key is committed again room by
+//! room: both paths are run here.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -77,10 +79,10 @@ async fn a_keyed_group_answers_every_kind_of_input_as_append_would(store: Arc<dy
 /// How long the test waits for the store's statement to queue behind its lock.
 const WAIT_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Another node commits a key while this node's keyed group waits for the room's lock: the
-/// group's statement took its snapshot before that commit, so its lookup misses the key. It
-/// must still answer with that node's original and store nothing (before the room-by-room
-/// retry existed, the unique index failed the whole group as `internal`).
+/// Another node commits a key while this node's keyed group waits for the room's lock. The
+/// group must still answer with that node's original and store nothing: its one statement is
+/// refused by the unique index on (room, sender, idem), and the group is committed again room
+/// by room (without that retry it failed whole as `internal`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_key_committed_by_another_node_during_the_wait_is_the_original() {
     let url = TestPostgres::shared().fresh_database().await;

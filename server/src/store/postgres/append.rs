@@ -1,14 +1,19 @@
-//! The three ways a group of rooms' batches is committed on Postgres.
+//! The two ways a group of rooms' batches is committed on Postgres.
 //!
-//! - [`unkeyed`]: no idempotency key in the group (one statement, one round trip).
-//! - [`keyed`]: keys in the group, looked up and honoured in the same single statement; the
-//!   path of real clients, which put an `idem` on every send.
-//! - [`in_transaction`]: room by room in one transaction, each room's key lookup after its lock.
-//!   Always correct; [`keyed`] falls back to it in the rare case where its statement's snapshot
-//!   missed a key that another writer committed while this one waited for a room's lock.
+//! - [`one_statement`]: every room's counter bump and every insert in one statement, one round
+//!   trip, one commit, with or without idempotency keys (real clients put one on every send).
+//!   A key repeated within the group is answered from its first occurrence without a database
+//!   lookup. A key stored *before* the group (a resend of a message whose ack was lost) makes
+//!   the insert hit the unique index on (room, sender, idem): the statement fails whole and
+//!   stores nothing.
+//! - [`in_transaction`]: room by room in one transaction, each room's key lookup after its lock,
+//!   so a stored key is answered with its original. The fallback for the groups that
+//!   [`one_statement`] refused; always correct, a few round trips per room.
 //!
 //! Every path takes the rooms' row locks in byte order (`COLLATE "C"`, how the writer lists
 //! them), whatever the database's collation, so writers on any nodes cannot deadlock.
+
+use std::collections::HashMap;
 
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Row};
@@ -33,7 +38,7 @@ pub(super) async fn in_transaction(
     Ok(appended)
 }
 
-/// One room's batch inside the transaction `tx`: the general path (see [`in_transaction`]).
+/// One room's batch inside the transaction `tx` (see [`in_transaction`]).
 ///
 /// Why seqs come out without holes and commit in seq order, even with many nodes writing:
 /// the first statement inserts or touches the room's row in `rooms`, which takes that row's
@@ -135,221 +140,144 @@ async fn room_in(
     Ok(plan.results)
 }
 
-/// [`Store::append_rooms`](super::super::Store::append_rooms) for batches without idempotency keys (the common case): nothing
-/// to look up, so every room's counter bump and every insert are one statement, run as its
-/// own transaction: one round trip and one commit for the whole group. The row locks of the
-/// bump order it with every other writer of those rooms exactly as in [`room_in`];
-/// they are taken in byte order (`COLLATE "C"`), as the keyed path takes them, whatever
-/// the database's collation: under ICU or en_US `general` sorts before `Lobby`, and two
-/// nodes locking in different orders deadlock.
-pub(super) async fn unkeyed(
+/// `unique_violation`: here, only the index on (room, sender, idem) (seqs come from the locked
+/// counter and ids are fresh UUIDv7s).
+const UNIQUE_VIOLATION: &str = "23505";
+
+/// Commits the group in one statement, run as its own transaction: one round trip and one
+/// commit whatever the number of rooms. The row locks of the bump order it with every other
+/// writer of those rooms exactly as in [`room_in`]; they are taken in byte order
+/// (`COLLATE "C"`), as that path takes them, whatever the database's collation: under ICU or
+/// en_US `general` sorts before `Lobby`, and two nodes locking in different orders deadlock.
+///
+/// Returns `Ok(None)`, having stored nothing, when a message's key is already stored: then the
+/// caller commits the group with [`in_transaction`], which answers it with the original. Not
+/// looking keys up here is what makes a keyed group cost what an unkeyed one does: the unique
+/// index checks every key on insert anyway, and a repeat of a stored key is rare (a resend after
+/// a lost ack). That check also covers a key another node commits while this statement waits
+/// for a room's lock, which a lookup in the same statement would miss (its snapshot is older).
+pub(super) async fn one_statement(
     conn: &mut PgConnection,
     batches: &[(&str, &[NewMessage])],
-) -> Result<Vec<Vec<Appended>>, sqlx::Error> {
-    let rooms: Vec<&str> = batches.iter().map(|(room, _)| *room).collect();
-    let counts: Vec<i64> = batches.iter().map(|(_, b)| b.len() as i64).collect();
+) -> Result<Option<Vec<Vec<Appended>>>, sqlx::Error> {
+    // Which input repeats an earlier one's key in the group (`Some(index of the first)`); only
+    // the others are inserted and counted.
     let total = batches.iter().map(|(_, b)| b.len()).sum();
+    let mut firsts: HashMap<(&str, &str, &str), usize> = HashMap::new();
+    let mut repeat_of = Vec::with_capacity(total);
+    let mut rooms = Vec::with_capacity(batches.len());
+    let mut counts = Vec::with_capacity(batches.len());
     let mut message_rooms = Vec::with_capacity(total);
     let mut ids = Vec::with_capacity(total);
     let mut senders = Vec::with_capacity(total);
     let mut bodies = Vec::with_capacity(total);
+    let mut idems = Vec::with_capacity(total);
     for (room, batch) in batches {
+        let mut fresh = 0;
         for m in batch.iter() {
+            let index = repeat_of.len();
+            let first = m.idem.as_deref().and_then(|idem| {
+                let key = (*room, m.sender.as_str(), idem);
+                match firsts.get(&key) {
+                    Some(&first) => Some(first),
+                    None => {
+                        firsts.insert(key, index);
+                        None
+                    }
+                }
+            });
+            repeat_of.push(first);
+            if first.is_some() {
+                continue;
+            }
+            fresh += 1;
             message_rooms.push(*room);
             ids.push(uuid::Uuid::now_v7());
             senders.push(m.sender.as_str());
             bodies.push(m.body.as_str());
-        }
-    }
-    // Data-modifying CTEs run exactly once, whether or not the final SELECT reads them. The
-    // timestamp aggregates over `bump`, so it is taken once every room's lock is held. A
-    // message's seq is its room's new head minus the room's count plus its place in the room.
-    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-        "WITH counts AS ( \
-             SELECT room, n FROM UNNEST($1::text[], $2::bigint[]) AS c (room, n)), \
-         bump AS ( \
-             INSERT INTO rooms (room, head) SELECT room, n FROM counts \
-             ORDER BY room COLLATE \"C\" \
-             ON CONFLICT (room) DO UPDATE SET head = rooms.head + EXCLUDED.head \
-             RETURNING room, head), \
-         stamp AS ( \
-             SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ts_ms, \
-                    count(*) AS locked \
-             FROM bump), \
-         inserted AS ( \
-             INSERT INTO messages (room, seq, id, sender, body, idem, ts_ms) \
-             SELECT t.room, \
-                    bump.head - counts.n \
-                      + row_number() OVER (PARTITION BY t.room ORDER BY t.ord), \
-                    t.id, t.sender, t.body, NULL, stamp.ts_ms \
-             FROM UNNEST($3::text[], $4::uuid[], $5::text[], $6::text[]) WITH ORDINALITY \
-                    AS t (room, id, sender, body, ord) \
-             JOIN bump ON bump.room = t.room \
-             JOIN counts ON counts.room = t.room \
-             CROSS JOIN stamp) \
-         SELECT bump.room, bump.head, stamp.ts_ms FROM bump, stamp",
-    )
-    .bind(&rooms)
-    .bind(&counts)
-    .bind(&message_rooms)
-    // Binary UUIDs: no text to format here or to parse in the database.
-    .bind(&ids)
-    .bind(&senders)
-    .bind(&bodies)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut heads = std::collections::HashMap::with_capacity(rows.len());
-    for (room, head, ts_ms) in rows {
-        heads.insert(room, (batch::seq_from_db(head)?, ts_ms));
-    }
-    let mut ids = ids.into_iter();
-    batches
-        .iter()
-        .map(|(room, batch)| {
-            let Some(&(head, ts_ms)) = heads.get(*room) else {
-                return Err(sqlx::Error::RowNotFound);
-            };
-            let first = head + 1 - batch.len() as u64;
-            Ok(batch
-                .iter()
-                .zip(ids.by_ref())
-                .enumerate()
-                .map(|(i, (input, id))| Appended {
-                    message: StoredMessage {
-                        room: (*room).to_owned(),
-                        seq: first + i as u64,
-                        id,
-                        sender: input.sender.clone(),
-                        body: input.body.clone(),
-                        ts_ms,
-                    },
-                    duplicate: false,
-                })
-                .collect())
-        })
-        .collect()
-}
-
-/// [`unkeyed`]'s statement with the idempotency keys honoured in it: in the database, each
-/// message whose (room, sender, idem) is stored already, or occurs earlier in the group, is
-/// answered with that original and not inserted; only the others are counted into the rooms'
-/// heads and inserted.
-///
-/// The statement reads the stored keys with its snapshot, taken when it starts, before it waits
-/// for any room's lock. A key that another writer committed after that (it held the room's lock
-/// meanwhile: a client resending to two nodes at once) is missed by the lookup, and the insert
-/// then hits the unique index on (room, sender, idem): the statement fails whole, nothing is
-/// stored, and the caller runs the group again with [`in_transaction`], whose lookups come after
-/// the locks. Returns `Ok(None)` in that case.
-pub(super) async fn keyed(
-    conn: &mut PgConnection,
-    batches: &[(&str, &[NewMessage])],
-) -> Result<Option<Vec<Vec<Appended>>>, sqlx::Error> {
-    let total = batches.iter().map(|(_, b)| b.len()).sum();
-    let mut rooms = Vec::with_capacity(total);
-    let mut senders = Vec::with_capacity(total);
-    let mut bodies = Vec::with_capacity(total);
-    let mut idems = Vec::with_capacity(total);
-    let mut ids = Vec::with_capacity(total);
-    for (room, batch) in batches {
-        for m in batch.iter() {
-            rooms.push(*room);
-            senders.push(m.sender.as_str());
-            bodies.push(m.body.as_str());
             idems.push(m.idem.as_deref());
-            ids.push(uuid::Uuid::now_v7());
         }
+        rooms.push(*room);
+        counts.push(fresh);
     }
-    let rows = sqlx::query(KEYED_GROUP)
+    let rows: Vec<(String, i64, i64)> = match sqlx::query_as(ONE_STATEMENT)
         .bind(&rooms)
+        .bind(&counts)
+        .bind(&message_rooms)
+        // Binary UUIDs: no text to format here or to parse in the database.
+        .bind(&ids)
         .bind(&senders)
         .bind(&bodies)
         .bind(&idems)
-        .bind(&ids)
         .fetch_all(&mut *conn)
-        .await;
-    let rows = match rows {
+        .await
+    {
         Ok(rows) => rows,
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNIQUE_VIOLATION) => {
             return Ok(None);
         }
         Err(e) => return Err(e),
     };
-    if rows.len() != total {
-        return Err(sqlx::Error::RowNotFound);
+    let mut heads = HashMap::with_capacity(rows.len());
+    for (room, head, ts_ms) in rows {
+        heads.insert(room, (batch::seq_from_db(head)?, ts_ms));
     }
-    // Rows come in input order (`ord` 1, 2, ...): the inputs flattened, room after room.
-    let inputs: Vec<(&str, &NewMessage)> = batches
-        .iter()
-        .flat_map(|(room, batch)| batch.iter().map(move |m| (*room, m)))
-        .collect();
-    let mut answers = Vec::with_capacity(total);
-    for (row, (room, input)) in rows.iter().zip(&inputs) {
-        let first: i64 = row.try_get("first_ord")?;
-        let ord: i64 = row.try_get("ord")?;
-        let stored_body: Option<String> = row.try_get("stored_body")?;
-        // A repeat within the group carries the body of its first occurrence.
-        let original = usize::try_from(first - 1)
-            .ok()
-            .and_then(|i| inputs.get(i))
-            .map_or(*input, |(_, m)| *m);
-        answers.push(Appended {
-            message: StoredMessage {
-                room: (*room).to_owned(),
-                seq: batch::seq_from_db(row.try_get("seq")?)?,
-                id: row.try_get("id")?,
-                sender: input.sender.clone(),
-                body: stored_body.unwrap_or_else(|| original.body.clone()),
-                ts_ms: row.try_get("ts_ms")?,
-            },
-            duplicate: row.try_get::<bool, _>("stored")? || first != ord,
-        });
+    // New messages take their room's seqs after the head it had, in input order; repeats are
+    // answered with their first occurrence.
+    let mut answers: Vec<Appended> = Vec::with_capacity(total);
+    let mut ids = ids.into_iter();
+    let mut repeats = repeat_of.into_iter();
+    let mut grouped = Vec::with_capacity(batches.len());
+    for ((room, batch), fresh) in batches.iter().zip(&counts) {
+        let start = answers.len();
+        let Some(&(head, ts_ms)) = heads.get(*room) else {
+            return Err(sqlx::Error::RowNotFound);
+        };
+        let mut seq = head - *fresh as u64;
+        for input in batch.iter() {
+            let answer = match repeats.next().flatten() {
+                Some(first) => Appended {
+                    message: answers[first].message.clone(),
+                    duplicate: true,
+                },
+                None => {
+                    seq += 1;
+                    let id = ids.next().ok_or(sqlx::Error::RowNotFound)?;
+                    Appended {
+                        message: StoredMessage {
+                            room: (*room).to_owned(),
+                            seq,
+                            id,
+                            sender: input.sender.clone(),
+                            body: input.body.clone(),
+                            ts_ms,
+                        },
+                        duplicate: false,
+                    }
+                }
+            };
+            answers.push(answer);
+        }
+        grouped.push(start..answers.len());
     }
-    let mut answers = answers.into_iter();
     Ok(Some(
-        batches
-            .iter()
-            .map(|(_, batch)| answers.by_ref().take(batch.len()).collect())
+        grouped
+            .into_iter()
+            .map(|range| answers[range].to_vec())
             .collect(),
     ))
 }
 
-/// `unique_violation`: here, only the index on (room, sender, idem) (seqs come from the locked
-/// counter and ids are fresh UUIDv7s).
-const UNIQUE_VIOLATION: &str = "23505";
-
-/// The statement of [`keyed`]. `$1..$5`: room, sender, body, idem (NULL for none) and a fresh id
-/// per input message, in input order. One row per input, in input order: its seq, id and
-/// commit time (the original's for a repeat), whether the original was stored before this
-/// statement (`stored`, with its body), and the place of the first input with its key
-/// (`first_ord`, its own place when it is the first or has no key).
+/// The statement of [`one_statement`]. `$1, $2`: the rooms (in byte order) and how many new
+/// messages each gets; `$3..$7`: per new message, in input order, its room, id, sender, body and
+/// idem (NULL for none). One row per room: its new head and the commit time.
 ///
-/// - `firsts`: each input with the first place of its key in the group.
-/// - `stored`: inputs whose key the database holds (as of the statement's snapshot).
-/// - `fresh`: what is inserted: first occurrences whose key is not stored, and unkeyed inputs.
-/// - `bump`, `stamp`, `numbered`, `inserted`: as in [`unkeyed`], over `fresh`; rooms with
-///   nothing fresh are neither locked nor bumped. Data-modifying CTEs run exactly once, whether
-///   or not the final SELECT reads them.
-const KEYED_GROUP: &str = "\
-    WITH input AS ( \
-        SELECT t.room, t.sender, t.body, t.idem, t.id, t.ord \
-        FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::uuid[]) \
-            WITH ORDINALITY AS t (room, sender, body, idem, id, ord)), \
-    firsts AS ( \
-        SELECT i.*, CASE WHEN i.idem IS NULL THEN i.ord \
-                         ELSE min(i.ord) OVER (PARTITION BY i.room, i.sender, i.idem) \
-                    END AS first_ord \
-        FROM input i), \
-    stored AS ( \
-        SELECT f.ord, m.seq, m.id, m.body, m.ts_ms \
-        FROM firsts f \
-        JOIN messages m ON m.room = f.room AND m.sender = f.sender AND m.idem = f.idem \
-        WHERE f.idem IS NOT NULL AND m.idem IS NOT NULL), \
-    fresh AS ( \
-        SELECT f.* FROM firsts f \
-        WHERE f.first_ord = f.ord AND NOT EXISTS (SELECT 1 FROM stored s WHERE s.ord = f.ord)), \
-    counts AS ( \
-        SELECT room, count(*) AS n FROM fresh GROUP BY room), \
+/// Data-modifying CTEs run exactly once, whether or not the final SELECT reads them. The
+/// timestamp aggregates over `bump`, so it is taken once every room's lock is held. A message's
+/// seq is its room's new head minus the room's count plus its place in the room.
+const ONE_STATEMENT: &str = "\
+    WITH counts AS ( \
+        SELECT room, n FROM UNNEST($1::text[], $2::bigint[]) AS c (room, n)), \
     bump AS ( \
         INSERT INTO rooms (room, head) SELECT room, n FROM counts \
         ORDER BY room COLLATE \"C\" \
@@ -359,23 +287,15 @@ const KEYED_GROUP: &str = "\
         SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ts_ms, \
                count(*) AS locked \
         FROM bump), \
-    numbered AS ( \
-        SELECT f.ord, f.room, f.sender, f.body, f.idem, f.id, \
-               bump.head - counts.n + row_number() OVER (PARTITION BY f.room ORDER BY f.ord) \
-                 AS seq \
-        FROM fresh f \
-        JOIN bump ON bump.room = f.room \
-        JOIN counts ON counts.room = f.room), \
     inserted AS ( \
         INSERT INTO messages (room, seq, id, sender, body, idem, ts_ms) \
-        SELECT n.room, n.seq, n.id, n.sender, n.body, n.idem, stamp.ts_ms \
-        FROM numbered n CROSS JOIN stamp) \
-    SELECT f.ord, f.first_ord, \
-           COALESCE(s.seq, n.seq) AS seq, COALESCE(s.id, n.id) AS id, \
-           COALESCE(s.ts_ms, stamp.ts_ms) AS ts_ms, \
-           s.ord IS NOT NULL AS stored, s.body AS stored_body \
-    FROM firsts f \
-    LEFT JOIN stored s ON s.ord = f.first_ord \
-    LEFT JOIN numbered n ON n.ord = f.first_ord \
-    CROSS JOIN stamp \
-    ORDER BY f.ord";
+        SELECT t.room, \
+               bump.head - counts.n \
+                 + row_number() OVER (PARTITION BY t.room ORDER BY t.ord), \
+               t.id, t.sender, t.body, t.idem, stamp.ts_ms \
+        FROM UNNEST($3::text[], $4::uuid[], $5::text[], $6::text[], $7::text[]) WITH ORDINALITY \
+               AS t (room, id, sender, body, idem, ord) \
+        JOIN bump ON bump.room = t.room \
+        JOIN counts ON counts.room = t.room \
+        CROSS JOIN stamp) \
+    SELECT bump.room, bump.head, stamp.ts_ms FROM bump, stamp";

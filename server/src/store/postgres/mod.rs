@@ -149,16 +149,10 @@ impl Store for PostgresStore {
         let mut appended = if nonempty.is_empty() {
             Vec::new()
         } else {
-            let unkeyed = nonempty
-                .iter()
-                .all(|(_, b)| b.iter().all(|m| m.idem.is_none()));
             let deadline = self.deadline();
             let mut conn = self.conn(deadline).await?;
             let outcome = timeout_at(deadline, async {
-                if unkeyed {
-                    return append::unkeyed(&mut conn, &nonempty).await;
-                }
-                match append::keyed(&mut conn, &nonempty).await? {
+                match append::one_statement(&mut conn, &nonempty).await? {
                     Some(appended) => Ok(appended),
                     None => {
                         metrics::counter!(m::STORE_KEYED_RETRIES).increment(1);
