@@ -21,9 +21,10 @@ pub const COMMIT_BATCH: &str = "seqcast_commit_batch_size";
 pub const COMMIT_ROOMS: &str = "seqcast_commit_rooms";
 /// Commits that failed (counter, label `reason`: `unavailable` or `internal`).
 pub const COMMIT_ERRORS: &str = "seqcast_commit_errors_total";
-/// Groups committed a second time, room by room, because a message repeated an idempotency key
-/// stored before the group (a resend after a lost ack, or the same key racing on another node),
-/// which the one-statement commit refuses (counter; Postgres only).
+/// Groups committed a second time, in a transaction that looks keys up, because a message
+/// repeated an idempotency key stored before the group (a resend after a lost ack, or the same
+/// key racing on another node), which the one-statement commit refuses (counter; Postgres
+/// only).
 pub const STORE_KEYED_RETRIES: &str = "seqcast_commit_keyed_retries_total";
 /// Sessions reading the database because they are behind the live stream (gauge).
 pub const SESSIONS_CATCHING_UP: &str = "seqcast_sessions_catching_up";
@@ -120,7 +121,7 @@ fn describe() {
     describe_counter!(COMMIT_ERRORS, "Failed commits");
     describe_counter!(
         STORE_KEYED_RETRIES,
-        "Groups committed again room by room because a message repeated a stored idempotency key"
+        "Groups committed again with key lookups because a message repeated a stored idempotency key"
     );
     describe_gauge!(
         SESSIONS_CATCHING_UP,

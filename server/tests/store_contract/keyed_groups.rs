@@ -1,7 +1,7 @@
 //! Groups with idempotency keys: every kind of input in one group, and, on Postgres, a key that
 //! another node commits while the group waits for its room. On Postgres a group whose keys are
-//! all new commits in one statement; one that repeats a stored key is committed again room by
-//! room: both paths are run here.
+//! all new commits in one statement; one that repeats a stored key is committed again in a
+//! transaction that looks the keys up: both paths are run here.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -81,8 +81,8 @@ const WAIT_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Another node commits a key while this node's keyed group waits for the room's lock. The
 /// group must still answer with that node's original and store nothing: its one statement is
-/// refused by the unique index on (room, sender, idem), and the group is committed again room
-/// by room (without that retry it failed whole as `internal`).
+/// refused by the unique index on (room, sender, idem), and the group is committed again with
+/// key lookups (without that retry it failed whole as `internal`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_key_committed_by_another_node_during_the_wait_is_the_original() {
     let url = TestPostgres::shared().fresh_database().await;

@@ -6,9 +6,9 @@
 //!   lookup. A key stored *before* the group (a resend of a message whose ack was lost) makes
 //!   the insert hit the unique index on (room, sender, idem): the statement fails whole and
 //!   stores nothing.
-//! - [`in_transaction`]: room by room in one transaction, each room's key lookup after its lock,
-//!   so a stored key is answered with its original. The fallback for the groups that
-//!   [`one_statement`] refused; always correct, a few round trips per room.
+//! - [`in_transaction`]: one transaction that locks every room, then looks the keys up, then
+//!   inserts, so a stored key is answered with its original. The fallback for the groups that
+//!   [`one_statement`] refused; always correct, five round trips whatever the number of rooms.
 //!
 //! Every path takes the rooms' row locks in byte order (`COLLATE "C"`, how the writer lists
 //! them), whatever the database's collation, so writers on any nodes cannot deadlock.
@@ -22,122 +22,128 @@ use super::message_from_row;
 use crate::store::batch::{self, KeyedMessage};
 use crate::store::{Appended, NewMessage, StoredMessage};
 
-/// The general path: one transaction, room by room in the listed order, so one commit (one WAL
-/// flush) for the whole group. Dropping the transaction without committing (on error, or if
-/// this future is dropped) rolls back.
+/// The general path: one transaction of three statements whatever the number of rooms, so one
+/// commit (one WAL flush) and five round trips (with `BEGIN` and `COMMIT`) for the whole group.
+/// Dropping the transaction without committing (on error, or if this future is dropped) rolls
+/// back.
+///
+/// Why seqs come out without holes and commit in seq order, even with many nodes writing: the
+/// first statement inserts or touches every room's row in `rooms`, which takes those rows'
+/// locks (in byte order) until the transaction ends. Every other writer of a room, on any node,
+/// blocks on that same row, so one transaction at a time reads the head, inserts the seqs after
+/// it and stores the new head. The next writer is let through only once this transaction has
+/// committed (and its rows are visible), and then reads the new head: seqs are handed out in
+/// commit order. Under READ COMMITTED each later statement takes a new snapshot, so the key
+/// lookup, which runs after the locks are held, finds keys stored a moment ago by another node.
+/// If this transaction rolls back, its head bumps roll back with it and the next writer reuses
+/// those seqs: no holes. (A Postgres `SEQUENCE` would not do: `nextval` is not transactional,
+/// so a rollback leaves a hole, and concurrent writers could commit out of seq order.)
 pub(super) async fn in_transaction(
     conn: &mut PgConnection,
     batches: &[(&str, &[NewMessage])],
 ) -> Result<Vec<Vec<Appended>>, sqlx::Error> {
     let mut tx = Connection::begin(&mut *conn).await?;
-    let mut appended = Vec::with_capacity(batches.len());
+    let rooms: Vec<&str> = batches.iter().map(|(room, _)| *room).collect();
+    // The commit timestamp is the database's clock, read under the locks (the last row's is
+    // read once every lock is held): timestamps follow seq order whichever node commits.
+    let locked: Vec<(String, i64, i64)> = sqlx::query_as(
+        "INSERT INTO rooms (room, head) \
+         SELECT room, 0 FROM UNNEST($1::text[]) AS r (room) ORDER BY room COLLATE \"C\" \
+         ON CONFLICT (room) DO UPDATE SET head = rooms.head \
+         RETURNING room, head, (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+    )
+    .bind(&rooms)
+    .fetch_all(&mut *tx)
+    .await?;
+    let ts_ms = locked.iter().map(|(_, _, ts)| *ts).max().unwrap_or(0);
+    let heads: HashMap<String, i64> = locked
+        .into_iter()
+        .map(|(room, head, _)| (room, head))
+        .collect();
+
+    let (mut key_rooms, mut key_senders, mut key_idems) = (Vec::new(), Vec::new(), Vec::new());
     for (room, batch) in batches {
-        appended.push(room_in(&mut tx, room, batch).await?);
+        for m in batch.iter() {
+            if let Some(idem) = m.idem.as_deref() {
+                key_rooms.push(*room);
+                key_senders.push(m.sender.as_str());
+                key_idems.push(idem);
+            }
+        }
+    }
+    let mut stored: HashMap<String, Vec<KeyedMessage>> = HashMap::new();
+    if !key_idems.is_empty() {
+        let rows = sqlx::query(
+            "SELECT m.room, m.idem, m.seq, m.id::text AS id, m.sender, m.body, m.ts_ms \
+             FROM UNNEST($1::text[], $2::text[], $3::text[]) AS k (room, sender, idem) \
+             JOIN messages m \
+               ON m.room = k.room AND m.sender = k.sender AND m.idem = k.idem \
+             WHERE m.idem IS NOT NULL",
+        )
+        .bind(&key_rooms)
+        .bind(&key_senders)
+        .bind(&key_idems)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in &rows {
+            let room: String = row.try_get("room")?;
+            let keyed = KeyedMessage {
+                idem: row.try_get("idem")?,
+                message: message_from_row(&room, row)?,
+            };
+            stored.entry(room).or_default().push(keyed);
+        }
+    }
+
+    let mut appended = Vec::with_capacity(batches.len());
+    let (mut new_rooms, mut seqs, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut senders, mut bodies, mut idems) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut head_rooms, mut new_heads) = (Vec::new(), Vec::new());
+    for (room, batch) in batches {
+        let head = heads.get(*room).copied().ok_or(sqlx::Error::RowNotFound)?;
+        let originals = stored.remove(*room).unwrap_or_default();
+        let plan = batch::plan(room, batch::seq_from_db(head)?, ts_ms, batch, originals);
+        for &i in &plan.new {
+            let message = &plan.results[i].message;
+            new_rooms.push(*room);
+            seqs.push(batch::to_db(message.seq));
+            ids.push(message.id);
+            senders.push(batch[i].sender.as_str());
+            bodies.push(batch[i].body.as_str());
+            idems.push(batch[i].idem.as_deref());
+        }
+        if !plan.new.is_empty() {
+            head_rooms.push(*room);
+            new_heads.push(batch::to_db(plan.head));
+        }
+        appended.push(plan.results);
+    }
+    if !new_rooms.is_empty() {
+        // One statement for the whole group, whatever its size: arrays, not one bind per value.
+        sqlx::query(
+            "WITH inserted AS ( \
+                 INSERT INTO messages (room, seq, id, sender, body, idem, ts_ms) \
+                 SELECT t.room, t.seq, t.id, t.sender, t.body, t.idem, $7 \
+                 FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], \
+                             $6::text[]) AS t (room, seq, id, sender, body, idem)) \
+             UPDATE rooms SET head = h.head \
+             FROM UNNEST($8::text[], $9::bigint[]) AS h (room, head) \
+             WHERE rooms.room = h.room",
+        )
+        .bind(&new_rooms)
+        .bind(&seqs)
+        .bind(&ids)
+        .bind(&senders)
+        .bind(&bodies)
+        .bind(&idems)
+        .bind(ts_ms)
+        .bind(&head_rooms)
+        .bind(&new_heads)
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await?;
     Ok(appended)
-}
-
-/// One room's batch inside the transaction `tx` (see [`in_transaction`]).
-///
-/// Why seqs come out without holes and commit in seq order, even with many nodes writing:
-/// the first statement inserts or touches the room's row in `rooms`, which takes that row's
-/// lock until the transaction ends. Every other writer of the room, on any node, blocks on
-/// that same statement, so one transaction at a time reads the head, inserts the seqs after
-/// it and stores the new head. The next writer is let through only once this transaction
-/// has committed (and its rows are visible), and then reads the new head: seqs are handed out
-/// in commit order. Under READ COMMITTED each later statement of that writer sees what this
-/// one committed, so its idempotency-key lookup finds keys stored a moment ago by another
-/// node. If this transaction rolls back, its head bump rolls back with it and the next
-/// writer reuses those seqs: no holes. (A Postgres `SEQUENCE` would not do: `nextval`
-/// is not transactional, so a rollback leaves a hole, and concurrent writers could commit out
-/// of seq order.)
-async fn room_in(
-    tx: &mut PgConnection,
-    room: &str,
-    batch: &[NewMessage],
-) -> Result<Vec<Appended>, sqlx::Error> {
-    // The commit timestamp is the database's clock, read under the lock: timestamps follow
-    // seq order whichever node commits.
-    let (head, ts_ms): (i64, i64) = sqlx::query_as(
-        "INSERT INTO rooms (room, head) VALUES ($1, 0) \
-         ON CONFLICT (room) DO UPDATE SET head = rooms.head \
-         RETURNING head, (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
-    )
-    .bind(room)
-    .fetch_one(&mut *tx)
-    .await?;
-
-    let (senders, idems): (Vec<&str>, Vec<&str>) = batch
-        .iter()
-        .filter_map(|m| Some((m.sender.as_str(), m.idem.as_deref()?)))
-        .unzip();
-    let stored = if idems.is_empty() {
-        Vec::new()
-    } else {
-        let rows = sqlx::query(
-            "SELECT m.idem, m.seq, m.id::text AS id, m.sender, m.body, m.ts_ms \
-             FROM messages m \
-             JOIN UNNEST($2::text[], $3::text[]) AS k (sender, idem) \
-               ON m.sender = k.sender AND m.idem = k.idem \
-             WHERE m.room = $1 AND m.idem IS NOT NULL",
-        )
-        .bind(room)
-        .bind(&senders)
-        .bind(&idems)
-        .fetch_all(&mut *tx)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(KeyedMessage {
-                    idem: row.try_get("idem")?,
-                    message: message_from_row(room, row)?,
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?
-    };
-
-    let plan = batch::plan(room, batch::seq_from_db(head)?, ts_ms, batch, stored);
-    if plan.new.is_empty() {
-        return Ok(plan.results);
-    }
-
-    let mut seqs = Vec::with_capacity(plan.new.len());
-    let mut ids = Vec::with_capacity(plan.new.len());
-    let mut senders = Vec::with_capacity(plan.new.len());
-    let mut bodies = Vec::with_capacity(plan.new.len());
-    let mut idems = Vec::with_capacity(plan.new.len());
-    for &i in &plan.new {
-        let message = &plan.results[i].message;
-        seqs.push(batch::to_db(message.seq));
-        ids.push(message.id.to_string());
-        senders.push(message.sender.as_str());
-        bodies.push(message.body.as_str());
-        idems.push(batch[i].idem.as_deref());
-    }
-    // One statement for the whole batch, whatever its size: arrays, not one bind per value.
-    sqlx::query(
-        "INSERT INTO messages (room, seq, id, sender, body, idem, ts_ms) \
-         SELECT $1, t.seq, t.id::uuid, t.sender, t.body, t.idem, $7 \
-         FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[]) \
-           AS t (seq, id, sender, body, idem)",
-    )
-    .bind(room)
-    .bind(&seqs)
-    .bind(&ids)
-    .bind(&senders)
-    .bind(&bodies)
-    .bind(&idems)
-    .bind(ts_ms)
-    .execute(&mut *tx)
-    .await?;
-
-    sqlx::query("UPDATE rooms SET head = $2 WHERE room = $1")
-        .bind(room)
-        .bind(batch::to_db(plan.head))
-        .execute(&mut *tx)
-        .await?;
-    Ok(plan.results)
 }
 
 /// `unique_violation`: here, only the index on (room, sender, idem) (seqs come from the locked
@@ -146,7 +152,7 @@ const UNIQUE_VIOLATION: &str = "23505";
 
 /// Commits the group in one statement, run as its own transaction: one round trip and one
 /// commit whatever the number of rooms. The row locks of the bump order it with every other
-/// writer of those rooms exactly as in [`room_in`]; they are taken in byte order
+/// writer of those rooms exactly as in [`in_transaction`]; they are taken in byte order
 /// (`COLLATE "C"`), as that path takes them, whatever the database's collation: under ICU or
 /// en_US `general` sorts before `Lobby`, and two nodes locking in different orders deadlock.
 ///

@@ -1,5 +1,5 @@
 //! Postgres backend: the store for clusters. Any number of nodes may share one database; the
-//! per-room counter row (see `append::room_in`) keeps seqs gap-free across all of them.
+//! per-room counter row (see `append::in_transaction`) keeps seqs gap-free across all of them.
 
 use std::str::FromStr;
 use std::sync::Arc;
