@@ -381,21 +381,26 @@ if [ "$MODE" = full ]; then
     # Redis, listener); so does the load generator.
     CONN_MAX=$((NOFILE - 1000))
 
-    for count in 50000 100000; do
-        run_count=$count
-        if [ "$count" -gt "$CONN_MAX" ]; then
-            if [ "$count" = 50000 ]; then
-                run_count=$CONN_MAX
-                CONN_SKIPPED+=("connections-50000: the open-file limit is $NOFILE per process (raising it needs CAP_SYS_RESOURCE), so the memory per connection is measured at $CONN_MAX connections instead")
-            else
-                CONN_SKIPPED+=("connections-100000: not run; the open-file limit is $NOFILE per process (raising it needs CAP_SYS_RESOURCE), so one node cannot hold more than about $CONN_MAX connections here")
-                continue
-            fi
-        fi
+    # 5,000 and 10,000, then 50,000 (or as many as the open-file limit allows), then 100,000
+    # when the limit allows it: the slope of memory and CPU per connection, and the projection
+    # to 100,000 where that cannot run.
+    CONN_TOP=50000
+    if [ "$CONN_TOP" -gt "$CONN_MAX" ]; then
+        CONN_TOP=$CONN_MAX
+        CONN_SKIPPED+=("connections-50000: the open-file limit is $NOFILE per process (raising it needs CAP_SYS_RESOURCE), so the memory per connection is measured at $CONN_MAX connections instead")
+    fi
+    CONN_RUNS=("connections-5000 5000" "connections-10000 10000" "connections-top $CONN_TOP")
+    if [ "$CONN_MAX" -ge 100000 ]; then
+        CONN_RUNS+=("connections-100000 100000")
+    else
+        CONN_SKIPPED+=("connections-100000: not run; the open-file limit is $NOFILE per process (raising it needs CAP_SYS_RESOURCE), so one node cannot hold more than about $CONN_MAX connections here: see the projection from the measured slope")
+    fi
+    for run in "${CONN_RUNS[@]}"; do
+        read -r name count <<<"$run"
         stop_node 0
         start_node 0 || continue
-        scenario "connections-$count" connections --nodes "${NODE_URLS[0]}" \
-            --server-pid "${NODE_PIDS[0]}" --connections "$run_count" --rooms 100 --duration 5s \
+        scenario "$name" connections --nodes "${NODE_URLS[0]}" \
+            --server-pid "${NODE_PIDS[0]}" --connections "$count" --rooms 100 --duration 5s \
             --connect-concurrency 512 --io-timeout 60s
     done
 else
@@ -471,8 +476,16 @@ FAN_D="$(jqr fanout .deliveries_per_sec)"
 FAN_P99="$(jqr fanout .e2e_latency.p99_ms)"
 LAT_D="$(jqr latency .deliveries_per_sec)"
 LAT_P99="$(jqr latency .e2e_latency.p99_ms)"
-MEM50="$(jqr connections-50000 .extra.server_kib_per_connection)"
-MEM50_AT="$(jqr connections-50000 .params.connections)"
+MEM50="$(jqr connections-top .extra.server_kib_per_connection)"
+MEM50_AT="$(jqr connections-top .params.connections)"
+# The slope between the smallest and the largest connection run: RSS per added connection, and
+# the node's RSS projected to 100,000 connections from it; server CPU per connection (connect,
+# join, one ping) at the largest run.
+RSS_LO="$(jqr connections-5000 .extra.server_rss_after_kib)"
+RSS_HI="$(jqr connections-top .extra.server_rss_after_kib)"
+SLOPE="$( [ -n "$RSS_LO" ] && [ -n "$RSS_HI" ] && [ -n "$MEM50_AT" ] && awk -v a="$RSS_LO" -v b="$RSS_HI" -v n="$MEM50_AT" 'BEGIN { if (n > 5000) printf "%.3f", (b - a) / (n - 5000) }')"
+PROJ100="$( [ -n "$SLOPE" ] && awk -v b="$RSS_HI" -v n="$MEM50_AT" -v s="$SLOPE" 'BEGIN { printf "%.0f", (b + s * (100000 - n)) / 1024 }')"
+CPU_CONN="$(jqr connections-top '(.cpu.servers_cpu_secs / .extra.connections_open * 1e6)')"
 HELD100="$(jqr connections-100000 .extra.connections_answering)"
 MEM100="$(jqr connections-100000 .extra.server_kib_per_connection)"
 CATCH="$(jqr catchup .extra.replay_msgs_per_sec)"
@@ -493,7 +506,7 @@ target_rows() {
     if [ -n "$HELD100" ]; then
         echo "| 100,000 connections held by one node | $(fmt "$HELD100") answering ($(fmt "$MEM100" 2) KiB each) | $(verdict '$1 >= 100000' "$HELD100") |"
     else
-        echo "| 100,000 connections held by one node | not measured (see below) | n/a |"
+        echo "| 100,000 connections held by one node | not measured (see below); projected from the slope: $(fmt "$PROJ100") MiB of RSS, $(fmt "$SLOPE" 2) KiB per added connection, $(fmt "$CPU_CONN" 0) us of server CPU per connection (connect, join, ping) | n/a |"
     fi
     echo "| catch-up: 100,000-message replay at >= 50,000 messages/s | $(fmt "$CATCH")/s ($(fmt "$CATCH_S" 2) s) | $(verdict '$1 >= 50000' "$CATCH") |"
 }
@@ -502,7 +515,7 @@ scenario_rows() {
     echo "| run | commits/s | deliveries/s | ack p50 / p99 (ms) | end-to-end p50 / p95 / p99 / max (ms) | lost / dup / out of order | errors | CPU: loadgen / nodes / Postgres / Redis / anything else (% of a core) | machine busy |"
     echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     local f name
-    for name in throughput-100-rooms throughput-100-rooms-no-idem throughput-1-room throughput-1-room-no-idem light-load light-load-no-idem fanout latency catchup connections-50000 connections-100000; do
+    for name in throughput-100-rooms throughput-100-rooms-no-idem throughput-1-room throughput-1-room-no-idem light-load light-load-no-idem fanout latency catchup connections-5000 connections-10000 connections-top connections-100000; do
         f="$WORK/results/$name.json"
         if [ ! -s "$f" ]; then
             echo "| $name | no report | | | | | | | |"
@@ -607,16 +620,25 @@ write_doc() {
         echo
         echo "Connection runs:"
         echo
-        echo "| run | open | connects/s | server RSS before -> after | server KiB per connection | loadgen KiB per connection |"
-        echo "| --- | --- | --- | --- | --- | --- |"
-        for name in connections-50000 connections-100000; do
+        echo "| run | open | connects/s | server RSS before -> after | server KiB per connection | server CPU per connection | loadgen KiB per connection |"
+        echo "| --- | --- | --- | --- | --- | --- | --- |"
+        for name in connections-5000 connections-10000 connections-top connections-100000; do
             if [ -s "$WORK/results/$name.json" ]; then
-                jq -r '"| \(.label) | \(.extra.connections_open) | \(.extra.connects_per_sec // 0 | floor) | \((.extra.server_rss_before_kib // 0) / 1024 | floor) MiB -> \((.extra.server_rss_after_kib // 0) / 1024 | floor) MiB | \(.extra.server_kib_per_connection // "-" | if type == "number" then (. * 100 | round / 100) else . end) | \(.extra.loadgen_kib_per_connection // "-" | if type == "number" then (. * 100 | round / 100) else . end) |"' "$WORK/results/$name.json"
+                jq -r '"| \(.label) | \(.extra.connections_open) | \(.extra.connects_per_sec // 0 | floor) | \((.extra.server_rss_before_kib // 0) / 1024 | floor) MiB -> \((.extra.server_rss_after_kib // 0) / 1024 | floor) MiB | \(.extra.server_kib_per_connection // "-" | if type == "number" then (. * 100 | round / 100) else . end) | \(if .cpu.servers_cpu_secs == null then "-" else "\(.cpu.servers_cpu_secs / .extra.connections_open * 1e6 | round) us" end) | \(.extra.loadgen_kib_per_connection // "-" | if type == "number" then (. * 100 | round / 100) else . end) |"' "$WORK/results/$name.json"
             else
-                echo "| $name | no report | | | | |"
+                echo "| $name | no report | | | | | |"
             fi
         done
         echo
+        if [ -n "$SLOPE" ]; then
+            echo "Slope from connections-5000 to connections-top: $(fmt "$SLOPE" 2) KiB of server RSS per added"
+            echo "connection; at 100,000 connections one node would hold about $(fmt "$PROJ100") MiB (the RSS at"
+            echo "$(fmt "$MEM50_AT") connections plus the slope times the rest), and connecting them would cost"
+            echo "about $(fmt "$CPU_CONN" 0) us of server CPU each, $(awk -v c="${CPU_CONN:-0}" 'BEGIN { printf "%.0f", c * 100000 / 1e6 }') s in all. Memory grows linearly"
+            echo "with connections (nothing is shared per connection beyond the room's entry), so the"
+            echo "projection holds as long as the machine has the memory and the process the descriptors."
+            echo
+        fi
         echo "## Configuration"
         echo
         echo "Nodes (both): \`DATABASE_URL\` and \`REDIS_URL\` of the servers below,"
@@ -658,7 +680,7 @@ write_doc() {
         echo "One JSON line per run, as printed by \`loadtest\`:"
         echo
         echo '```json'
-        for name in throughput-100-rooms throughput-100-rooms-no-idem throughput-1-room throughput-1-room-no-idem light-load light-load-no-idem fanout latency catchup connections-50000 connections-100000; do
+        for name in throughput-100-rooms throughput-100-rooms-no-idem throughput-1-room throughput-1-room-no-idem light-load light-load-no-idem fanout latency catchup connections-5000 connections-10000 connections-top connections-100000; do
             [ -s "$WORK/results/$name.json" ] && sed -E 's#http://127\.0\.0\.1:[0-9]+#http://NODE#g' "$WORK/results/$name.json"
         done
         echo '```'
