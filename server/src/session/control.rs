@@ -5,12 +5,19 @@
 //! Both halves run in the session's one task (`tokio::join!`), one sending and one receiving, so
 //! the queue lives in that task and allocates nothing up front: a tokio channel cost every idle
 //! connection about 1.5 KiB (its shared state plus a first block of 32 slots). This is a
-//! `VecDeque` that allocates on first use, and two `Notify`s, whose stored permit covers the
-//! moment between finding the queue empty (or full) and waiting.
+//! `VecDeque` that allocates on first use. The outbound half (the one reader) waits on an
+//! `AtomicWaker`, registered before it looks at the queue, as the mailbox's reader does: its
+//! `select!` polls `recv` again for every live delivery, and a `Notify` waiter, linked in and
+//! out of a list under a lock each time, was a visible share of a fan-out's CPU. The inbound
+//! half waits for room on a `Notify`, whose stored permit covers the moment between finding the
+//! queue full and waiting.
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::sync::{Mutex, MutexGuard};
+use std::task::Poll;
 
+use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 
 use super::Control;
@@ -21,8 +28,8 @@ pub(super) const CAPACITY: usize = 64;
 #[derive(Default)]
 pub(super) struct ControlQueue {
     inner: Mutex<Inner>,
-    /// Signalled when a command is queued or the inbound half is gone.
-    ready: Notify,
+    /// Woken when a command is queued or the inbound half is gone.
+    ready: AtomicWaker,
     /// Signalled when a command is taken or the outbound half is gone.
     space: Notify,
     /// Signalled (for good) when the outbound half is gone: how the inbound half learns to stop.
@@ -48,7 +55,7 @@ impl ControlQueue {
                 if inner.items.len() < CAPACITY {
                     inner.items.push_back(cmd);
                     drop(inner);
-                    self.ready.notify_one();
+                    self.ready.wake();
                     return Ok(());
                 }
             }
@@ -56,22 +63,24 @@ impl ControlQueue {
         }
     }
 
-    /// The next command; `None` once the inbound half is gone and the queue is empty.
+    /// The next command; `None` once the inbound half is gone and the queue is empty. One
+    /// reader at a time.
     pub(super) async fn recv(&self) -> Option<Control> {
-        loop {
-            {
-                let mut inner = self.lock();
-                if let Some(cmd) = inner.items.pop_front() {
-                    drop(inner);
-                    self.space.notify_one();
-                    return Some(cmd);
-                }
-                if inner.inbound_gone {
-                    return None;
-                }
+        poll_fn(|cx| {
+            // Registered before looking: a push after the look wakes this reader.
+            self.ready.register(cx.waker());
+            let mut inner = self.lock();
+            if let Some(cmd) = inner.items.pop_front() {
+                drop(inner);
+                self.space.notify_one();
+                return Poll::Ready(Some(cmd));
             }
-            self.ready.notified().await;
-        }
+            if inner.inbound_gone {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// The next command if one is queued.
@@ -86,7 +95,7 @@ impl ControlQueue {
     /// The inbound half ended: `recv` returns `None` once the queue is drained.
     pub(super) fn inbound_gone(&self) {
         self.lock().inbound_gone = true;
-        self.ready.notify_one();
+        self.ready.wake();
     }
 
     /// The outbound half ended: `send` fails from now on.
