@@ -2,6 +2,9 @@
 //! database already holds, decide which messages of a batch are new, which repeat an idempotency
 //! key, and which seqs the new ones get. Both backends call [`plan`] inside their transaction,
 //! after taking the room's write lock, so the seqs and keys it sees cannot change under it.
+//! Postgres's one-statement commit also calls it up front, with head 0 and nothing stored, to
+//! answer keys repeated within a batch, and moves the seqs up once the statement has locked the
+//! room (see `postgres::append::one_statement`).
 
 use std::collections::HashMap;
 

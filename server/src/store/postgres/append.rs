@@ -20,7 +20,7 @@ use sqlx::{Connection, Row};
 
 use super::message_from_row;
 use crate::store::batch::{self, KeyedMessage};
-use crate::store::{Appended, NewMessage, StoredMessage};
+use crate::store::{Appended, NewMessage};
 
 /// The general path: one transaction of three statements whatever the number of rooms, so one
 /// commit (one WAL flush) and five round trips (with `BEGIN` and `COMMIT`) for the whole group.
@@ -166,11 +166,14 @@ pub(super) async fn one_statement(
     conn: &mut PgConnection,
     batches: &[(&str, &[NewMessage])],
 ) -> Result<Option<Vec<Vec<Appended>>>, sqlx::Error> {
-    // Which input repeats an earlier one's key in the group (`Some(index of the first)`); only
-    // the others are inserted and counted.
-    let total = batches.iter().map(|(_, b)| b.len()).sum();
-    let mut firsts: HashMap<(&str, &str, &str), usize> = HashMap::new();
-    let mut repeat_of = Vec::with_capacity(total);
+    // Each room planned as if its head were 0, with nothing stored: `plan` answers a key
+    // repeated within the batch with its first occurrence and numbers only the new messages
+    // 1, 2, ...; the statement returns the real head, and the seqs are moved up to it below.
+    let mut plans: Vec<batch::Plan> = batches
+        .iter()
+        .map(|(room, batch)| batch::plan(room, 0, 0, batch, Vec::new()))
+        .collect();
+    let total = plans.iter().map(|plan| plan.new.len()).sum();
     let mut rooms = Vec::with_capacity(batches.len());
     let mut counts = Vec::with_capacity(batches.len());
     let mut message_rooms = Vec::with_capacity(total);
@@ -178,33 +181,16 @@ pub(super) async fn one_statement(
     let mut senders = Vec::with_capacity(total);
     let mut bodies = Vec::with_capacity(total);
     let mut idems = Vec::with_capacity(total);
-    for (room, batch) in batches {
-        let mut fresh = 0;
-        for m in batch.iter() {
-            let index = repeat_of.len();
-            let first = m.idem.as_deref().and_then(|idem| {
-                let key = (*room, m.sender.as_str(), idem);
-                match firsts.get(&key) {
-                    Some(&first) => Some(first),
-                    None => {
-                        firsts.insert(key, index);
-                        None
-                    }
-                }
-            });
-            repeat_of.push(first);
-            if first.is_some() {
-                continue;
-            }
-            fresh += 1;
-            message_rooms.push(*room);
-            ids.push(uuid::Uuid::now_v7());
-            senders.push(m.sender.as_str());
-            bodies.push(m.body.as_str());
-            idems.push(m.idem.as_deref());
-        }
+    for ((room, batch), plan) in batches.iter().zip(&plans) {
         rooms.push(*room);
-        counts.push(fresh);
+        counts.push(batch::to_db(plan.head));
+        for &i in &plan.new {
+            message_rooms.push(*room);
+            ids.push(plan.results[i].message.id);
+            senders.push(batch[i].sender.as_str());
+            bodies.push(batch[i].body.as_str());
+            idems.push(batch[i].idem.as_deref());
+        }
     }
     let rows: Vec<(String, i64, i64)> = match sqlx::query_as(ONE_STATEMENT)
         .bind(&rooms)
@@ -228,50 +214,19 @@ pub(super) async fn one_statement(
     for (room, head, ts_ms) in rows {
         heads.insert(room, (batch::seq_from_db(head)?, ts_ms));
     }
-    // New messages take their room's seqs after the head it had, in input order; repeats are
-    // answered with their first occurrence.
-    let mut answers: Vec<Appended> = Vec::with_capacity(total);
-    let mut ids = ids.into_iter();
-    let mut repeats = repeat_of.into_iter();
-    let mut grouped = Vec::with_capacity(batches.len());
-    for ((room, batch), fresh) in batches.iter().zip(&counts) {
-        let start = answers.len();
-        let Some(&(head, ts_ms)) = heads.get(*room) else {
-            return Err(sqlx::Error::RowNotFound);
-        };
-        let mut seq = head - *fresh as u64;
-        for input in batch.iter() {
-            let answer = match repeats.next().flatten() {
-                Some(first) => Appended {
-                    message: answers[first].message.clone(),
-                    duplicate: true,
-                },
-                None => {
-                    seq += 1;
-                    let id = ids.next().ok_or(sqlx::Error::RowNotFound)?;
-                    Appended {
-                        message: StoredMessage {
-                            room: (*room).to_owned(),
-                            seq,
-                            id,
-                            sender: input.sender.clone(),
-                            body: input.body.clone(),
-                            ts_ms,
-                        },
-                        duplicate: false,
-                    }
-                }
-            };
-            answers.push(answer);
+    // The room's new messages take the seqs after the head it had; everything here, repeats
+    // included, was committed now.
+    for ((room, _), plan) in batches.iter().zip(&mut plans) {
+        let &(head, ts_ms) = heads.get(*room).ok_or(sqlx::Error::RowNotFound)?;
+        let before = head
+            .checked_sub(plan.head)
+            .ok_or(sqlx::Error::RowNotFound)?;
+        for result in &mut plan.results {
+            result.message.seq += before;
+            result.message.ts_ms = ts_ms;
         }
-        grouped.push(start..answers.len());
     }
-    Ok(Some(
-        grouped
-            .into_iter()
-            .map(|range| answers[range].to_vec())
-            .collect(),
-    ))
+    Ok(Some(plans.into_iter().map(|plan| plan.results).collect()))
 }
 
 /// The statement of [`one_statement`]. `$1, $2`: the rooms (in byte order) and how many new
