@@ -26,7 +26,7 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::Request;
 use axum::Router;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -139,6 +139,7 @@ async fn serve_connection(
     let stream = ProgressIo {
         inner: stream,
         progress: progress.clone(),
+        unread: None,
     };
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let mut request = request.map(|body| match request_timeout {
@@ -266,10 +267,22 @@ fn progress_base() -> Instant {
     *BASE.get_or_init(Instant::now)
 }
 
+/// Bytes one socket read takes in when the reader's own buffer is smaller (a WebSocket session's,
+/// see [`crate::ws`]). Held only from the read until the reader has taken them all.
+pub const READ_CHUNK_BYTES: usize = 4 * 1024;
+
 /// A connection's socket that records every write accepting bytes in its [`WriteProgress`].
+///
+/// It also lends read buffers: a reader with a small buffer (a WebSocket session's, which every
+/// idle connection holds) gets its bytes from a [`READ_CHUNK_BYTES`] chunk that is allocated
+/// when the socket is readable and freed once the reader has taken it all, so a connection with
+/// nothing to read holds no read buffer, and a pipelining client still costs one read call per
+/// chunk rather than one per small buffer.
 struct ProgressIo {
     inner: TcpStream,
     progress: WriteProgress,
+    /// Read from the socket, not yet taken by the reader; `None` (no allocation) when empty.
+    unread: Option<BytesMut>,
 }
 
 impl ProgressIo {
@@ -286,7 +299,35 @@ impl AsyncRead for ProgressIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        if this.unread.is_none() {
+            if buf.remaining() >= READ_CHUNK_BYTES {
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
+            }
+            // Allocated only once the socket says it has something to read.
+            std::task::ready!(this.inner.poll_read_ready(cx))?;
+            let mut chunk = BytesMut::with_capacity(READ_CHUNK_BYTES);
+            // Pending on a stale readiness: the waker is registered and the chunk dropped.
+            let n = std::task::ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut this.inner),
+                cx,
+                &mut chunk
+            ))?;
+            if n == 0 {
+                // End of stream.
+                return Poll::Ready(Ok(()));
+            }
+            this.unread = Some(chunk);
+        }
+        if let Some(unread) = &mut this.unread {
+            let n = unread.len().min(buf.remaining());
+            buf.put_slice(&unread[..n]);
+            bytes::Buf::advance(unread, n);
+            if unread.is_empty() {
+                this.unread = None;
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 

@@ -7,6 +7,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Open WebSocket connections (gauge).
 pub const CONNECTIONS_OPEN: &str = "seqcast_connections_open";
+pub const SESSION_FUTURE_BYTES: &str = "seqcast_session_future_bytes";
 /// (session, room) joins currently in force (gauge).
 pub const SESSIONS_JOINED: &str = "seqcast_sessions_joined";
 /// Messages committed by this node, duplicates excluded (counter).
@@ -105,6 +106,11 @@ pub async fn upkeep(handle: PrometheusHandle) {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_gauge!(CONNECTIONS_OPEN, "Open WebSocket connections");
+    describe_gauge!(
+        SESSION_FUTURE_BYTES,
+        Unit::Bytes,
+        "Bytes of one WebSocket session's future, held by every open connection (set at the first upgrade)"
+    );
     describe_gauge!(SESSIONS_JOINED, "Room joins currently in force");
     describe_counter!(MESSAGES_COMMITTED, "Messages committed by this node");
     describe_counter!(

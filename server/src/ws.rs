@@ -23,11 +23,12 @@ use crate::error::ApiError;
 use crate::listener::WriteProgress;
 use crate::session;
 
-/// Read buffer per connection, and the most one socket read takes in. Small, because every idle
-/// connection holds it (2 KiB of the ~10 KiB an idle connection costs); a larger frame grows the
-/// buffer to its size but is still read 2 KiB per read call (a 64 KiB message takes 32), a cost
-/// only large messages pay.
-const READ_BUFFER_BYTES: usize = 2 * 1024;
+/// tungstenite's read buffer per connection, and the most one of its reads takes in. Small,
+/// because every idle connection holds it; the socket reads below it are
+/// [`READ_CHUNK_BYTES`](crate::listener::READ_CHUNK_BYTES) at a time into a chunk that exists only
+/// while it holds unread bytes, so each of these reads is a copy, not a system call. A larger
+/// frame grows the buffer to its size (a cost only clients sending large messages pay).
+const READ_BUFFER_BYTES: usize = 256;
 
 pub fn routes() -> Router<AppState> {
     Router::new().route("/v1/ws", get(upgrade))
@@ -99,17 +100,29 @@ async fn upgrade(
         None => ws,
     };
     ws
-        // tungstenite zero-fills its read buffer to full capacity on first read; the 128 KiB
-        // default would cost every idle connection 128 KiB of RSS. Larger frames still grow it.
+        // tungstenite zero-fills its read buffer to full capacity on first read and keeps it;
+        // the 128 KiB default would cost every idle connection 128 KiB of RSS.
         .read_buffer_size(READ_BUFFER_BYTES)
         .on_upgrade(move |socket| {
             // A combinator, not an async block: a block would keep room for the socket and the
             // session future next to the session future it awaits (see `session::run`).
-            sessions.track_future(
+            let session = sessions.track_future(
                 session::run(socket, state, identity, progress).map(move |()| {
                     // Held until the session ends; dropped unused if the upgrade fails.
                     drop(permit);
                 }),
-            )
+            );
+            report_session_bytes(std::mem::size_of_val(&session));
+            session
         })
+}
+
+/// Publishes the size of a session's future once: every open connection holds one for its whole
+/// life, so it is most of what an idle connection costs, and the `memory_budget` test holds it
+/// to [`session::FUTURE_BUDGET_BYTES`].
+fn report_session_bytes(bytes: usize) {
+    static REPORTED: std::sync::Once = std::sync::Once::new();
+    REPORTED.call_once(|| {
+        metrics::gauge!(crate::metrics::SESSION_FUTURE_BYTES).set(bytes as f64);
+    });
 }

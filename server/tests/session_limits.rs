@@ -12,6 +12,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use support::http::{metric_value, Http};
 use support::server::{run_scenario, ServerOptions, StoreKind, TestServer};
 use support::ws::{Event, WsClient, RECV_DEADLINE};
 
@@ -334,6 +335,33 @@ async fn ping_interval_0_sends_no_pings() {
             Some(Event::Frame(frame)) => panic!("unexpected frame {frame}"),
             Some(end) => panic!("closed although active: {end:?}"),
         }
+    })
+    .await;
+}
+
+/// Every open connection holds its session's future for its whole life: the largest part of an
+/// idle connection's memory (issue 11). The server reports its size at the first upgrade; it must
+/// stay within the budget named in the code, so a change that grows it (a timer or a buffer held
+/// inline, an async block capturing a future by value) fails here rather than in a benchmark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_future_stays_within_its_budget() {
+    run_scenario("an_idle_session_future_stays_within_its_budget", async {
+        let server = dev_server(&[]).await;
+        let mut client = WsClient::connect(&server).await;
+        client.join("budget", None).await;
+        client.ping().await;
+        let text = Http::new(&server).metrics().await;
+        let bytes = metric_value(&text, "seqcast_session_future_bytes")
+            .expect("seqcast_session_future_bytes is reported once a session started");
+        let budget = seqcast::session::FUTURE_BUDGET_BYTES;
+        eprintln!("session future: {bytes} bytes (budget {budget})");
+        assert!(bytes > 0.0, "a session future has a size: {bytes}");
+        assert!(
+            bytes <= budget as f64,
+            "a session's future is {bytes} bytes, over its budget of {budget} \
+             (seqcast::session::FUTURE_BUDGET_BYTES): keep what an idle connection does not need \
+             out of the future (box rare states, no captured futures by value)"
+        );
     })
     .await;
 }

@@ -35,99 +35,135 @@ const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 type PendingAck = Pin<Box<dyn Future<Output = (Option<Ref>, CommitResult)> + Send>>;
 
-pub(super) async fn run(
+/// Not an `async fn`: an async fn moves its arguments into locals, so the future kept both
+/// (the identity twice); an `async move` block uses what it captured in place.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold its arguments twice"
+)]
+pub(super) fn run<'a>(
     mut stream: SplitStream<WebSocket>,
-    state: &AppState,
+    state: &'a AppState,
     mut identity: Identity,
-    control: &ControlQueue,
-) {
-    let mut in_flight: FuturesUnordered<PendingAck> = FuturesUnordered::new();
-    let mut limits = SessionLimits::new(&state.config, &state.user_limits, &identity);
-    // Idle detection: `last_received` moves with every frame (cheap); the timer is re-armed
-    // from it only when it fires.
-    let idle_timeout = state.config.idle_timeout;
-    let mut last_received = Instant::now();
-    let idle = tokio::time::sleep(idle_timeout);
-    tokio::pin!(idle);
-    let mut turn = 0_u32;
-    // A permit of the node's excess allowance is held for the next frame.
-    let mut excess_permit = false;
-    loop {
-        turn += 1;
-        if turn == FRAMES_PER_TURN {
-            turn = 0;
-            tokio::task::yield_now().await;
-        }
-        let room_to_read = in_flight.len() < MAX_SENDS_IN_FLIGHT;
-        // Over its rate, the connection's next frame is excess: it is read only with a permit
-        // of the node's allowance (`ratelimit::ExcessAllowance`).
-        let wait_for_allowance = room_to_read && !excess_permit && limits.over_rate(Instant::now());
-        let read = room_to_read && !wait_for_allowance;
-        let next = tokio::select! {
-            biased;
-            () = control.outbound_closed() => return drain_until_closed(&mut stream).await,
-            Some((reply_ref, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
-                Control::Reply(ack_or_error(outcome, reply_ref.as_ref()))
+    control: &'a ControlQueue,
+) -> impl Future<Output = ()> + Send + 'a {
+    async move {
+        let mut in_flight = InFlight::default();
+        let mut limits = SessionLimits::new(&state.config, &state.user_limits, &identity);
+        // Idle detection: `last_received` moves with every frame (cheap); the timer is re-armed
+        // from it only when it fires.
+        let idle_timeout = state.config.idle_timeout;
+        let mut last_received = Instant::now();
+        let idle = tokio::time::sleep(idle_timeout);
+        tokio::pin!(idle);
+        let mut turn = 0_u32;
+        // A permit of the node's excess allowance is held for the next frame.
+        let mut excess_permit = false;
+        loop {
+            turn += 1;
+            if turn == FRAMES_PER_TURN {
+                turn = 0;
+                tokio::task::yield_now().await;
             }
-            frame = stream.next(), if read => {
-                excess_permit = false;
-                last_received = Instant::now();
-                match frame {
-                    Some(Ok(Message::Text(text))) => {
-                        match handle_text(text.as_str(), state, &mut identity, &mut limits).await {
-                            Handled::Control(c) => c,
-                            Handled::Commit(fut) => {
-                                in_flight.push(fut);
-                                continue;
+            let room_to_read = in_flight.len() < MAX_SENDS_IN_FLIGHT;
+            // Over its rate, the connection's next frame is excess: it is read only with a permit
+            // of the node's allowance (`ratelimit::ExcessAllowance`).
+            let wait_for_allowance =
+                room_to_read && !excess_permit && limits.over_rate(Instant::now());
+            let read = room_to_read && !wait_for_allowance;
+            let next = tokio::select! {
+                biased;
+                () = control.outbound_closed() => return drain_until_closed(&mut stream).await,
+                Some((reply_ref, outcome)) = in_flight.next(), if in_flight.len() > 0 => {
+                    Control::Reply(ack_or_error(outcome, reply_ref.as_ref()))
+                }
+                frame = stream.next(), if read => {
+                    excess_permit = false;
+                    last_received = Instant::now();
+                    match frame {
+                        Some(Ok(Message::Text(text))) => {
+                            match handle_text(text.as_str(), state, &mut identity, &mut limits).await {
+                                Handled::Control(c) => c,
+                                Handled::Commit(fut) => {
+                                    in_flight.push(fut);
+                                    continue;
+                                }
                             }
                         }
-                    }
-                    Some(Ok(Message::Binary(_))) => match limits.admit_malformed() {
-                        Err(refusal) => refused(refusal),
-                        Ok(()) => Control::Reply(protocol::error_frame(
-                            ErrorCode::BadRequest,
-                            "binary frames are not supported; send JSON text frames",
-                            None,
-                        )),
-                    },
-                    // tungstenite answers pings itself.
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    Some(Ok(Message::Close(_))) | None => return,
-                    Some(Err(e)) => {
-                        if let Some(code) = close_code_for(&e) {
-                            // The outbound half sends the close frame; stop reading.
-                            let _ = control.send(Control::Close(code, "frame too large")).await;
-                        } else {
-                            tracing::debug!(error = %e, "websocket read failed");
+                        Some(Ok(Message::Binary(_))) => match limits.admit_malformed() {
+                            Err(refusal) => refused(refusal),
+                            Ok(()) => Control::Reply(protocol::error_frame(
+                                ErrorCode::BadRequest,
+                                "binary frames are not supported; send JSON text frames",
+                                None,
+                            )),
+                        },
+                        // tungstenite answers pings itself.
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                        Some(Ok(Message::Close(_))) | None => return,
+                        Some(Err(e)) => {
+                            if let Some(code) = close_code_for(&e) {
+                                // The outbound half sends the close frame; stop reading.
+                                let _ = control.send(Control::Close(code, "frame too large")).await;
+                            } else {
+                                tracing::debug!(error = %e, "websocket read failed");
+                            }
+                            return;
                         }
-                        return;
                     }
-                }
-            },
-            () = state.excess.acquire(), if wait_for_allowance => {
-                excess_permit = true;
-                continue;
-            }
-            // After the read branch (`biased`): a frame that is already waiting wins over the
-            // timer, so time spent not reading (backpressure) never counts as client silence.
-            _ = &mut idle, if !idle_timeout.is_zero() => {
-                if !read {
-                    last_received = Instant::now();
-                }
-                let deadline = last_received + idle_timeout;
-                if deadline > Instant::now() {
-                    idle.as_mut().reset(deadline);
+                },
+                () = state.excess.acquire(), if wait_for_allowance => {
+                    excess_permit = true;
                     continue;
                 }
-                tracing::debug!("closing an idle connection");
-                let _ = control.send(Control::Close(close::GOING_AWAY, "idle timeout")).await;
+                // After the read branch (`biased`): a frame that is already waiting wins over the
+                // timer, so time spent not reading (backpressure) never counts as client silence.
+                _ = &mut idle, if !idle_timeout.is_zero() => {
+                    if !read {
+                        last_received = Instant::now();
+                    }
+                    let deadline = last_received + idle_timeout;
+                    if deadline > Instant::now() {
+                        idle.as_mut().reset(deadline);
+                        continue;
+                    }
+                    tracing::debug!("closing an idle connection");
+                    let _ = control.send(Control::Close(close::GOING_AWAY, "idle timeout")).await;
+                    return;
+                }
+            };
+            // Waits while the outbound half is blocked on a client that does not read.
+            if control.send(next).await.is_err() {
                 return;
             }
-        };
-        // Waits while the outbound half is blocked on a client that does not read.
-        if control.send(next).await.is_err() {
-            return;
         }
+    }
+}
+
+/// Sends of this connection awaiting their commit. The set (two allocations, about 270 bytes)
+/// exists only while a send is pending: most connections are idle most of the time, and an idle
+/// connection should not pay for it (issue 11).
+#[derive(Default)]
+struct InFlight(Option<FuturesUnordered<PendingAck>>);
+
+impl InFlight {
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, FuturesUnordered::len)
+    }
+
+    fn push(&mut self, ack: PendingAck) {
+        self.0.get_or_insert_with(FuturesUnordered::new).push(ack);
+    }
+
+    /// The next send to complete; `None` at once when none is pending (so guard its use with
+    /// [`InFlight::len`]). The set is freed when its last send completes.
+    async fn next(&mut self) -> Option<(Option<Ref>, CommitResult)> {
+        let set = self.0.as_mut()?;
+        let done = set.next().await;
+        if set.is_empty() {
+            self.0 = None;
+        }
+        done
     }
 }
 

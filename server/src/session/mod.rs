@@ -28,7 +28,7 @@ use std::pin::pin;
 use axum::extract::ws::WebSocket;
 use futures_util::future::Either;
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 
 use self::control::ControlQueue;
 use crate::app::AppState;
@@ -83,6 +83,12 @@ struct LeaveRequest {
 
 const _: () = assert!(std::mem::size_of::<Control>() <= 32);
 
+/// Most bytes a session's future may take (as measured at the upgrade and reported as
+/// `seqcast_session_future_bytes`; 2,144 bytes with Rust 1.95, debug and release alike). Every open
+/// connection holds one for its whole life, inside a task of about 400 bytes more, so this is
+/// most of what an idle connection costs. The `session_limits` test fails past it.
+pub const FUTURE_BUDGET_BYTES: usize = 2_200;
+
 /// Serves an upgraded connection until it ends. `identity` is the outcome of authentication at
 /// the upgrade: a failure is reported in-band (an `error` frame, then close 1008), since browsers
 /// cannot read the status of a refused upgrade. `progress` tells when the connection's socket
@@ -101,19 +107,37 @@ pub fn run(
     match identity {
         Ok(identity) => {
             let (sink, stream) = socket.split();
-            Either::Left(serve(sink, stream, state, identity, progress))
+            // Boxed: an async fn keeps its arguments for its whole life, next to the halves they
+            // are moved into; this way it keeps a pointer, and the box is freed at once.
+            Either::Left(serve(Box::new(Parts {
+                sink,
+                stream,
+                state,
+                identity,
+                progress,
+            })))
         }
         Err(e) => Either::Right(refuse(socket, e)),
     }
 }
 
-async fn serve(
+/// What a session starts from (see [`run`]).
+struct Parts {
     sink: SplitSink<WebSocket, axum::extract::ws::Message>,
     stream: SplitStream<WebSocket>,
     state: AppState,
     identity: Identity,
     progress: WriteProgress,
-) {
+}
+
+async fn serve(parts: Box<Parts>) {
+    let Parts {
+        sink,
+        stream,
+        state,
+        identity,
+        progress,
+    } = unbox(parts);
     metrics::gauge!(m::CONNECTIONS_OPEN).increment(1.0);
     let id = state.next_session_id();
     let exp = identity.exp;
@@ -125,20 +149,28 @@ async fn serve(
 
     // The inbound half owns the identity: an `auth` frame replaces it there, and the outbound
     // half hears of the change in order through the control queue.
-    // Pinned where they are made, not moved into `join` (see there).
-    let inbound = pin!(async {
-        inbound::run(stream, &state, identity, &control).await;
-        control.inbound_gone();
-    });
-    let outbound = pin!(async {
+    // Combinators, not async blocks (which would keep what they move into a half next to the
+    // half), pinned where they are made, not moved into `join` (see there).
+    let inbound =
+        pin!(inbound::run(stream, &state, identity, &control).map(|()| control.inbound_gone()));
+    let outbound = pin!(
         outbound::Outbound::new(&state, id, exp, reader, sink, progress, mailbox)
             .run(&control)
-            .await;
-        control.outbound_gone();
-    });
+            .map(|()| control.outbound_gone())
+    );
     halves::join(inbound, outbound).await;
     metrics::gauge!(m::CONNECTIONS_OPEN).decrement(1.0);
     tracing::debug!(session = id, "session closed");
+}
+
+/// Moves a value out of its box and frees the box at once (moving out of `*b` in place would
+/// free it only where `b` goes out of scope: at the end of the session).
+#[allow(
+    clippy::boxed_local,
+    reason = "taking the box is the point: it is freed here"
+)]
+fn unbox<T>(b: Box<T>) -> T {
+    *b
 }
 
 async fn refuse(mut socket: WebSocket, e: AuthError) {

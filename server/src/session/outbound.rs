@@ -17,12 +17,13 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::Bytes;
 use futures_util::stream::SplitSink;
-use futures_util::SinkExt;
+use futures_util::{Sink, SinkExt};
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 
 use super::control::{self, ControlQueue};
@@ -107,37 +108,49 @@ impl<'a> Outbound<'a> {
         }
     }
 
-    pub(super) async fn run(mut self, control: &ControlQueue) {
-        let mailbox = Arc::clone(&self.mailbox);
-        let shutdown = self.state.shutdown.clone();
-        let mut ping = ping_timer(self.state.config.ping_interval);
-        let stop = loop {
-            let behind = self.rooms.values().any(Cursor::behind);
-            let retry_at = self.retry_at;
-            let step = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => Err(Stop::Draining),
-                // Boxed: rare, and it handles queued commands (a join's future among them).
-                _ = &mut self.expiry => Box::pin(self.expired(control)).await,
-                // Before the live stream, which a busy room keeps ready.
-                _ = next_tick(&mut ping) => self.write(vec![Message::Ping(Bytes::new())]).await,
-                cmd = control.recv() => match cmd {
-                    Some(cmd) => self.controls(cmd, control).await,
-                    None => Err(Stop::ClientGone),
-                },
-                delivery = mailbox.recv() => self.deliveries(delivery).await,
-                _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if behind && retry_at.is_some() => {
-                    self.retry_at = None;
-                    Ok(())
+    /// Not an `async fn`: one would move `self` into a local and keep both copies for the
+    /// session's life; the `async move` block uses the captured `self` in place.
+    pub(super) fn run<'c>(
+        mut self,
+        control: &'c ControlQueue,
+    ) -> impl std::future::Future<Output = ()> + Send + 'c
+    where
+        'a: 'c,
+    {
+        async move {
+            let mailbox = Arc::clone(&self.mailbox);
+            let shutdown = self.state.shutdown.clone();
+            let mut ping = ping_timer(self.state.config.ping_interval);
+            let stop = loop {
+                let behind = self.rooms.values().any(Cursor::behind);
+                let retry_at = self.retry_at;
+                let step = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => Err(Stop::Draining),
+                    // Boxed: rare, and it handles queued commands (a join's future among them).
+                    _ = &mut self.expiry => Box::pin(self.expired(control)).await,
+                    // Before the live stream, which a busy room keeps ready.
+                    _ = next_tick(&mut ping) => self.write(vec![Message::Ping(Bytes::new())]).await,
+                    cmd = control.recv() => match cmd {
+                        Some(cmd) => self.controls(cmd, control).await,
+                        None => Err(Stop::ClientGone),
+                    },
+                    delivery = mailbox.recv() => self.deliveries(delivery).await,
+                    _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if behind && retry_at.is_some() => {
+                        self.retry_at = None;
+                        Ok(())
+                    }
+                    // Boxed, as every rare state here: inline, the largest state of this loop is room
+                    // every idle session's task keeps (see `session::run`).
+                    _ = std::future::ready(()), if behind && retry_at.is_none() => Box::pin(self.catch_up()).await,
+                };
+                self.update_catching_up_gauge();
+                if let Err(stop) = step {
+                    break stop;
                 }
-                _ = std::future::ready(()), if behind && retry_at.is_none() => self.catch_up().await,
             };
-            self.update_catching_up_gauge();
-            if let Err(stop) = step {
-                break stop;
-            }
-        };
-        self.finish(stop).await;
+            Box::pin(self.finish(stop)).await;
+        }
     }
 
     /// Handles `first` and whatever else the inbound half has queued, up to a batch: replies
@@ -160,7 +173,8 @@ impl<'a> Outbound<'a> {
                     if !replies.is_empty() {
                         self.write(std::mem::take(&mut replies)).await?;
                     }
-                    return self.control(other).await;
+                    // Boxed: replies are the common case; the rest is rare and larger.
+                    return Box::pin(self.control(other)).await;
                 }
             }
         }
@@ -432,10 +446,20 @@ impl<'a> Outbound<'a> {
         self.update_catching_up_gauge();
         let limit = self.state.config.write_timeout;
         let start = Instant::now();
-        for frame in frames {
-            progressing(limit, start, &self.progress, self.sink.feed(frame)).await?;
-        }
-        progressing(limit, start, &self.progress, self.sink.flush()).await
+        let sink = &mut self.sink;
+        let mut frames = frames.into_iter();
+        // Feeds, then flushes, as one step polled by hand: a `feed` and a `flush` future each
+        // took room of their own in the session's task.
+        let step = std::future::poll_fn(|cx| {
+            while !frames.as_slice().is_empty() {
+                std::task::ready!(Pin::new(&mut *sink).poll_ready(cx))?;
+                if let Some(frame) = frames.next() {
+                    Pin::new(&mut *sink).start_send(frame)?;
+                }
+            }
+            Pin::new(&mut *sink).poll_flush(cx)
+        });
+        progressing(limit, start, &self.progress, step).await
     }
 
     fn update_catching_up_gauge(&mut self) {
@@ -557,19 +581,23 @@ async fn progressing<E>(
     step: impl std::future::Future<Output = Result<(), E>>,
 ) -> Result<(), Stop> {
     let mut step = std::pin::pin!(step);
-    // Most steps complete at once (the socket has room): those need no timer, whose setup
-    // (a runtime handle lookup and a timer wheel entry) was a visible share of a fan-out's CPU.
-    if let std::task::Poll::Ready(result) = futures_util::poll!(step.as_mut()) {
-        return result.map_err(|_| Stop::Broken);
+    // Most steps complete at once (the socket takes the bytes) and need no timer. The timer
+    // (a `Sleep`, over 100 bytes) is boxed: inline, it would take room in every session's task
+    // for the connection's whole life (see `session::run`).
+    if let Poll::Ready(done) = futures_util::poll!(step.as_mut()) {
+        return done.map_err(|_| Stop::Broken);
     }
-    loop {
-        let since = progress.last().map_or(start, |last| last.max(start));
-        match tokio::time::timeout_at(since + limit, step.as_mut()).await {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(_)) => return Err(Stop::Broken),
-            // Bytes went out meanwhile: the deadline moves with them.
-            Err(_) if progress.last().is_some_and(|last| last > since) => {}
-            Err(_) => return Err(Stop::Slow),
+    Box::pin(async move {
+        loop {
+            let since = progress.last().map_or(start, |last| last.max(start));
+            match tokio::time::timeout_at(since + limit, step.as_mut()).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(_)) => return Err(Stop::Broken),
+                // Bytes went out meanwhile: the deadline moves with them.
+                Err(_) if progress.last().is_some_and(|last| last > since) => {}
+                Err(_) => return Err(Stop::Slow),
+            }
         }
-    }
+    })
+    .await
 }
