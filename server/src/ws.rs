@@ -28,7 +28,7 @@ use crate::session;
 /// [`READ_CHUNK_BYTES`](crate::listener::READ_CHUNK_BYTES) at a time into a chunk that exists only
 /// while it holds unread bytes, so each of these reads is a copy, not a system call. A larger
 /// frame grows the buffer to its size (a cost only clients sending large messages pay).
-const READ_BUFFER_BYTES: usize = 256;
+const READ_BUFFER_BYTES: usize = 128;
 
 pub fn routes() -> Router<AppState> {
     Router::new().route("/v1/ws", get(upgrade))

@@ -43,6 +43,20 @@ struct Inner {
     outbound_gone: bool,
 }
 
+impl Inner {
+    /// Takes the first item. The buffer is freed when that empties it: the queue is empty most
+    /// of a connection's life, and its buffer (128 bytes and up) would otherwise stay with every
+    /// idle connection that ever queued anything; allocating it again is cheap next to the
+    /// socket write each reply costs.
+    fn pop(&mut self) -> Option<Control> {
+        let cmd = self.items.pop_front();
+        if self.items.is_empty() && self.items.capacity() > 0 {
+            self.items = VecDeque::new();
+        }
+        cmd
+    }
+}
+
 impl ControlQueue {
     /// Queues `cmd`, waiting for room; gives it back if the outbound half is gone.
     pub(super) async fn send(&self, cmd: Control) -> Result<(), Control> {
@@ -70,7 +84,7 @@ impl ControlQueue {
             // Registered before looking: a push after the look wakes this reader.
             self.ready.register(cx.waker());
             let mut inner = self.lock();
-            if let Some(cmd) = inner.items.pop_front() {
+            if let Some(cmd) = inner.pop() {
                 drop(inner);
                 self.space.notify_one();
                 return Poll::Ready(Some(cmd));
@@ -85,7 +99,7 @@ impl ControlQueue {
 
     /// The next command if one is queued.
     pub(super) fn try_recv(&self) -> Option<Control> {
-        let cmd = self.lock().items.pop_front();
+        let cmd = self.lock().pop();
         if cmd.is_some() {
             self.space.notify_one();
         }

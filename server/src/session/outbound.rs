@@ -14,7 +14,6 @@
 //! its token expires; an `auth` refresh moves that deadline and leaves the rooms the new token
 //! does not allow.
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
@@ -24,10 +23,11 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::Bytes;
 use futures_util::stream::SplitSink;
 use futures_util::{Sink, SinkExt};
-use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
+use tokio::time::{Instant, Sleep};
 
 use super::control::{self, ControlQueue};
 use super::cursor::{self, Cursor};
+use super::rooms::Rooms;
 use super::{close, Control, JoinRequest, LeaveRequest};
 use crate::app::AppState;
 use crate::auth::Identity;
@@ -64,14 +64,19 @@ enum Stop {
 pub(super) struct Outbound<'a> {
     state: &'a AppState,
     id: SessionId,
-    /// Fires when the connection's token (plus leeway) expires; moved by a refresh.
-    expiry: Pin<Box<Sleep>>,
+    /// When the connection's token (plus leeway) expires; moved by a refresh.
+    expires_at: Instant,
+    /// When the next keep-alive ping is due; `None` when pings are off.
+    next_ping: Option<Instant>,
+    /// One timer for both deadlines, armed for the earlier: a timer is over 100 bytes, held by
+    /// every idle connection.
+    timer: Pin<Box<Sleep>>,
     sink: SplitSink<WebSocket, Message>,
     /// When the socket last accepted bytes: the write timeout counts from there.
     progress: WriteProgress,
     /// Live frames from the hub; shared with every room entry of this session.
     mailbox: Arc<Mailbox>,
-    rooms: HashMap<Arc<str>, Cursor>,
+    rooms: Rooms,
     /// Mirrors whether this session counts in the `sessions_catching_up` gauge.
     counted_catching_up: bool,
     /// Set after a failed catch-up read: no new read before then.
@@ -96,11 +101,13 @@ impl<'a> Outbound<'a> {
         Outbound {
             state,
             id,
-            expiry: Box::pin(tokio::time::sleep_until(expiry_deadline(state, exp))),
+            expires_at: expiry_deadline(state, exp),
+            next_ping: first_ping(state.config.ping_interval),
+            timer: Box::pin(tokio::time::sleep(NEVER)),
             sink,
             progress,
             mailbox,
-            rooms: HashMap::new(),
+            rooms: Rooms::default(),
             counted_catching_up: false,
             retry_at: None,
             catch_up_turn: 0,
@@ -120,17 +127,16 @@ impl<'a> Outbound<'a> {
         async move {
             let mailbox = Arc::clone(&self.mailbox);
             let shutdown = self.state.shutdown.clone();
-            let mut ping = ping_timer(self.state.config.ping_interval);
+            self.rearm();
             let stop = loop {
                 let behind = self.rooms.values().any(Cursor::behind);
                 let retry_at = self.retry_at;
                 let step = tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => Err(Stop::Draining),
-                    // Boxed: rare, and it handles queued commands (a join's future among them).
-                    _ = &mut self.expiry => Box::pin(self.expired(control)).await,
-                    // Before the live stream, which a busy room keeps ready.
-                    _ = next_tick(&mut ping) => self.write(vec![Message::Ping(Bytes::new())]).await,
+                    // Before the live stream, which a busy room keeps ready. Boxed: rare, and
+                    // it may handle queued commands (a join's future among them).
+                    _ = &mut self.timer => Box::pin(self.timer_fired(control)).await,
                     cmd = control.recv() => match cmd {
                         Some(cmd) => self.controls(cmd, control).await,
                         None => Err(Stop::ClientGone),
@@ -267,6 +273,37 @@ impl<'a> Outbound<'a> {
         self.write(vec![Message::Text(frame.into())]).await
     }
 
+    /// The timer fired: the token expired, or a ping is due, or both.
+    async fn timer_fired(&mut self, control: &ControlQueue) -> Result<(), Stop> {
+        let now = Instant::now();
+        if now >= self.expires_at {
+            self.expired(control).await?;
+        }
+        if let (Some(due), Some(period)) = (self.next_ping, self.ping_period()) {
+            if due <= now {
+                // From now, not from when it was due: a session stuck writing for a while sends
+                // one ping afterwards, not a burst.
+                self.next_ping = Some(now + period);
+                self.write(vec![Message::Ping(Bytes::new())]).await?;
+            }
+        }
+        self.rearm();
+        Ok(())
+    }
+
+    fn ping_period(&self) -> Option<Duration> {
+        let period = self.state.config.ping_interval;
+        (!period.is_zero()).then_some(period)
+    }
+
+    /// Arms the timer for the earlier of the expiry and the next ping.
+    fn rearm(&mut self) {
+        let at = self
+            .next_ping
+            .map_or(self.expires_at, |p| p.min(self.expires_at));
+        self.timer.as_mut().reset(at);
+    }
+
     /// The token's deadline passed. A refresh the inbound half accepted before that may still
     /// be queued behind a write that blocked (or beside the timer, in this `select!`): what is
     /// queued arrived before now, so it is handled first, in order; the session expires only if
@@ -280,7 +317,7 @@ impl<'a> Outbound<'a> {
             };
             self.control(cmd).await?;
         }
-        if self.expiry.is_elapsed() {
+        if Instant::now() >= self.expires_at {
             Err(Stop::Expired)
         } else {
             Ok(())
@@ -313,9 +350,8 @@ impl<'a> Outbound<'a> {
                 protocol::left_reason_frame(&room, "forbidden").into(),
             ));
         }
-        self.expiry
-            .as_mut()
-            .reset(expiry_deadline(self.state, identity.exp));
+        self.expires_at = expiry_deadline(self.state, identity.exp);
+        self.rearm();
         frames.push(Message::Text(
             protocol::authed_frame(identity.exp, r.as_ref()).into(),
         ));
@@ -535,26 +571,10 @@ fn expiry_deadline(state: &AppState, exp: Option<u64>) -> Instant {
     Instant::now() + left
 }
 
-/// The keep-alive ping timer (`SEQCAST_PING_INTERVAL`); `None` when pings are off. The first
-/// ping goes out one interval after the connection opens.
-fn ping_timer(period: Duration) -> Option<Interval> {
-    if period.is_zero() {
-        return None;
-    }
-    let mut timer = tokio::time::interval_at(Instant::now() + period, period);
-    // A session stuck writing for a while sends one ping afterwards, not a burst.
-    timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    Some(timer)
-}
-
-/// The next ping tick; never, when pings are off.
-async fn next_tick(timer: &mut Option<Interval>) {
-    match timer {
-        Some(timer) => {
-            timer.tick().await;
-        }
-        None => std::future::pending().await,
-    }
+/// When the first keep-alive ping is due (`SEQCAST_PING_INTERVAL` after the connection opens);
+/// `None` when pings are off.
+fn first_ping(period: Duration) -> Option<Instant> {
+    (!period.is_zero()).then(|| Instant::now() + period)
 }
 
 fn store_error_frame(e: &StoreError, r: Option<&Ref>) -> String {
