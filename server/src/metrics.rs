@@ -7,6 +7,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Open WebSocket connections (gauge).
 pub const CONNECTIONS_OPEN: &str = "seqcast_connections_open";
+/// Bytes of one session's future, set at the first upgrade (gauge).
 pub const SESSION_FUTURE_BYTES: &str = "seqcast_session_future_bytes";
 /// (session, room) joins currently in force (gauge).
 pub const SESSIONS_JOINED: &str = "seqcast_sessions_joined";

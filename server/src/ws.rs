@@ -118,8 +118,8 @@ async fn upgrade(
 }
 
 /// Publishes the size of a session's future once: every open connection holds one for its whole
-/// life, so it is most of what an idle connection costs, and the `memory_budget` test holds it
-/// to [`session::FUTURE_BUDGET_BYTES`].
+/// life, so it is most of what an idle connection costs, and the `session_limits` test
+/// `an_idle_session_future_stays_within_its_budget` holds it to [`session::FUTURE_BUDGET_BYTES`].
 fn report_session_bytes(bytes: usize) {
     static REPORTED: std::sync::Once = std::sync::Once::new();
     REPORTED.call_once(|| {

@@ -279,21 +279,15 @@ impl<'a> Outbound<'a> {
         if now >= self.expires_at {
             self.expired(control).await?;
         }
-        if let (Some(due), Some(period)) = (self.next_ping, self.ping_period()) {
-            if due <= now {
-                // From now, not from when it was due: a session stuck writing for a while sends
-                // one ping afterwards, not a burst.
-                self.next_ping = Some(now + period);
-                self.write(vec![Message::Ping(Bytes::new())]).await?;
-            }
+        // `next_ping` is set only when pings are on (see `first_ping`).
+        if self.next_ping.is_some_and(|due| due <= now) {
+            // From now, not from when it was due: a session stuck writing for a while sends one
+            // ping afterwards, not a burst.
+            self.next_ping = Some(now + self.state.config.ping_interval);
+            self.write(vec![Message::Ping(Bytes::new())]).await?;
         }
         self.rearm();
         Ok(())
-    }
-
-    fn ping_period(&self) -> Option<Duration> {
-        let period = self.state.config.ping_interval;
-        (!period.is_zero()).then_some(period)
     }
 
     /// Arms the timer for the earlier of the expiry and the next ping.
