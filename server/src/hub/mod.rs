@@ -112,9 +112,18 @@ impl Hub {
         }
     }
 
-    /// Adds a session to a room (replacing its previous entry, if any). True if the room had no
-    /// local session before.
-    pub fn subscribe(&self, room: &str, id: SessionId, sub: Subscriber) -> bool {
+    /// Adds a session to a room (replacing its previous entry, if any). Returns the room's name
+    /// as the hub keeps it, for the session to share rather than hold a copy of its own (every
+    /// joined connection holds one), and whether the room had no local session before.
+    pub fn subscribe(&self, room: &str, id: SessionId, sub: Subscriber) -> (Arc<str>, bool) {
+        // A room that is open already (the common case: a popular room's thousandth join) is
+        // joined under the shard's read lock, without making a key. `unsubscribe` removes a room
+        // only under the write lock and only if it is empty, which it no longer is once this
+        // insert is done.
+        if let Some(entry) = self.rooms.get(room) {
+            write(&entry.sessions).insert(id, sub);
+            return (Arc::clone(entry.key()), false);
+        }
         // The shard lock of `entry` is held while the session is inserted and the opening is
         // reported, so this cannot race with `unsubscribe` removing an emptied room, and the
         // openings and closings of a room are reported in order.
@@ -125,7 +134,7 @@ impl Hub {
         if opened {
             self.report(RoomChange::Opened(Arc::clone(entry.key())));
         }
-        opened
+        (Arc::clone(entry.key()), opened)
     }
 
     /// Removes a session from a room; the room's entry goes with its last session.
@@ -546,13 +555,27 @@ mod tests {
     }
 
     #[test]
+    fn the_sessions_of_a_room_share_its_name() {
+        let hub = Hub::new();
+        let (a, _) = sub(1);
+        let (b, _) = sub(1);
+        let (first, opened) = hub.subscribe("r", 1, a);
+        let (second, _) = hub.subscribe("r", 2, b);
+        assert!(opened);
+        assert!(
+            Arc::ptr_eq(&first, &second),
+            "one name for the room, not one per session"
+        );
+    }
+
+    #[test]
     fn openings_and_closings_are_reported_once_in_order() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let hub = Hub::clustered(tx, mpsc::unbounded_channel().0);
         let (a, _) = sub(1);
         let (b, _) = sub(1);
-        assert!(hub.subscribe("r", 1, a.clone()));
-        assert!(!hub.subscribe("r", 2, b));
+        assert!(hub.subscribe("r", 1, a.clone()).1);
+        assert!(!hub.subscribe("r", 2, b).1);
         hub.unsubscribe("r", 1);
         hub.unsubscribe("r", 2);
         hub.subscribe("r", 1, a);

@@ -224,7 +224,6 @@ impl<'a> Outbound<'a> {
     /// Subscribe first, then read the head: a message committed in between is both in the
     /// queue and at or below the head, and the cursor sends it exactly once either way.
     async fn join(&mut self, room: String, since: Option<u64>, r: Option<Ref>) -> Result<(), Stop> {
-        let room: Arc<str> = Arc::from(room);
         let rejoin = self.rooms.contains_key(&room);
         let limit = self.state.config.max_rooms_per_connection;
         if !rejoin && limit > 0 && self.rooms.len() >= limit {
@@ -235,11 +234,15 @@ impl<'a> Outbound<'a> {
             );
             return self.write(vec![Message::Text(frame.into())]).await;
         }
-        if !rejoin {
-            self.state
-                .hub
-                .subscribe(&room, self.id, Arc::clone(&self.mailbox));
-        }
+        // The hub's name for the room, shared: a copy per session was 48 bytes of every
+        // joined connection.
+        let room: Arc<str> = match self.rooms.key(&room) {
+            Some(joined) => Arc::clone(joined),
+            None => {
+                let mailbox = Arc::clone(&self.mailbox);
+                self.state.hub.subscribe(&room, self.id, mailbox).0
+            }
+        };
         let slot = self.read_slot().await;
         let info = self.state.store.room_info(&room).await;
         drop(slot);

@@ -26,6 +26,12 @@ impl Rooms {
         self.find(room).is_ok()
     }
 
+    /// The name a joined room is kept under.
+    pub(super) fn key(&self, room: &str) -> Option<&Arc<str>> {
+        let at = self.find(room).ok()?;
+        Some(&self.0[at].0)
+    }
+
     pub(super) fn get_mut(&mut self, room: &str) -> Option<&mut Cursor> {
         let at = self.find(room).ok()?;
         Some(&mut self.0[at].1)
