@@ -113,7 +113,12 @@ async fn upgrade(
                 }),
             );
             report_session_bytes(std::mem::size_of_val(&session));
-            session
+            // A task of its own, and axum's upgrade task ends here: awaited there, the session
+            // would share its task with axum's upgrade state (about 270 bytes, kept for the
+            // connection's life), which took every connection's task into the next allocator
+            // size class (see `session::FUTURE_BUDGET_BYTES`).
+            tokio::spawn(session);
+            std::future::ready(())
         })
 }
 

@@ -54,8 +54,9 @@ pub(super) fn run<'a>(
         // from it only when it fires.
         let idle_timeout = state.config.idle_timeout;
         let mut last_received = Instant::now();
-        let idle = tokio::time::sleep(idle_timeout);
-        tokio::pin!(idle);
+        // Boxed, as the outbound half's timer: inline, its 100-odd bytes would push every
+        // connection's task into the next allocator size class (see `FUTURE_BUDGET_BYTES`).
+        let mut idle = Box::pin(tokio::time::sleep(idle_timeout));
         let mut turn = 0_u32;
         // A permit of the node's excess allowance is held for the next frame.
         let mut excess_permit = false;
@@ -82,7 +83,9 @@ pub(super) fn run<'a>(
                     last_received = Instant::now();
                     match frame {
                         Some(Ok(Message::Text(text))) => {
-                            match handle_text(text.as_str(), state, &mut identity, &mut limits).await {
+                            // Boxed: handling a frame takes a few hundred bytes, which inline
+                            // would be room in every idle connection's task.
+                            match Box::pin(handle_text(text.as_str(), state, &mut identity, &mut limits)).await {
                                 Handled::Control(c) => c,
                                 Handled::Commit(fut) => {
                                     in_flight.push(fut);
@@ -118,7 +121,7 @@ pub(super) fn run<'a>(
                 }
                 // After the read branch (`biased`): a frame that is already waiting wins over the
                 // timer, so time spent not reading (backpressure) never counts as client silence.
-                _ = &mut idle, if !idle_timeout.is_zero() => {
+                _ = idle.as_mut(), if !idle_timeout.is_zero() => {
                     if !read {
                         last_received = Instant::now();
                     }
