@@ -120,7 +120,7 @@ pub async fn serve(
     let deadline = tokio::time::Instant::now() + drain_timeout;
     let open = state.sessions.len();
     tracing::info!(sessions = open, timeout = ?drain_timeout, "draining");
-    state.shutdown.cancel();
+    state.start_draining();
     state.sessions.close();
     if tokio::time::timeout_at(deadline, state.sessions.wait())
         .await

@@ -60,6 +60,14 @@ pub const RATE_LIMIT_CLOSED: &str = "seqcast_rate_limit_closed_total";
 /// (`SEQCAST_EXCESS_FRAME_RATE`) was spent (counter).
 pub const EXCESS_DEFERRED: &str = "seqcast_excess_frames_deferred_total";
 
+/// The `messages_delivered` counter, looked up once: it counts every socket write of messages,
+/// and a lookup by name (hashing the key into the registry) for each was a visible share of a
+/// fan-out's CPU. Made at first use, which is in a session, after [`install`].
+pub fn messages_delivered() -> &'static metrics::Counter {
+    static COUNTER: OnceLock<metrics::Counter> = OnceLock::new();
+    COUNTER.get_or_init(|| metrics::counter!(MESSAGES_DELIVERED))
+}
+
 /// Installs the process-wide recorder once and returns its handle. The recorder is global to the
 /// process, so a second server in the same process (tests) shares it.
 pub fn install() -> PrometheusHandle {

@@ -25,6 +25,9 @@ pub enum Delivery {
     Live(Arc<Live>),
     /// Frames were dropped since the last take (the mailbox was full): read the database.
     Lagged,
+    /// The node is draining: close the connection (1012). Reported from then on, before
+    /// anything else.
+    Closing,
 }
 
 /// Past this many slots, an emptied queue gives its memory back (a burst is over).
@@ -41,6 +44,7 @@ pub struct Mailbox {
 struct Inner {
     frames: VecDeque<Arc<Live>>,
     lagged: bool,
+    closing: bool,
 }
 
 impl Mailbox {
@@ -70,9 +74,18 @@ impl Mailbox {
         queued
     }
 
-    /// The next delivery, if any; a lag is reported before the frames still queued.
+    /// Tells the session the node is draining (see [`Delivery::Closing`]).
+    pub fn close(&self) {
+        self.lock().closing = true;
+        self.reader.wake();
+    }
+
+    /// The next delivery, if any; closing comes first, then a lag, then the frames still queued.
     pub fn try_recv(&self) -> Option<Delivery> {
         let mut inner = self.lock();
+        if inner.closing {
+            return Some(Delivery::Closing);
+        }
         if std::mem::take(&mut inner.lagged) {
             return Some(Delivery::Lagged);
         }
@@ -119,7 +132,7 @@ mod tests {
     fn seq(delivery: Option<Delivery>) -> Option<u64> {
         match delivery? {
             Delivery::Live(live) => Some(live.seq),
-            Delivery::Lagged => panic!("unexpected lag"),
+            other => panic!("unexpected {other:?}"),
         }
     }
 
@@ -136,6 +149,15 @@ mod tests {
             mailbox.try_recv().is_none(),
             "3 was dropped, the lag reported once"
         );
+    }
+
+    #[test]
+    fn closing_comes_before_everything_and_stays() {
+        let mailbox = Mailbox::new(4);
+        assert!(mailbox.push(&live(1)));
+        mailbox.close();
+        assert!(matches!(mailbox.try_recv(), Some(Delivery::Closing)));
+        assert!(matches!(mailbox.try_recv(), Some(Delivery::Closing)));
     }
 
     #[test]
@@ -160,7 +182,7 @@ mod tests {
         );
         match got.expect("woken") {
             Delivery::Live(live) => assert_eq!(live.seq, 7),
-            Delivery::Lagged => panic!("unexpected lag"),
+            other => panic!("unexpected {other:?}"),
         }
     }
 }

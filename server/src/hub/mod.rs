@@ -86,6 +86,13 @@ pub enum RoomChange {
 #[derive(Clone, Default)]
 pub struct Hub {
     rooms: Arc<DashMap<Arc<str>, Arc<RoomSubscribers>>>,
+    /// Every local session's mailbox, joined to a room or not: how a draining node tells each
+    /// session to close. (A shared stop token awaited in every session's loop linked a waiter
+    /// into one list and out again for every live delivery, touching other sessions' memory:
+    /// a visible share of a fan-out's CPU.)
+    sessions: Arc<DashMap<SessionId, Subscriber>>,
+    /// Set by [`Hub::close_sessions`]: a session registered later is closed at once.
+    closing: Arc<AtomicBool>,
     /// Where room openings and closings are reported (the relay), if anywhere.
     changes: Option<mpsc::UnboundedSender<RoomChange>>,
     /// Where rooms that opened a hole are reported (the relay fills them); `None` on a single
@@ -106,10 +113,38 @@ impl Hub {
         holes: mpsc::UnboundedSender<Arc<str>>,
     ) -> Hub {
         Hub {
-            rooms: Arc::default(),
             changes: Some(changes),
             holes: Some(holes),
+            ..Hub::default()
         }
+    }
+
+    /// Registers a session's mailbox until [`Hub::deregister`], so that a drain reaches it.
+    pub fn register(&self, id: SessionId, mailbox: Subscriber) {
+        self.sessions.insert(id, Arc::clone(&mailbox));
+        // After the insert: either `close_sessions` finds this mailbox, or the flag it set
+        // first is seen here (the map's shard lock orders the two).
+        if self.closing.load(Ordering::Acquire) {
+            mailbox.close();
+        }
+    }
+
+    pub fn deregister(&self, id: SessionId) {
+        self.sessions.remove(&id);
+    }
+
+    /// Tells every local session, and every one registered from now on, to close (the node is
+    /// draining).
+    pub fn close_sessions(&self) {
+        self.closing.store(true, Ordering::Release);
+        for entry in self.sessions.iter() {
+            entry.value().close();
+        }
+    }
+
+    /// Local sessions registered (open connections).
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
     }
 
     /// Adds a session to a room (replacing its previous entry, if any). Returns the room's name
@@ -403,7 +438,7 @@ mod tests {
     fn seqs(mailbox: &Mailbox) -> Vec<u64> {
         std::iter::from_fn(|| match mailbox.try_recv()? {
             Delivery::Live(live) => Some(live.seq),
-            Delivery::Lagged => panic!("unexpected lag"),
+            other => panic!("unexpected {other:?}"),
         })
         .collect()
     }
@@ -552,6 +587,26 @@ mod tests {
         hub.unsubscribe("r", 2);
         assert_eq!(hub.room_count(), 0);
         assert_eq!(hub.publish(live("r", 1)), (None, 0));
+    }
+
+    #[test]
+    fn closing_reaches_sessions_registered_before_and_after() {
+        let hub = Hub::new();
+        let (before, _) = sub(4);
+        let (gone, _) = sub(4);
+        hub.register(1, Arc::clone(&before));
+        hub.register(2, Arc::clone(&gone));
+        hub.deregister(2);
+        hub.close_sessions();
+        let (after, _) = sub(4);
+        hub.register(3, Arc::clone(&after));
+        assert!(matches!(before.try_recv(), Some(Delivery::Closing)));
+        assert!(matches!(after.try_recv(), Some(Delivery::Closing)));
+        assert!(
+            gone.try_recv().is_none(),
+            "a deregistered session is not told"
+        );
+        assert_eq!(hub.session_count(), 2);
     }
 
     #[test]

@@ -35,7 +35,7 @@ fn clustered() -> Hub {
 fn seqs(mailbox: &Mailbox) -> Vec<u64> {
     std::iter::from_fn(|| match mailbox.try_recv()? {
         Delivery::Live(live) => Some(live.seq),
-        Delivery::Lagged => panic!("unexpected lag"),
+        other => panic!("unexpected {other:?}"),
     })
     .collect()
 }

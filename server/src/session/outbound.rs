@@ -68,8 +68,9 @@ pub(super) struct Outbound<'a> {
     expires_at: Instant,
     /// When the next keep-alive ping is due; `None` when pings are off.
     next_ping: Option<Instant>,
-    /// One timer for both deadlines, armed for the earlier: a timer is over 100 bytes, held by
-    /// every idle connection.
+    /// One timer for the three deadlines (expiry, ping, catch-up retry), armed for the earliest:
+    /// a timer is over 100 bytes, held by every idle connection, and one made in the loop was
+    /// made again for every live delivery.
     timer: Pin<Box<Sleep>>,
     sink: SplitSink<WebSocket, Message>,
     /// When the socket last accepted bytes: the write timeout counts from there.
@@ -98,6 +99,8 @@ impl<'a> Outbound<'a> {
         progress: WriteProgress,
         mailbox: Arc<Mailbox>,
     ) -> Self {
+        // Deregistered on drop.
+        state.hub.register(id, Arc::clone(&mailbox));
         Outbound {
             state,
             id,
@@ -126,14 +129,11 @@ impl<'a> Outbound<'a> {
     {
         async move {
             let mailbox = Arc::clone(&self.mailbox);
-            let shutdown = self.state.shutdown.clone();
             self.rearm();
             let stop = loop {
-                let behind = self.rooms.values().any(Cursor::behind);
-                let retry_at = self.retry_at;
+                let catch_up = self.retry_at.is_none() && self.rooms.values().any(Cursor::behind);
                 let step = tokio::select! {
                     biased;
-                    _ = shutdown.cancelled() => Err(Stop::Draining),
                     // Before the live stream, which a busy room keeps ready. Boxed: rare, and
                     // it may handle queued commands (a join's future among them).
                     _ = &mut self.timer => Box::pin(self.timer_fired(control)).await,
@@ -142,13 +142,9 @@ impl<'a> Outbound<'a> {
                         None => Err(Stop::ClientGone),
                     },
                     delivery = mailbox.recv() => self.deliveries(delivery).await,
-                    _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if behind && retry_at.is_some() => {
-                        self.retry_at = None;
-                        Ok(())
-                    }
                     // Boxed, as every rare state here: inline, the largest state of this loop is room
                     // every idle session's task keeps (see `session::run`).
-                    _ = std::future::ready(()), if behind && retry_at.is_none() => Box::pin(self.catch_up()).await,
+                    _ = std::future::ready(()), if catch_up => Box::pin(self.catch_up()).await,
                 };
                 self.update_catching_up_gauge();
                 if let Err(stop) = step {
@@ -276,9 +272,13 @@ impl<'a> Outbound<'a> {
         self.write(vec![Message::Text(frame.into())]).await
     }
 
-    /// The timer fired: the token expired, or a ping is due, or both.
+    /// The timer fired: the token expired, a ping is due, or a failed catch-up read may be
+    /// retried (any of them).
     async fn timer_fired(&mut self, control: &ControlQueue) -> Result<(), Stop> {
         let now = Instant::now();
+        if self.retry_at.is_some_and(|at| at <= now) {
+            self.retry_at = None;
+        }
         if now >= self.expires_at {
             self.expired(control).await?;
         }
@@ -293,11 +293,12 @@ impl<'a> Outbound<'a> {
         Ok(())
     }
 
-    /// Arms the timer for the earlier of the expiry and the next ping.
+    /// Arms the timer for the earliest of the expiry, the next ping and the catch-up retry.
     fn rearm(&mut self) {
-        let at = self
-            .next_ping
-            .map_or(self.expires_at, |p| p.min(self.expires_at));
+        let at = [self.next_ping, self.retry_at]
+            .into_iter()
+            .flatten()
+            .fold(self.expires_at, Instant::min);
         self.timer.as_mut().reset(at);
     }
 
@@ -364,6 +365,8 @@ impl<'a> Outbound<'a> {
             match delivery {
                 Delivery::Live(item) => self.live(&item, &mut frames),
                 Delivery::Lagged => self.lagged(),
+                // Whatever is queued is not written: the client rejoins with `since`.
+                Delivery::Closing => return Err(Stop::Draining),
             }
             if frames.len() < WRITE_BATCH {
                 next = self.mailbox.try_recv();
@@ -371,7 +374,7 @@ impl<'a> Outbound<'a> {
         }
         let n = frames.len() as u64;
         self.write(frames).await?;
-        metrics::counter!(m::MESSAGES_DELIVERED).increment(n);
+        m::messages_delivered().increment(n);
         Ok(())
     }
 
@@ -435,6 +438,7 @@ impl<'a> Outbound<'a> {
             Err(e) => {
                 tracing::warn!(session = self.id, room = %room, error = %e, "catch-up read failed; retrying");
                 self.retry_at = Some(Instant::now() + CATCH_UP_RETRY);
+                self.rearm();
                 return Ok(());
             }
         };
@@ -465,7 +469,7 @@ impl<'a> Outbound<'a> {
         }
         let n = (frames.len() - usize::from(truncated)) as u64;
         self.write(frames).await?;
-        metrics::counter!(m::MESSAGES_DELIVERED).increment(n);
+        m::messages_delivered().increment(n);
         Ok(())
     }
 
@@ -547,6 +551,7 @@ impl<'a> Outbound<'a> {
 
 impl Drop for Outbound<'_> {
     fn drop(&mut self) {
+        self.state.hub.deregister(self.id);
         for room in self.rooms.keys() {
             self.state.hub.unsubscribe(room, self.id);
         }
