@@ -60,3 +60,44 @@ async fn postgres_icu_keyed_and_unkeyed_groups_do_not_deadlock() {
         );
     }
 }
+
+/// Room names, senders and idempotency keys are identifiers: on a database whose collation is
+/// linguistic (ICU here, as most deployments), their columns still compare by bytes, so no
+/// index comparison goes through the collation library (migration 0002; about a fifth of
+/// Postgres's CPU per insert under ICU, measured in docs/operations.md's note on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_icu_identifier_columns_compare_by_bytes() {
+    use sqlx::Connection;
+    let url = TestPostgres::shared().fresh_icu_database().await;
+    // Connecting applies the migrations.
+    let _store = PostgresStore::connect(&url).await.unwrap();
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    let columns: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT table_name::text, column_name::text, collation_name::text \
+         FROM information_schema.columns \
+         WHERE table_schema = 'public' AND data_type = 'text' \
+           AND table_name IN ('rooms', 'messages') AND column_name IN ('room', 'sender', 'idem') \
+         ORDER BY 1, 2",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let expected = [
+        ("messages", "idem"),
+        ("messages", "room"),
+        ("messages", "sender"),
+        ("rooms", "room"),
+    ];
+    let got: Vec<(&str, &str)> = columns
+        .iter()
+        .map(|(t, c, _)| (t.as_str(), c.as_str()))
+        .collect();
+    assert_eq!(got, expected);
+    for (table, column, collation) in &columns {
+        assert_eq!(
+            collation.as_deref(),
+            Some("C"),
+            "{table}.{column} must compare by bytes"
+        );
+    }
+}
