@@ -154,13 +154,6 @@ impl AppState {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Starts the node's drain: `/ready` turns 503, new upgrades are refused, and every session
-    /// is told to close (1012).
-    pub fn start_draining(&self) {
-        self.shutdown.cancel();
-        self.hub.close_sessions();
-    }
-
     pub fn is_draining(&self) -> bool {
         self.shutdown.is_cancelled()
     }

@@ -35,6 +35,13 @@ pub struct Config {
     pub write_timeout: Duration,
     /// `SEQCAST_SHUTDOWN_TIMEOUT`: how long a SIGTERM drain may take before the process exits.
     pub shutdown_timeout: Duration,
+    /// `SEQCAST_DRAIN_DELAY`: on SIGTERM, how long sessions are still served after `/ready`
+    /// turns 503, so that a load balancer polling it takes the node out before its clients are
+    /// told to reconnect (skipped when no session is open).
+    pub drain_delay: Duration,
+    /// `SEQCAST_DRAIN_SPREAD`: the window after the delay over which sessions are closed
+    /// (1012), evenly, so that their clients reconnect to the other nodes a few at a time.
+    pub drain_spread: Duration,
     /// `SEQCAST_OUTBOUND_QUEUE`: live frames buffered per session before it falls back to reading
     /// the database (a session is a cursor: nothing is lost past it, memory stays bounded).
     pub outbound_queue: usize,
@@ -127,6 +134,8 @@ impl std::fmt::Debug for Config {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("write_timeout", &self.write_timeout)
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("drain_delay", &self.drain_delay)
+            .field("drain_spread", &self.drain_spread)
             .field("outbound_queue", &self.outbound_queue)
             .field("commit_concurrency", &self.commit_concurrency)
             .field("redis_prefix", &self.redis_prefix)
@@ -171,6 +180,8 @@ impl Default for Config {
             max_message_bytes: 65536,
             write_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(10),
+            drain_delay: Duration::from_secs(2),
+            drain_spread: Duration::from_secs(2),
             outbound_queue: 1024,
             commit_concurrency: 2,
             log_format: LogFormat::Text,
@@ -302,6 +313,8 @@ impl Config {
             ("SEQCAST_HANDSHAKE_TIMEOUT", &mut c.handshake_timeout),
             ("SEQCAST_PING_INTERVAL", &mut c.ping_interval),
             ("SEQCAST_IDLE_TIMEOUT", &mut c.idle_timeout),
+            ("SEQCAST_DRAIN_DELAY", &mut c.drain_delay),
+            ("SEQCAST_DRAIN_SPREAD", &mut c.drain_spread),
         ] {
             if let Some(v) = get(name) {
                 *field = parse_duration(&v).with_context(|| name.to_string())?;
@@ -343,6 +356,22 @@ impl Config {
     /// the body limit leaves room for both.
     pub fn frame_limit(&self) -> Option<usize> {
         (self.max_frame_bytes > 0).then_some(self.max_frame_bytes)
+    }
+
+    /// The drain's delay and spread as they are applied: shortened in proportion when together
+    /// they would take more than half of `SEQCAST_SHUTDOWN_TIMEOUT`, so that the sessions closed
+    /// last still have the other half to take their close frame before the process exits.
+    pub fn drain_plan(&self) -> (Duration, Duration) {
+        let budget = self.shutdown_timeout / 2;
+        let total = self.drain_delay.saturating_add(self.drain_spread);
+        if total <= budget {
+            return (self.drain_delay, self.drain_spread);
+        }
+        let scale = |d: Duration| {
+            let nanos = d.as_nanos().saturating_mul(budget.as_nanos()) / total.as_nanos();
+            Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+        };
+        (scale(self.drain_delay), scale(self.drain_spread))
     }
 
     /// Refuses configurations that are unsafe to serve with.
@@ -429,6 +458,24 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_drain_fits_half_the_shutdown_timeout() {
+        let mut c = Config::default();
+        // The defaults: 2 s + 2 s within a 10 s timeout, so every 1012 is sent within 4 s.
+        assert_eq!(
+            c.drain_plan(),
+            (Duration::from_secs(2), Duration::from_secs(2))
+        );
+        c.shutdown_timeout = Duration::from_secs(2);
+        assert_eq!(
+            c.drain_plan(),
+            (Duration::from_millis(500), Duration::from_millis(500))
+        );
+        c.drain_delay = Duration::ZERO;
+        c.drain_spread = Duration::from_secs(30);
+        assert_eq!(c.drain_plan(), (Duration::ZERO, Duration::from_secs(1)));
+    }
 
     #[test]
     fn durations() {

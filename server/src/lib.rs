@@ -73,8 +73,9 @@ const JOBS_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3)
 pub use config::Config;
 
 /// Serves a node on `listener` until `shutdown` resolves, then drains: `/ready` turns 503, new
-/// WebSocket upgrades are refused, every session is closed with 1012, and the call returns once
-/// they are gone or `config.shutdown_timeout` has passed.
+/// WebSocket upgrades are refused, sessions are served for `SEQCAST_DRAIN_DELAY` more and then
+/// closed with 1012 over `SEQCAST_DRAIN_SPREAD` (see [`Config::drain_plan`]), and the call returns
+/// once they are gone or `config.shutdown_timeout` has passed.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
@@ -118,9 +119,18 @@ pub async fn serve(
     }
 
     let deadline = tokio::time::Instant::now() + drain_timeout;
-    let open = state.sessions.len();
-    tracing::info!(sessions = open, timeout = ?drain_timeout, "draining");
-    state.start_draining();
+    let open = state.hub.session_count();
+    let (delay, spread) = state.config.drain_plan();
+    tracing::info!(sessions = open, timeout = ?drain_timeout, ?delay, ?spread, "draining");
+    // `/ready` turns 503 and upgrades are refused; sessions are still served for the delay, so a
+    // load balancer polling `/ready` stops sending clients here before these are told to leave,
+    // then they are closed (1012) spread over the window: their reconnects reach the other
+    // nodes (each a `since` read from the database) a few at a time, not as one storm.
+    state.shutdown.cancel();
+    if open > 0 {
+        tokio::time::sleep(delay).await;
+    }
+    state.hub.close_sessions(spread).await;
     state.sessions.close();
     if tokio::time::timeout_at(deadline, state.sessions.wait())
         .await

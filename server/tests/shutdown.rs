@@ -21,6 +21,8 @@ store_tests!(
 );
 
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// The drain's delay and spread in `sigterm_serves_through_the_delay_then_spreads_the_closes`.
+const DRAIN_STEP: Duration = Duration::from_secs(1);
 /// Time for the process to notice the signal and exit, beyond its own timeout.
 const SLACK: Duration = Duration::from_secs(3);
 
@@ -119,5 +121,86 @@ async fn sigterm_on_an_idle_server_exits_0(store: StoreKind) {
     assert_eq!(Http::new(&server).get("/ready").await.status, 200);
     server.sigterm();
     let status = server.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+}
+
+/// A load balancer polling `/ready` must see the 503 while the node still serves, and the node's
+/// clients must not all reconnect elsewhere at once (issue 12): after SIGTERM, `/ready` is 503 at
+/// once, sessions keep sending and receiving for `SEQCAST_DRAIN_DELAY`, then their 1012s are
+/// spread over `SEQCAST_DRAIN_SPREAD`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_serves_through_the_delay_then_spreads_the_closes() {
+    let step = format!("{}ms", DRAIN_STEP.as_millis());
+    let mut server = TestServer::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .shutdown_timeout("10s")
+            .env("SEQCAST_DRAIN_DELAY", step.clone())
+            .env("SEQCAST_DRAIN_SPREAD", step),
+    )
+    .await;
+    let mut sender = WsClient::connect(&server).await;
+    sender.join("general", None).await;
+    let mut listeners = Vec::new();
+    for _ in 0..20 {
+        let mut client = WsClient::connect(&server).await;
+        client.join("general", None).await;
+        listeners.push(client);
+    }
+
+    let signalled = Instant::now();
+    server.sigterm();
+    let http = Http::new(&server);
+    let deadline = signalled + DRAIN_STEP / 2;
+    loop {
+        let status = http.try_get("/ready").await.map(|r| r.status);
+        if status.as_ref().is_ok_and(|s| *s == 503) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/ready still {status:?} {:?} after SIGTERM",
+            signalled.elapsed()
+        );
+    }
+    // Still served: a send is acknowledged and delivered to everyone before any close.
+    sender
+        .send_msg("general", json!({ "during": "drain delay" }))
+        .await;
+    let acked_after = signalled.elapsed();
+    assert!(
+        acked_after < DRAIN_STEP,
+        "acked {acked_after:?} after SIGTERM"
+    );
+
+    let waits: Vec<_> = listeners
+        .into_iter()
+        .map(|mut client| {
+            tokio::spawn(async move {
+                client.collect_messages("general", 1, RECV_DEADLINE).await;
+                let code = client.expect_close(2 * DRAIN_STEP + SLACK).await;
+                (code, signalled.elapsed())
+            })
+        })
+        .collect();
+    let mut closed_at = Vec::new();
+    for wait in waits {
+        let (code, at) = wait.await.unwrap();
+        assert_eq!(code, Some(1012));
+        closed_at.push(at);
+    }
+    closed_at.sort();
+    let (first, last) = (closed_at[0], closed_at[closed_at.len() - 1]);
+    eprintln!("closes from {first:?} to {last:?} after SIGTERM");
+    assert!(
+        first >= DRAIN_STEP * 9 / 10,
+        "the first 1012 came {first:?} after SIGTERM, before the delay ended"
+    );
+    assert!(
+        last - first >= DRAIN_STEP / 2,
+        "21 closes spread over a {DRAIN_STEP:?} window came within {:?}",
+        last - first
+    );
+    sender.expect_close_code(1012, SLACK).await;
+    let status = server.wait_exit(SHUTDOWN_TIMEOUT + SLACK).await;
     assert!(status.success(), "exit status after SIGTERM: {status}");
 }

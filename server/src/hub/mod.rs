@@ -19,6 +19,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
@@ -133,12 +134,26 @@ impl Hub {
         self.sessions.remove(&id);
     }
 
-    /// Tells every local session, and every one registered from now on, to close (the node is
-    /// draining).
-    pub fn close_sessions(&self) {
+    /// Tells every local session to close (the node is draining), evenly over `window` so that
+    /// their clients reconnect elsewhere a few at a time rather than all in the same instant;
+    /// every session registered from the start of the call on is told at once.
+    pub async fn close_sessions(&self, window: Duration) {
         self.closing.store(true, Ordering::Release);
-        for entry in self.sessions.iter() {
-            entry.value().close();
+        let open: Vec<Subscriber> = self
+            .sessions
+            .iter()
+            .map(|e| Arc::clone(e.value()))
+            .collect();
+        let start = tokio::time::Instant::now();
+        let n = open.len() as f64;
+        for (i, mailbox) in open.iter().enumerate() {
+            let due = start + window.mul_f64(i as f64 / n);
+            // Batched by the millisecond: one timer per session would be 10,000 timers for a
+            // full node.
+            if due > tokio::time::Instant::now() + Duration::from_millis(1) {
+                tokio::time::sleep_until(due).await;
+            }
+            mailbox.close();
         }
     }
 
@@ -589,15 +604,15 @@ mod tests {
         assert_eq!(hub.publish(live("r", 1)), (None, 0));
     }
 
-    #[test]
-    fn closing_reaches_sessions_registered_before_and_after() {
+    #[tokio::test]
+    async fn closing_reaches_sessions_registered_before_and_after() {
         let hub = Hub::new();
         let (before, _) = sub(4);
         let (gone, _) = sub(4);
         hub.register(1, Arc::clone(&before));
         hub.register(2, Arc::clone(&gone));
         hub.deregister(2);
-        hub.close_sessions();
+        hub.close_sessions(Duration::ZERO).await;
         let (after, _) = sub(4);
         hub.register(3, Arc::clone(&after));
         assert!(matches!(before.try_recv(), Some(Delivery::Closing)));
@@ -607,6 +622,41 @@ mod tests {
             "a deregistered session is not told"
         );
         assert_eq!(hub.session_count(), 2);
+    }
+
+    #[tokio::test]
+    async fn closing_is_spread_over_the_window() {
+        let hub = Hub::new();
+        let mailboxes: Vec<Subscriber> = (0..10).map(|_| Mailbox::new(4)).collect();
+        for (id, mailbox) in mailboxes.iter().enumerate() {
+            hub.register(id as SessionId, Arc::clone(mailbox));
+        }
+        let closed = |mailboxes: &[Subscriber]| {
+            mailboxes
+                .iter()
+                .filter(|m| matches!(m.try_recv(), Some(Delivery::Closing)))
+                .count()
+        };
+        let window = Duration::from_millis(900);
+        let start = std::time::Instant::now();
+        let closing = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.close_sessions(window).await }
+        });
+        // The first session is told at once, the last 810 ms later.
+        while closed(&mailboxes) == 0 {
+            assert!(start.elapsed() < window, "nobody told within {window:?}");
+            tokio::task::yield_now().await;
+        }
+        let told = closed(&mailboxes);
+        assert!(told < 10, "{told} of 10 told at the start of the window");
+        closing.await.unwrap();
+        assert_eq!(closed(&mailboxes), 10);
+        assert!(
+            start.elapsed() >= window * 8 / 10,
+            "all told within {:?}",
+            start.elapsed()
+        );
     }
 
     #[test]
