@@ -10,7 +10,7 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{json, Value};
 
-use support::check::assert_ack;
+use support::check::{assert_ack, eventually};
 use support::server::{run_seqcast, ServerOptions, StoreKind, TestDatabase, TestServer};
 use support::ws::{Auth, WsClient};
 
@@ -330,4 +330,30 @@ impl Drop for GroupGuard {
             .args(["-KILL", "--", &format!("-{}", self.0)])
             .status();
     }
+}
+
+/// Logs written to a pipe or a file (stderr not a terminal: how every service manager, container
+/// runtime and log collector runs the node) are plain text, without colour codes (issue 12).
+#[tokio::test]
+async fn logs_off_a_terminal_carry_no_colour_codes() {
+    let server = TestServer::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .env("RUST_LOG", "debug")
+            .capture_logs(),
+    )
+    .await;
+    eventually(DEADLINE, "the node logs something", || {
+        let logged = server.logs().iter().any(|l| l.contains("INFO"));
+        async move { logged }
+    })
+    .await;
+    let logs = server.logs();
+    let coloured: Vec<&String> = logs.iter().filter(|l| l.contains('\u{1b}')).collect();
+    assert!(
+        coloured.is_empty(),
+        "{} of {} log lines carry escape codes, e.g. {:?}",
+        coloured.len(),
+        logs.len(),
+        coloured.first()
+    );
 }
