@@ -220,7 +220,10 @@ impl<'a> Outbound<'a> {
     /// Subscribe first, then read the head: a message committed in between is both in the
     /// queue and at or below the head, and the cursor sends it exactly once either way.
     async fn join(&mut self, room: String, since: Option<u64>, r: Option<Ref>) -> Result<(), Stop> {
-        let rejoin = self.rooms.contains_key(&room);
+        // The hub's name for the room, shared: a copy per session was 48 bytes of every
+        // joined connection.
+        let joined = self.rooms.key(&room).cloned();
+        let rejoin = joined.is_some();
         let limit = self.state.config.max_rooms_per_connection;
         if !rejoin && limit > 0 && self.rooms.len() >= limit {
             let frame = protocol::error_frame(
@@ -230,10 +233,8 @@ impl<'a> Outbound<'a> {
             );
             return self.write(vec![Message::Text(frame.into())]).await;
         }
-        // The hub's name for the room, shared: a copy per session was 48 bytes of every
-        // joined connection.
-        let room: Arc<str> = match self.rooms.key(&room) {
-            Some(joined) => Arc::clone(joined),
+        let room: Arc<str> = match joined {
+            Some(joined) => joined,
             None => {
                 let mailbox = Arc::clone(&self.mailbox);
                 self.state.hub.subscribe(&room, self.id, mailbox).0
