@@ -175,6 +175,8 @@ pub struct Sender {
     acks: Vec<Option<Ack>>,
     /// Longest time from a send to its ack.
     pub worst_ack_delay: Duration,
+    /// When each broken connection was noticed (the sender then failed over).
+    pub failovers: Vec<Instant>,
 }
 
 /// How a [`Sender`] sends: at most `window` unacknowledged, at most one frame per `pace`.
@@ -209,6 +211,7 @@ impl Sender {
             bodies: vec![None; count],
             acks: vec![None; count],
             worst_ack_delay: Duration::ZERO,
+            failovers: Vec::new(),
         }
     }
 
@@ -292,6 +295,7 @@ impl Sender {
                         self.acked_count(),
                         self.count()
                     );
+                    self.failovers.push(Instant::now());
                     hop += 1;
                 }
             }
@@ -452,6 +456,9 @@ impl Ledger {
     }
 }
 
+/// A listener's reconnects: (when its connection ended, when it had joined again).
+pub type Reconnects = Arc<std::sync::Mutex<Vec<(Instant, Instant)>>>;
+
 /// One message as a subscriber got it.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -462,6 +469,7 @@ pub struct Received {
     pub node: usize,
     /// From the send time in the body to its arrival here.
     pub delay: Duration,
+    pub arrived: Instant,
 }
 
 /// Asserts `received` is exactly `first..=ledger.head` in order, each with the acknowledged id
@@ -521,6 +529,8 @@ impl ListenSpec {
 pub struct Listening {
     /// The last seq received so far.
     pub last_seq: Arc<AtomicU64>,
+    /// When each connection ended and when the next join was answered (hops included).
+    pub reconnects: Reconnects,
     handle: JoinHandle<Vec<Received>>,
 }
 
@@ -548,15 +558,20 @@ pub async fn listen(spec: ListenSpec, target: watch::Receiver<u64>, until: Insta
         assert!(joined["head"].is_u64(), "{}: {joined}", spec.label);
     }
     let last_seq = Arc::new(AtomicU64::new(spec.since.unwrap_or(0)));
+    let reconnects = Arc::default();
     let handle = tokio::spawn(receive(
         spec,
         client,
         node,
         target,
         until,
-        Arc::clone(&last_seq),
+        (Arc::clone(&last_seq), Arc::clone(&reconnects)),
     ));
-    Listening { last_seq, handle }
+    Listening {
+        last_seq,
+        reconnects,
+        handle,
+    }
 }
 
 async fn receive(
@@ -565,7 +580,7 @@ async fn receive(
     mut node: usize,
     target: watch::Receiver<u64>,
     until: Instant,
-    last_seq: Arc<AtomicU64>,
+    (last_seq, reconnects): (Arc<AtomicU64>, Reconnects),
 ) -> Vec<Received> {
     let label = &spec.label;
     let mut received: Vec<Received> = Vec::new();
@@ -613,6 +628,7 @@ async fn receive(
                         seq: frame["seq"].as_u64().expect("message seq"),
                         id: frame["id"].as_str().unwrap_or_default().to_owned(),
                         delay: Duration::from_micros(now_micros().saturating_sub(sent)),
+                        arrived: Instant::now(),
                         body,
                         node,
                     });
@@ -636,6 +652,7 @@ async fn receive(
             eprintln!("{label}: connection to n{node} ended after seq {last}: {end:?}");
         }
         hops += 1;
+        let ended_at = Instant::now();
         let (next, joined_client) = loop {
             assert!(
                 Instant::now() < until,
@@ -658,6 +675,10 @@ async fn receive(
             joined["head"].as_u64().is_some_and(|head| head >= last),
             "{label}: rejoined n{node} since {last}: {joined}"
         );
+        reconnects
+            .lock()
+            .expect("not poisoned")
+            .push((ended_at, Instant::now()));
         on_this_connection = 0;
     }
     // Nothing may follow the last seq: a late duplicate would show up before the pong.
