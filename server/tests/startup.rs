@@ -94,6 +94,27 @@ async fn a_node_started_before_postgres_waits_for_it_then_serves() {
     send_round_trips(&server, "after-start").await;
 }
 
+/// SIGTERM to a node that is still waiting for its database ends it at once, with exit 0: a
+/// rollout that gives up on it is not held for the retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_node_stops_on_sigterm() {
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", free_port());
+    let mut server = TestServer::start(
+        ServerOptions::new(StoreKind::Postgres)
+            .database_url(url)
+            .no_wait_started(),
+    )
+    .await;
+    let http = Http::new(&server);
+    assert_starting(&http, "").await;
+    server.sigterm();
+    let status = server.wait_exit(Duration::from_secs(5)).await;
+    assert!(
+        status.success(),
+        "exited {status} after SIGTERM while starting"
+    );
+}
+
 /// `seqcast migrate` applies every migration and exits 0; a node with `SEQCAST_MIGRATE=false`
 /// then serves on that database.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
