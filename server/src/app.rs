@@ -97,8 +97,9 @@ impl AppState {
                 Some(url) => {
                     // One link for the bus, the user limit and the election: one opinion of
                     // whether Redis works.
-                    let link = RedisLink::start(
+                    let link = RedisLink::start_with_ca(
                         url,
+                        config.redis_ca_file.as_deref(),
                         &config.redis_prefix,
                         config.redis_timeout,
                         background.clone(),

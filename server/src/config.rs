@@ -65,6 +65,16 @@ pub struct Config {
     /// `SEQCAST_HEAD_CHECK_INTERVAL`: the same check while Redis is up, to find a lost last
     /// message (pub/sub is at-most-once and no later message reveals that gap).
     pub head_check_interval: Duration,
+    /// `SEQCAST_DB_POOL_SIZE`: Postgres connections per node at most (at least 1); not used
+    /// with SQLite, whose connections are fixed (one writer, four readers).
+    pub db_pool_size: u32,
+    /// `SEQCAST_MIGRATE`: whether the node applies pending migrations when it starts (default
+    /// true). With false it waits, not ready, until the schema is current (applied by
+    /// `seqcast migrate`, e.g. from a Kubernetes Job).
+    pub migrate: bool,
+    /// `SEQCAST_REDIS_CA_FILE`: a PEM bundle of the CAs a `rediss://` Redis is verified against,
+    /// instead of the system's roots (a managed Redis with a private CA).
+    pub redis_ca_file: Option<String>,
     /// `SEQCAST_LEADER_TTL`: lifetime of the leader lock in Redis.
     pub leader_ttl: Duration,
     /// `SEQCAST_RETENTION`: delete messages older than this; unset keeps them forever.
@@ -141,6 +151,9 @@ impl std::fmt::Debug for Config {
             .field("redis_prefix", &self.redis_prefix)
             .field("redis_timeout", &self.redis_timeout)
             .field("db_timeout", &self.db_timeout)
+            .field("db_pool_size", &self.db_pool_size)
+            .field("migrate", &self.migrate)
+            .field("redis_ca_file", &self.redis_ca_file)
             .field("poll_interval", &self.poll_interval)
             .field("head_check_interval", &self.head_check_interval)
             .field("leader_ttl", &self.leader_ttl)
@@ -187,6 +200,9 @@ impl Default for Config {
             log_format: LogFormat::Text,
             redis_prefix: "seqcast:".into(),
             db_timeout: crate::store::DEFAULT_DB_TIMEOUT,
+            db_pool_size: crate::store::DEFAULT_DB_POOL_SIZE,
+            migrate: true,
+            redis_ca_file: None,
             redis_timeout: Duration::from_secs(1),
             poll_interval: Duration::from_millis(100),
             head_check_interval: Duration::from_secs(1),
@@ -251,6 +267,14 @@ impl Config {
                 anyhow::bail!("SEQCAST_COMMIT_CONCURRENCY: must be at least 1");
             }
         }
+        if let Some(v) = get("SEQCAST_DB_POOL_SIZE") {
+            c.db_pool_size = u32::try_from(parse_count("SEQCAST_DB_POOL_SIZE", &v)?)
+                .context("SEQCAST_DB_POOL_SIZE: too large")?;
+        }
+        if let Some(v) = get("SEQCAST_MIGRATE") {
+            c.migrate = parse_bool("SEQCAST_MIGRATE", &v)?;
+        }
+        c.redis_ca_file = get("SEQCAST_REDIS_CA_FILE");
         if let Some(v) = get("SEQCAST_REDIS_PREFIX") {
             c.redis_prefix = v;
         }
@@ -425,6 +449,14 @@ fn parse_count(name: &str, v: &str) -> anyhow::Result<usize> {
     Ok(n)
 }
 
+fn parse_bool(name: &str, v: &str) -> anyhow::Result<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => bail!("{name}: expected `true` or `false`, got {v:?}"),
+    }
+}
+
 /// Splits a comma-separated list, dropping blanks.
 fn list(v: &str) -> Vec<String> {
     v.split(',')
@@ -512,6 +544,32 @@ mod tests {
             "dev mode must refuse a non-loopback address"
         );
         assert_eq!(c.write_timeout, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn start_up_settings() {
+        let c = Config::from_lookup(|_| None).unwrap();
+        assert_eq!(c.db_pool_size, 16);
+        assert!(c.migrate);
+        assert_eq!(c.redis_ca_file, None);
+        let c = Config::from_lookup(|k| match k {
+            "SEQCAST_DB_POOL_SIZE" => Some("3".into()),
+            "SEQCAST_MIGRATE" => Some("false".into()),
+            "SEQCAST_REDIS_CA_FILE" => Some("/etc/ca.pem".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.db_pool_size, 3);
+        assert!(!c.migrate);
+        assert_eq!(c.redis_ca_file.as_deref(), Some("/etc/ca.pem"));
+        for (name, bad) in [
+            ("SEQCAST_DB_POOL_SIZE", "0"),
+            ("SEQCAST_DB_POOL_SIZE", "many"),
+            ("SEQCAST_MIGRATE", "maybe"),
+        ] {
+            let lookup = |k: &str| (k == name).then(|| bad.to_owned());
+            assert!(Config::from_lookup(lookup).is_err(), "{name}={bad}");
+        }
     }
 
     #[test]

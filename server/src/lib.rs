@@ -35,6 +35,7 @@
 //!   file per mechanism.
 //! - [`reads`]: database reads in flight per user (HTTP history, joins, catch-ups).
 //! - [`metrics`]: Prometheus names and exporter.
+//! - [`startup`]: a node before it serves: listening, not ready, retrying the database.
 //!
 //! [`serve`] runs a node on a listener until a shutdown future resolves, then drains.
 
@@ -56,6 +57,7 @@ pub mod redis;
 pub mod relay;
 pub mod router;
 pub mod session;
+pub mod startup;
 pub mod store;
 pub mod writer;
 pub mod ws;
@@ -67,6 +69,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use app::AppState;
+use startup::Startup;
 
 /// How long a stopping node waits for its background jobs (and the leader lock's release).
 const JOBS_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -76,43 +79,56 @@ pub use config::Config;
 /// WebSocket upgrades are refused, sessions are served for `SEQCAST_DRAIN_DELAY` more and then
 /// closed with 1012 over `SEQCAST_DRAIN_SPREAD` (see [`Config::drain_plan`]), and the call returns
 /// once they are gone or `config.shutdown_timeout` has passed.
+///
+/// It listens from the start: until the database is open (and its schema current), `/live` is
+/// 200, `/ready` 503 with the reason and everything else 503, while [`startup::open_store`]
+/// retries (see [`startup`]).
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let store = store::connect(&config.database_url, config.db_timeout)
-        .await
-        .with_context(|| {
-            format!(
-                "opening the database {}",
-                config::redact_url(&config.database_url)
-            )
-        })?;
-    tracing::info!(store = store.kind(), node = %config.node_id, "database ready");
     let handle = metrics::install();
     let upkeep = tokio::spawn(metrics::upkeep(handle.clone()));
+    let _stop_upkeep = AbortOnDrop(upkeep);
     let drain_timeout = config.shutdown_timeout;
+    let startup = Startup::new(&config.node_id);
+    let http_stop = CancellationToken::new();
+    let request_timeout = (!config.handshake_timeout.is_zero()).then_some(config.handshake_timeout);
+    let mut server_task = tokio::spawn(listener::serve(
+        listener,
+        router::gated(startup.clone()),
+        request_timeout,
+        http_stop.clone(),
+    ));
+    let mut shutdown = std::pin::pin!(shutdown);
+
+    let store = tokio::select! {
+        store = startup::open_store(&config, &startup) => store?,
+        _ = &mut shutdown => {
+            tracing::info!(reason = %startup.reason(), "stopped before serving");
+            http_stop.cancel();
+            return match tokio::time::timeout(drain_timeout, server_task).await {
+                Ok(result) => result.context("http server task"),
+                Err(_) => Ok(()),
+            };
+        }
+        result = &mut server_task => {
+            result.context("http server task")?;
+            anyhow::bail!("the HTTP server stopped on its own");
+        }
+    };
+    tracing::info!(store = store.kind(), node = %config.node_id, "database ready");
     // Background tasks (cluster link, jobs) outlive the drain: commits still in flight during
     // it must reach the other nodes.
     let background = CancellationToken::new();
     let _stop_background = background.clone().drop_guard();
     let state = AppState::start(config, store, handle, background.clone())?;
-
-    let http_stop = CancellationToken::new();
-    let request_timeout =
-        (!state.config.handshake_timeout.is_zero()).then_some(state.config.handshake_timeout);
-    let mut server_task = tokio::spawn(listener::serve(
-        listener,
-        router::router(state.clone()),
-        request_timeout,
-        http_stop.clone(),
-    ));
+    startup.serve(router::router(state.clone()));
 
     tokio::select! {
-        _ = shutdown => {}
+        _ = &mut shutdown => {}
         result = &mut server_task => {
-            upkeep.abort();
             result.context("http server task")?;
             anyhow::bail!("the HTTP server stopped on its own");
         }
@@ -158,7 +174,15 @@ pub async fn serve(
     if let Some(link) = &state.redis {
         let _ = tokio::time::timeout(JOBS_STOP_TIMEOUT, link.quit()).await;
     }
-    upkeep.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Aborts a task when dropped, on every way out of [`serve`].
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -1,11 +1,16 @@
-//! The `seqcast` binary: `seqcast` serves; `seqcast token` mints a token for trying it out.
+//! The `seqcast` binary: `seqcast` serves; `seqcast token` mints a token for trying it out;
+//! `seqcast migrate` applies the database migrations and exits; `seqcast health` asks a node's
+//! `/ready` (a container health check without curl).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use seqcast::auth::{self, Claims};
 use seqcast::config::{self, Config, LogFormat};
+use seqcast::store::{self, StoreOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing_subscriber::EnvFilter;
 
 // glibc malloc was about a quarter of a node's CPU under load (perf: _int_malloc,
@@ -45,7 +50,21 @@ enum Command {
         #[arg(long, default_value = "24h")]
         ttl: String,
     },
+    /// Apply the database migrations to DATABASE_URL, then exit (0 once the schema is current):
+    /// for a Kubernetes Job or a compose one-shot ahead of nodes run with SEQCAST_MIGRATE=false.
+    Migrate,
+    /// Exit 0 when a node's readiness endpoint answers 200 within 3 s, else 1: the container
+    /// health check (the image has no curl).
+    Health {
+        /// The URL to ask (`http://` only). Default: `/ready` on SEQCAST_LISTEN's port, through
+        /// loopback when it listens on every address.
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
+
+/// How long `seqcast health` waits for the whole answer (connecting included).
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -57,7 +76,112 @@ fn main() -> anyhow::Result<()> {
             read,
             ttl,
         } => token(sub, &rooms, &read, &ttl),
+        Command::Migrate => migrate(),
+        Command::Health { url } => health(url),
     }
+}
+
+fn migrate() -> anyhow::Result<()> {
+    let config = Config::from_env()?;
+    init_tracing(config.log_format);
+    let database = config::redact_url(&config.database_url);
+    let options = StoreOptions {
+        timeout: config.db_timeout,
+        pool_size: 1,
+        migrate: true,
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(store::connect(&config.database_url, &options))
+        .with_context(|| format!("migrating {database}"))?;
+    println!("the schema of {database} is current");
+    Ok(())
+}
+
+fn health(url: Option<String>) -> anyhow::Result<()> {
+    let url = match url {
+        Some(url) => url,
+        None => default_health_url()?,
+    };
+    let status = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(async { tokio::time::timeout(HEALTH_TIMEOUT, http_status(&url)).await });
+    match status {
+        Ok(Ok(200)) => {
+            println!("ready: {url}");
+            Ok(())
+        }
+        Ok(Ok(status)) => bail!("not ready: {url} answered {status}"),
+        Ok(Err(e)) => Err(e.context(format!("not ready: {url}"))),
+        Err(_) => bail!("not ready: {url} did not answer within {HEALTH_TIMEOUT:?}"),
+    }
+}
+
+/// `http://ADDR/ready` for SEQCAST_LISTEN, through loopback when it is an any-address.
+fn default_health_url() -> anyhow::Result<String> {
+    let mut addr = match std::env::var("SEQCAST_LISTEN") {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse::<SocketAddr>()
+            .with_context(|| format!("SEQCAST_LISTEN: bad address {v:?}"))?,
+        _ => Config::default().listen,
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    Ok(format!("http://{addr}/ready"))
+}
+
+/// The status code of a `GET` of `url`, over a plain TCP connection: the image this runs in has
+/// no HTTP client, and one request needs none.
+async fn http_status(url: &str) -> anyhow::Result<u16> {
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("{url:?}: only http:// URLs"))?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    // A port is what follows the last `:`, unless that colon is inside an IPv6 address.
+    let has_port = authority
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && !port.contains(']'));
+    let target = if has_port {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    let mut stream = tokio::net::TcpStream::connect(&target)
+        .await
+        .with_context(|| format!("connecting to {target}"))?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: seqcast-health\r\n\
+         Connection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    // Only the status line matters: read until its end.
+    let mut head = Vec::new();
+    let mut buf = [0u8; 512];
+    while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 4096 {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    let line = text.lines().next().unwrap_or_default();
+    let status = line
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("not an HTTP answer: {line:?}"))?;
+    Ok(status)
 }
 
 fn serve() -> anyhow::Result<()> {

@@ -1,4 +1,5 @@
-//! Operational endpoints: liveness, readiness and metrics.
+//! Operational endpoints: liveness, readiness and metrics; and while the node starts, liveness
+//! and a readiness that says why it is not serving yet.
 
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::app::AppState;
+use crate::startup::Startup;
 
 /// How long `/ready` waits for the database before calling it unreachable.
 const READY_DB_TIMEOUT: Duration = Duration::from_secs(2);
@@ -19,6 +21,22 @@ pub fn routes() -> Router<AppState> {
         .route("/live", get(live))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+}
+
+/// The routes of a node that is starting ([`crate::startup`]).
+pub fn starting_routes() -> Router<Startup> {
+    Router::new()
+        .route("/live", get(live))
+        .route("/ready", get(starting))
+}
+
+async fn starting(State(startup): State<Startup>) -> Response {
+    let body = json!({
+        "status": "starting",
+        "reason": startup.reason(),
+        "node": startup.node_id(),
+    });
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
 
 async fn live() -> Json<serde_json::Value> {

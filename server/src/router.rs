@@ -7,10 +7,32 @@
 use axum::http::Request;
 use axum::Router;
 use tower_http::trace::TraceLayer;
+use tower_service::Service;
 
 use crate::app::AppState;
 use crate::error::ApiError;
+use crate::startup::Startup;
 use crate::{api, ops, ws};
+
+/// What a node serves from the moment it listens: while it starts, `/live`, `/ready` (503 with
+/// the reason) and 503 `unavailable` for everything else, WebSocket upgrades included; once
+/// [`Startup::serve`] has been handed the full [`router`], that one.
+pub fn gated(startup: Startup) -> Router {
+    let starting = Router::new()
+        .merge(ops::starting_routes())
+        .fallback(|| async { ApiError::unavailable("the node is starting; retry shortly") })
+        .with_state(startup.clone());
+    Router::new().fallback(move |request: axum::extract::Request| {
+        let mut router = startup.router().unwrap_or_else(|| starting.clone());
+        async move {
+            // A router is always ready: no `poll_ready` needed before `call`.
+            match router.call(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        }
+    })
+}
 
 /// The whole HTTP surface of a node over `state`.
 pub fn router(state: AppState) -> Router {

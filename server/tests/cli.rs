@@ -1,5 +1,6 @@
-//! The command line: `seqcast token` mints tokens the server accepts, and development mode (no
-//! `SEQCAST_JWT_SECRET`) refuses to listen beyond loopback.
+//! The command line: `seqcast token` mints tokens the server accepts, development mode (no
+//! `SEQCAST_JWT_SECRET`) refuses to listen beyond loopback, and `seqcast health` tells a ready
+//! node from one that is not. (`seqcast migrate` is tested in `startup.rs`.)
 #![allow(clippy::unwrap_used)]
 
 #[allow(dead_code)]
@@ -356,4 +357,61 @@ async fn logs_off_a_terminal_carry_no_colour_codes() {
         logs.len(),
         coloured.first()
     );
+}
+
+/// `seqcast health`, the container health check (the image has no curl): exit 0 when the node's
+/// `/ready` answers 200; exit 1 when it answers anything else (503 while the node starts), when
+/// nothing listens, and when the peer never answers (within about 3 s, not a hung check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_exits_0_only_when_the_node_is_ready() {
+    let server = TestServer::start(ServerOptions::new(StoreKind::Sqlite)).await;
+    let health = |args: Vec<String>, listen: Option<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = listen
+            .as_deref()
+            .map(|l| vec![("SEQCAST_LISTEN", l)])
+            .unwrap_or_default();
+        let (status, stdout, stderr) = run_seqcast(&args, &env, DEADLINE).await;
+        (status.code(), format!("{stdout}{stderr}"))
+    };
+    let url = |base: String| vec!["health".to_owned(), "--url".to_owned(), base + "/ready"];
+
+    let (code, out) = health(url(server.http_url()), None).await;
+    assert_eq!(code, Some(0), "a ready node: {out}");
+    // Without --url: SEQCAST_LISTEN's port, through loopback for an any-address.
+    let port = server.addr.port();
+    for listen in [server.addr.to_string(), format!("0.0.0.0:{port}")] {
+        let (code, out) = health(vec!["health".to_owned()], Some(listen.clone())).await;
+        assert_eq!(code, Some(0), "SEQCAST_LISTEN={listen}: {out}");
+    }
+
+    // A node that is starting (its Postgres is not there): 503.
+    let absent = support::postgres::free_port();
+    let starting = TestServer::start(
+        ServerOptions::new(StoreKind::Postgres)
+            .database_url(format!("postgres://postgres@127.0.0.1:{absent}/postgres"))
+            .no_wait_started(),
+    )
+    .await;
+    let (code, out) = health(url(starting.http_url()), None).await;
+    assert_eq!(code, Some(1), "a starting node: {out}");
+    assert!(out.contains("503"), "{out}");
+
+    // Nothing listening.
+    let closed = support::postgres::free_port();
+    let (code, out) = health(url(format!("http://127.0.0.1:{closed}")), None).await;
+    assert_eq!(code, Some(1), "nothing listening: {out}");
+
+    // A peer that takes the connection (the kernel's backlog) and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let started = std::time::Instant::now();
+    let (code, out) = health(url(silent_url), None).await;
+    let took = started.elapsed();
+    assert_eq!(code, Some(1), "a silent peer: {out}");
+    assert!(
+        took >= Duration::from_millis(2900) && took < Duration::from_secs(6),
+        "gave up on a silent peer after {took:?}, not about 3 s: {out}"
+    );
+    drop(silent);
 }

@@ -18,6 +18,10 @@
 //!   script (`NOSCRIPT`, after a restart), so the script text crosses the network once per
 //!   Redis process rather than with every call.
 //!
+//! - **TLS.** A `rediss://` URL connects over TLS (rustls), verifying the server against the
+//!   system's roots, or against the CAs of `SEQCAST_REDIS_CA_FILE` (a managed Redis with a
+//!   private CA). A server that fails verification is a Redis that does not answer: `Down`.
+//!
 //! A node without Redis (SQLite, or Postgres without `REDIS_URL`) has no link: `/ready` says
 //! `"bus_state":"not configured"` and `seqcast_bus_up` is absent (not 0: nothing is down).
 
@@ -31,7 +35,9 @@ use std::time::Duration;
 use fred::clients::{Client, SubscriberClient};
 use fred::error::{Error as RedisError, ErrorKind};
 use fred::interfaces::ClientLike;
-use fred::types::config::{Config as FredConfig, Options, ReconnectPolicy};
+use fred::types::config::{
+    Config as FredConfig, Options, ReconnectPolicy, TlsConfig, TlsConnector,
+};
 use fred::types::Builder;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -92,7 +98,29 @@ impl RedisLink {
         timeout: Duration,
         stop: CancellationToken,
     ) -> Result<RedisLink, LinkError> {
-        let config = FredConfig::from_url(url).map_err(|e| LinkError(e.to_string()))?;
+        RedisLink::start_with_ca(url, None, prefix, timeout, stop)
+    }
+
+    /// [`RedisLink::start`], verifying a `rediss://` server against the CAs in the PEM file
+    /// `ca_file` (`SEQCAST_REDIS_CA_FILE`) instead of the system's roots. An unreadable file, or
+    /// one with no certificate, is an error now, not a Redis that is down forever.
+    pub fn start_with_ca(
+        url: &str,
+        ca_file: Option<&str>,
+        prefix: &str,
+        timeout: Duration,
+        stop: CancellationToken,
+    ) -> Result<RedisLink, LinkError> {
+        let mut config = FredConfig::from_url(url).map_err(|e| LinkError(e.to_string()))?;
+        if let Some(ca_file) = ca_file {
+            if config.tls.is_none() {
+                return Err(LinkError(format!(
+                    "SEQCAST_REDIS_CA_FILE is set but REDIS_URL is not rediss:// ({})",
+                    crate::config::redact_url(url)
+                )));
+            }
+            config.tls = Some(tls_trusting(ca_file)?);
+        }
         let mut builder = Builder::from_config(config);
         builder
             // Keep reconnecting forever, backing off to 2 s.
@@ -218,6 +246,29 @@ impl RedisLink {
         let _ = self.shared.commands.quit().await;
         let _ = self.shared.subscriber.quit().await;
     }
+}
+
+/// TLS settings that trust the CAs of the PEM file `ca_file`, and no others.
+fn tls_trusting(ca_file: &str) -> Result<TlsConfig, LinkError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+
+    let fail = |what: String| LinkError(format!("SEQCAST_REDIS_CA_FILE {ca_file}: {what}"));
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca_file).map_err(|e| fail(e.to_string()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| fail(e.to_string()))?;
+        roots.add(cert).map_err(|e| fail(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(fail("no certificate in it".into()));
+    }
+    // The process's crypto provider, as fred's own default TLS settings use: ring, the only one
+    // rustls is built with here (the workspace enables ring for sqlx, fred and this crate).
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(config).into())
 }
 
 /// Whether `error` means Redis did not answer (as opposed to answering with an error).

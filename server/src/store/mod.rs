@@ -12,10 +12,14 @@ mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::migrate::{Migrate, MigrateError, Migration, Migrator};
 
-pub use postgres::{PostgresStore, DEFAULT_TIMEOUT as DEFAULT_DB_TIMEOUT};
+pub use postgres::{
+    PostgresStore, DEFAULT_POOL_SIZE as DEFAULT_DB_POOL_SIZE, DEFAULT_TIMEOUT as DEFAULT_DB_TIMEOUT,
+};
 pub use sqlite::SqliteStore;
 
 /// A message waiting to be committed.
@@ -61,6 +65,13 @@ pub enum StoreError {
     Other(#[source] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Opened with migrations off (`SEQCAST_MIGRATE=false`) and the database lacks some of the
+    /// migrations this build carries: its statements could fail on the old schema.
+    #[error(
+        "schema not current: {pending} of {known} migrations not applied (apply them with \
+         `seqcast migrate`)"
+    )]
+    SchemaNotCurrent { pending: usize, known: usize },
 }
 
 impl StoreError {
@@ -152,14 +163,75 @@ pub trait Store: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
 }
 
-/// Opens the store named by `url` (`postgres://…` or `sqlite://path`) and applies migrations.
-/// `db_timeout` bounds every Postgres operation (`SEQCAST_DB_TIMEOUT`).
-pub async fn connect(url: &str, db_timeout: std::time::Duration) -> StoreResult<Arc<dyn Store>> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(
-            PostgresStore::connect_with_timeout(url, db_timeout).await?,
-        ))
-    } else {
-        Ok(Arc::new(SqliteStore::connect(url).await?))
+/// How a node opens its store.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// Deadline of every Postgres operation (`SEQCAST_DB_TIMEOUT`).
+    pub timeout: Duration,
+    /// Postgres connections at most (`SEQCAST_DB_POOL_SIZE`, at least 1); SQLite's are fixed.
+    pub pool_size: u32,
+    /// Apply pending migrations (`SEQCAST_MIGRATE`). Without, opening fails with
+    /// [`StoreError::SchemaNotCurrent`] until someone else has applied them.
+    pub migrate: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            timeout: DEFAULT_DB_TIMEOUT,
+            pool_size: DEFAULT_DB_POOL_SIZE,
+            migrate: true,
+        }
     }
+}
+
+/// Opens the store named by `url` (`postgres://…` or `sqlite://path`) and applies migrations
+/// (or, with `options.migrate` off, checks that they are applied).
+pub async fn connect(url: &str, options: &StoreOptions) -> StoreResult<Arc<dyn Store>> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::open(url, options).await?))
+    } else {
+        Ok(Arc::new(SqliteStore::open(url, options.migrate).await?))
+    }
+}
+
+/// Fails with [`StoreError::SchemaNotCurrent`] unless every migration of `migrator` is applied
+/// (and not left half-done) on `conn`. `table_exists`: whether the migrations table is there at
+/// all (the dialects ask differently); reading it does not create it, so a node that does not
+/// migrate writes nothing to the schema.
+async fn check_schema(
+    migrator: &Migrator,
+    conn: &mut impl Migrate,
+    table_exists: bool,
+) -> StoreResult<()> {
+    let known: Vec<&Migration> = migrator
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .collect();
+    let applied = if table_exists {
+        if let Some(version) = conn.dirty_version().await? {
+            return Err(MigrateError::Dirty(version).into());
+        }
+        conn.list_applied_migrations().await?
+    } else {
+        Vec::new()
+    };
+    let mut pending = 0;
+    for migration in &known {
+        match applied.iter().find(|a| a.version == migration.version) {
+            // Changed since it was applied: `sqlx migrate run` would refuse it too.
+            Some(a) if a.checksum != migration.checksum => {
+                return Err(MigrateError::VersionMismatch(migration.version).into())
+            }
+            Some(_) => {}
+            None => pending += 1,
+        }
+    }
+    if pending > 0 {
+        return Err(StoreError::SchemaNotCurrent {
+            pending,
+            known: known.len(),
+        });
+    }
+    Ok(())
 }

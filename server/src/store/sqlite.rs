@@ -39,6 +39,12 @@ impl SqliteStore {
     /// Opens (creating it if missing) the database named by `url` (`sqlite://path`) and applies
     /// pending migrations.
     pub async fn connect(url: &str) -> StoreResult<Self> {
+        Self::open(url, true).await
+    }
+
+    /// [`SqliteStore::connect`]; with `migrate` false, pending migrations are not applied but
+    /// make it fail with [`StoreError::SchemaNotCurrent`].
+    pub async fn open(url: &str, migrate: bool) -> StoreResult<Self> {
         // WAL: readers never block the writer nor the writer readers. synchronous=FULL: the WAL
         // is fsynced at every commit, so a commit, which is what an ack promises, survives a
         // power loss (NORMAL, the usual WAL pairing, may lose the last commits).
@@ -54,7 +60,19 @@ impl SqliteStore {
             .connect_with(options.clone())
             .await
             .map_err(classify)?;
-        MIGRATOR.run(&writer).await?;
+        if migrate {
+            MIGRATOR.run(&writer).await?;
+        } else {
+            let mut conn = writer.acquire().await.map_err(classify)?;
+            let exists: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master \
+                 WHERE type = 'table' AND name = '_sqlx_migrations')",
+            )
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(classify)?;
+            super::check_schema(&MIGRATOR, &mut *conn, exists).await?;
+        }
         let readers = SqlitePoolOptions::new()
             .max_connections(READ_CONNECTIONS)
             .acquire_timeout(TIMEOUT)

@@ -6,4 +6,5 @@ pub mod postgres;
 pub mod redis;
 pub mod scenario;
 pub mod server;
+pub mod tls;
 pub mod ws;

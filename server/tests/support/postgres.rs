@@ -3,6 +3,7 @@
 //! [`TestPostgres::shared`] starts one server per test process, on first use, and hands out a
 //! fresh empty database per test with [`TestPostgres::fresh_database`]. [`TestPostgres::start`]
 //! starts a private one, for tests that stop or kill their server; it is stopped on drop.
+//! [`TestPostgres::start_with`] starts a private one on a given port and/or with TLS on.
 //!
 //! The server runs from the `initdb` and `postgres` binaries of an installed Postgres (found on
 //! `PATH`, else in the newest `/usr/lib/postgresql/*/bin`) in a temporary directory, on a free
@@ -25,6 +26,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use sqlx::{Connection, Executor, PgConnection};
+
+use super::tls::ServerCert;
 
 /// How long a server may take to accept connections after it was spawned.
 const READY_DEADLINE: Duration = Duration::from_secs(60);
@@ -68,15 +71,22 @@ impl TestPostgres {
     /// Starts a private server, stopped (immediate shutdown) and removed when dropped. Blocks
     /// until the server accepts connections.
     pub fn start() -> TestPostgres {
+        TestPostgres::start_with(None, None)
+    }
+
+    /// [`TestPostgres::start`] on `port` (one attempt only: the caller picked the port) or a
+    /// free one, with TLS on (`ssl=on`, serving `tls`'s certificate; plain connections are
+    /// still accepted) when given.
+    pub fn start_with(port: Option<u16>, tls: Option<&ServerCert>) -> TestPostgres {
         let bin = find_bin_dir();
         let owner = server_owner();
         let mut failures = Vec::new();
         for _ in 0..START_ATTEMPTS {
-            match TestPostgres::try_start(&bin, owner) {
+            match TestPostgres::try_start(&bin, owner, port, tls) {
                 Ok(postgres) => return postgres,
                 Err(Failure { reason, port_taken }) => {
                     failures.push(reason);
-                    if !port_taken {
+                    if !port_taken || port.is_some() {
                         break;
                     }
                 }
@@ -85,9 +95,14 @@ impl TestPostgres {
         panic!("the test Postgres did not start:\n{}", failures.join("\n"));
     }
 
-    /// One attempt of [`TestPostgres::start`]: a new directory, `initdb`, then the server on a
-    /// port that was free a moment ago.
-    fn try_start(bin: &Path, owner: Option<(u32, u32)>) -> Result<TestPostgres, Failure> {
+    /// One attempt of [`TestPostgres::start`]: a new directory, `initdb`, then the server on
+    /// `port` or on a port that was free a moment ago.
+    fn try_start(
+        bin: &Path,
+        owner: Option<(u32, u32)>,
+        port: Option<u16>,
+        tls: Option<&ServerCert>,
+    ) -> Result<TestPostgres, Failure> {
         let dir = make_dir(owner);
         let data = dir.join("data");
         let mut initdb = Command::new(bin.join("initdb"));
@@ -110,7 +125,7 @@ impl TestPostgres {
             );
         }
 
-        let port = free_port();
+        let port = port.unwrap_or_else(free_port);
         let log = dir.join("postgres.log");
         let log_file = File::create(&log)
             .unwrap_or_else(|err| panic!("cannot create {}: {err}", log.display()));
@@ -125,6 +140,10 @@ impl TestPostgres {
             .args(["-c", "synchronous_commit=off"])
             .args(["-c", "full_page_writes=off"])
             .args(["-c", "max_connections=300"])
+            .args(
+                tls.map(|tls| tls_settings(&dir, tls, owner))
+                    .unwrap_or_default(),
+            )
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -401,8 +420,33 @@ fn remove_dir(dir: &Path) {
     }
 }
 
+/// Copies `tls`'s certificate and key into `dir` (owned by the server's user, the key readable
+/// by it alone, as Postgres demands) and returns the `-c` arguments that serve them.
+fn tls_settings(dir: &Path, tls: &ServerCert, owner: Option<(u32, u32)>) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let cert = dir.join("server.crt");
+    let key = dir.join("server.key");
+    for (from, to) in [(&tls.cert, &cert), (&tls.key, &key)] {
+        fs::copy(from, to).unwrap_or_else(|err| panic!("cannot copy {}: {err}", from.display()));
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(to, Some(uid), Some(gid))
+                .unwrap_or_else(|err| panic!("cannot chown {}: {err}", to.display()));
+        }
+    }
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|err| panic!("cannot chmod {}: {err}", key.display()));
+    vec![
+        "-c".into(),
+        "ssl=on".into(),
+        "-c".into(),
+        format!("ssl_cert_file={}", cert.display()),
+        "-c".into(),
+        format!("ssl_key_file={}", key.display()),
+    ]
+}
+
 /// A port that was free a moment ago.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())

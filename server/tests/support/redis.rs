@@ -7,6 +7,8 @@
 //! hung server), resume it, kill it, restart it on the same port, and send it commands with
 //! [`TestRedis::command`], a tiny RESP client that needs no Redis library.
 //!
+//! [`TestRedis::start_tls`] serves TLS only (`rediss://`), with a certificate of the caller's.
+//!
 //! The server is killed when its [`TestRedis`] is dropped. A watchdog shell process kills it too
 //! (and removes its directory) if the test process dies first.
 #![allow(dead_code)] // each test crate uses a different part of the support code
@@ -17,6 +19,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use super::tls::ServerCert;
 
 /// How long a server may take to answer `PING` after it was spawned.
 const READY_DEADLINE: Duration = Duration::from_secs(10);
@@ -42,6 +46,8 @@ pub struct TestRedis {
     port: u16,
     /// Extra `redis-server` arguments, given again on [`TestRedis::restart`].
     extra_args: Vec<String>,
+    /// Serving TLS only, on `port`.
+    tls: bool,
     /// `None` once killed.
     server: Option<Child>,
     /// Kills the server and removes `dir` once the test process has exited.
@@ -57,21 +63,43 @@ impl TestRedis {
     /// Starts a server with extra `redis-server` arguments, e.g.
     /// `["--client-output-buffer-limit", "pubsub 64kb 32kb 1"]`.
     pub fn start_with(extra_args: &[&str]) -> TestRedis {
+        let extra_args: Vec<String> = extra_args.iter().map(|a| (*a).to_owned()).collect();
+        TestRedis::start_args(extra_args, false)
+    }
+
+    /// Starts a server that speaks TLS only (no plain port), presenting `cert` and not asking
+    /// clients for one. Its readiness is checked by connecting only: `PING` would need TLS.
+    pub fn start_tls(cert: &ServerCert, ca: &Path) -> TestRedis {
+        let path = |p: &Path| p.display().to_string();
+        let extra_args = vec![
+            "--tls-cert-file".to_owned(),
+            path(&cert.cert),
+            "--tls-key-file".to_owned(),
+            path(&cert.key),
+            "--tls-ca-cert-file".to_owned(),
+            path(ca),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+        ];
+        TestRedis::start_args(extra_args, true)
+    }
+
+    fn start_args(extra_args: Vec<String>, tls: bool) -> TestRedis {
         let bin = find_redis_server();
         let dir = tempfile::Builder::new()
             .prefix("seqcast-redis-")
             .tempdir()
             .unwrap_or_else(|err| panic!("cannot create a directory for redis-server: {err}"));
-        let extra_args: Vec<String> = extra_args.iter().map(|a| (*a).to_owned()).collect();
         let mut failures = Vec::new();
         for _ in 0..START_ATTEMPTS {
             let port = free_port();
-            match spawn_ready(&bin, dir.path(), port, &extra_args) {
+            match spawn_ready(&bin, dir.path(), port, &extra_args, tls) {
                 Ok((server, watchdog)) => {
                     return TestRedis {
                         dir,
                         port,
                         extra_args,
+                        tls,
                         server: Some(server),
                         watchdog,
                     };
@@ -88,9 +116,10 @@ impl TestRedis {
         panic!("the test Redis did not start:\n{}", failures.join("\n"));
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT` (`rediss://` when serving TLS).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn port(&self) -> u16 {
@@ -135,7 +164,7 @@ impl TestRedis {
         // The port was ours a moment ago; a short retry covers a slow release of the socket.
         let deadline = Instant::now() + READY_DEADLINE;
         let (server, watchdog) = loop {
-            match spawn_ready(&bin, self.dir.path(), self.port, &self.extra_args) {
+            match spawn_ready(&bin, self.dir.path(), self.port, &self.extra_args, self.tls) {
                 Ok(started) => break started,
                 Err(failure) if Instant::now() < deadline => {
                     eprintln!("restarting the test Redis: {failure}");
@@ -202,19 +231,28 @@ fn free_port() -> u16 {
         .unwrap_or_else(|err| panic!("cannot find a free port: {err}"))
 }
 
-/// Spawns `redis-server` on `port`, with its watchdog, and waits until it answers `PING`. On
-/// failure both are ended and the error carries the server's log.
+/// Spawns `redis-server` on `port` (its TLS port when `tls`, with no plain one), with its
+/// watchdog, and waits until it answers `PING` (accepts connections, for TLS). On failure both
+/// are ended and the error carries the server's log.
 fn spawn_ready(
     bin: &Path,
     dir: &Path,
     port: u16,
     extra_args: &[String],
+    tls: bool,
 ) -> Result<(Child, Child), String> {
     let log = dir.join("redis.log");
     let log_file =
         File::create(&log).unwrap_or_else(|err| panic!("cannot create {}: {err}", log.display()));
+    let port = port.to_string();
+    let ports: &[&str] = if tls {
+        &["--port", "0", "--tls-port", &port]
+    } else {
+        &["--port", &port]
+    };
     let mut server = Command::new(bin)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(ports)
+        .args(["--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no", "--dir"])
         .arg(dir)
         .args(extra_args)
@@ -225,7 +263,10 @@ fn spawn_ready(
         .spawn()
         .unwrap_or_else(|err| panic!("cannot run {}: {err}", bin.display()));
     let mut watchdog = spawn_watchdog(Some(server.id()), dir);
-    match wait_ready(&mut server, port) {
+    let port = port
+        .parse()
+        .unwrap_or_else(|err| panic!("port {port}: {err}"));
+    match wait_ready(&mut server, port, tls) {
         Ok(()) => Ok((server, watchdog)),
         Err(reason) => {
             stop_watchdog(&mut watchdog);
@@ -236,8 +277,9 @@ fn spawn_ready(
     }
 }
 
-/// Polls `PING` until the server answers `PONG`, exits, or [`READY_DEADLINE`] passes.
-fn wait_ready(server: &mut Child, port: u16) -> Result<(), String> {
+/// Polls `PING` (a connection, when `tls`) until the server answers `PONG`, exits, or
+/// [`READY_DEADLINE`] passes.
+fn wait_ready(server: &mut Child, port: u16, tls: bool) -> Result<(), String> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let deadline = Instant::now() + READY_DEADLINE;
     loop {
@@ -248,7 +290,10 @@ fn wait_ready(server: &mut Child, port: u16) -> Result<(), String> {
         }
         let answer = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
             .map_err(|err| err.to_string())
-            .and_then(|stream| roundtrip(stream, &["PING"]));
+            .and_then(|stream| match tls {
+                true => Ok(Reply::Simple("PONG".to_owned())),
+                false => roundtrip(stream, &["PING"]),
+            });
         match answer {
             Ok(Reply::Simple(pong)) if pong == "PONG" => return Ok(()),
             Ok(other) if Instant::now() > deadline => {

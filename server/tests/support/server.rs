@@ -3,7 +3,9 @@
 //! [`TestServer::start`] spawns `CARGO_BIN_EXE_seqcast` with a hermetic environment (every
 //! inherited `SEQCAST_*`, `DATABASE_URL` and `REDIS_URL` is removed), `SEQCAST_LISTEN=127.0.0.1:0`
 //! and a fresh database, then waits (with a deadline) for the line
-//! `seqcast listening on http://127.0.0.1:PORT` on the child's stdout. The child's stderr (its
+//! `seqcast listening on http://127.0.0.1:PORT` on the child's stdout, and for the node to have
+//! started (its database open: `/ready` no longer says `starting`) unless
+//! [`ServerOptions::no_wait_started`]. The child's stderr (its
 //! logs) is forwarded line by line to the test's stderr, so a failing test shows what the server
 //! said. The child is killed when the [`TestServer`] is dropped.
 //!
@@ -134,6 +136,8 @@ pub struct ServerOptions {
     pub env: Vec<(String, String)>,
     /// Keep the child's stderr lines for [`TestServer::logs`] (they are forwarded either way).
     pub capture_logs: bool,
+    /// Wait for the node to have started (database open), not only for it to listen.
+    pub wait_started: bool,
 }
 
 impl ServerOptions {
@@ -152,6 +156,7 @@ impl ServerOptions {
             listen: "127.0.0.1:0".to_owned(),
             env: Vec::new(),
             capture_logs: false,
+            wait_started: true,
         }
     }
 
@@ -201,6 +206,11 @@ impl ServerOptions {
     }
     pub fn capture_logs(mut self) -> Self {
         self.capture_logs = true;
+        self
+    }
+    /// Return as soon as the node listens, while it may still be opening its database.
+    pub fn no_wait_started(mut self) -> Self {
+        self.wait_started = false;
         self
     }
 }
@@ -289,7 +299,7 @@ impl TestServer {
                 );
             }
         };
-        TestServer {
+        let server = TestServer {
             addr,
             pid,
             database_url,
@@ -297,6 +307,38 @@ impl TestServer {
             child,
             _database: database,
             logs,
+        };
+        if server.options.wait_started {
+            server.wait_started().await;
+        }
+        server
+    }
+
+    /// Waits (within [`STARTUP_DEADLINE`]) until `/ready` no longer answers `starting`: the
+    /// node listens before its database is open, and answers 503 to everything meanwhile.
+    pub async fn wait_started(&self) {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("an HTTP client");
+        let url = format!("{}/ready", self.http_url());
+        let deadline = Instant::now() + STARTUP_DEADLINE;
+        loop {
+            let body = match client.get(&url).send().await {
+                Ok(reply) => reply.json::<Value>().await.ok(),
+                Err(_) => None,
+            };
+            let status = body.as_ref().and_then(|b| b["status"].as_str());
+            if status.is_some_and(|s| s != "starting") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "seqcast (pid {}) still not started after {STARTUP_DEADLINE:?}: {body:?}",
+                self.pid
+            );
+            // Polling the condition itself, every 20 ms.
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

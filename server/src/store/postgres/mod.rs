@@ -16,17 +16,27 @@ use tokio::time::{timeout_at, Instant};
 mod append;
 
 use super::batch;
-use super::{Appended, NewMessage, RoomInfo, Store, StoreError, StoreResult, StoredMessage};
+use super::{
+    Appended, NewMessage, RoomInfo, Store, StoreError, StoreOptions, StoreResult, StoredMessage,
+};
 use crate::metrics as m;
 
-/// Connections per node. Appends to one room serialize on its counter row anyway, so more
-/// connections mostly help reads and appends to many rooms at once.
-const MAX_CONNECTIONS: u32 = 16;
+/// The default of `SEQCAST_DB_POOL_SIZE`: connections per node. Appends to one room serialize
+/// on its counter row anyway, so more connections mostly help reads and appends to many rooms at
+/// once.
+pub const DEFAULT_POOL_SIZE: u32 = 16;
 
 /// Connections kept for commits: reads (`room_info`, `read_after`, `read_before`,
-/// `room_heads`) may hold at most `MAX_CONNECTIONS - COMMIT_RESERVE` at once, so a burst of
-/// history reads and catch-ups cannot keep messages from being committed.
+/// `room_heads`) may hold all but this many at once, so a burst of history reads and catch-ups
+/// cannot keep messages from being committed. A small pool keeps half of its connections (none
+/// of one), so reads still get at least one.
 const COMMIT_RESERVE: u32 = 4;
+
+/// How many connections of a pool of `pool_size` reads may hold at once.
+fn read_permits(pool_size: u32) -> usize {
+    let pool_size = pool_size.max(1);
+    (pool_size - COMMIT_RESERVE.min(pool_size / 2)) as usize
+}
 
 /// The default of `SEQCAST_DB_TIMEOUT`: how long one store operation (waiting for a
 /// connection included) may take before it fails as [`StoreError::Unavailable`].
@@ -49,8 +59,19 @@ impl PostgresStore {
         Self::connect_with_timeout(url, DEFAULT_TIMEOUT).await
     }
 
-    /// Connects to `url` and applies pending migrations. Several nodes may start at once: sqlx
-    /// holds an advisory lock while it migrates, so exactly one of them applies each migration.
+    /// Connects to `url` and applies pending migrations, with the default pool size.
+    pub async fn connect_with_timeout(url: &str, timeout: Duration) -> StoreResult<Self> {
+        let options = StoreOptions {
+            timeout,
+            ..StoreOptions::default()
+        };
+        Self::open(url, &options).await
+    }
+
+    /// Connects to `url` and applies pending migrations (or, with `options.migrate` off, fails
+    /// with [`StoreError::SchemaNotCurrent`] while some are pending). Several nodes may start at
+    /// once: sqlx holds an advisory lock while it migrates, so exactly one of them applies each
+    /// migration. The pool holds `options.pool_size` connections at most.
     ///
     /// Every later operation must finish within `timeout` or fails as unavailable, and its
     /// connection is thrown away (a paused or unreachable database would otherwise hold the
@@ -58,7 +79,9 @@ impl PostgresStore {
     /// itself cancels a statement, a lock wait or an idle open transaction after `timeout`
     /// (`statement_timeout`, `lock_timeout`, `idle_in_transaction_session_timeout`): a node
     /// that stalls mid-transaction cannot hold its rooms' locks for longer.
-    pub async fn connect_with_timeout(url: &str, timeout: Duration) -> StoreResult<Self> {
+    pub async fn open(url: &str, store_options: &StoreOptions) -> StoreResult<Self> {
+        let timeout = store_options.timeout;
+        let pool_size = store_options.pool_size.max(1);
         let options = PgConnectOptions::from_str(url).map_err(classify)?;
         // Migrations get a connection of their own, without those timeouts: a migration may
         // legitimately run long.
@@ -67,7 +90,21 @@ impl PostgresStore {
             .await
             .map_err(|_| timed_out())?
             .map_err(classify)?;
-        MIGRATOR.run(&mut conn).await?;
+        if store_options.migrate {
+            MIGRATOR.run(&mut conn).await?;
+        } else {
+            let check = async {
+                let exists: bool =
+                    sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+                        .fetch_one(&mut conn)
+                        .await
+                        .map_err(classify)?;
+                super::check_schema(&MIGRATOR, &mut conn, exists).await
+            };
+            timeout_at(Instant::now() + timeout, check)
+                .await
+                .map_err(|_| timed_out())??;
+        }
         conn.close().await.map_err(classify)?;
 
         let ms = timeout.as_millis().max(1).to_string();
@@ -79,7 +116,7 @@ impl PostgresStore {
         let pool = timeout_at(
             Instant::now() + timeout,
             PgPoolOptions::new()
-                .max_connections(MAX_CONNECTIONS)
+                .max_connections(pool_size)
                 .acquire_timeout(timeout)
                 .connect_with(options),
         )
@@ -89,7 +126,7 @@ impl PostgresStore {
         Ok(Self {
             pool,
             timeout,
-            reads: Arc::new(Semaphore::new((MAX_CONNECTIONS - COMMIT_RESERVE) as usize)),
+            reads: Arc::new(Semaphore::new(read_permits(pool_size))),
         })
     }
 
@@ -390,7 +427,16 @@ fn unavailable_sqlstate(code: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::unavailable_sqlstate;
+    use super::{read_permits, unavailable_sqlstate};
+
+    #[test]
+    fn reads_leave_connections_for_commits() {
+        assert_eq!(read_permits(16), 12);
+        assert_eq!(read_permits(8), 4);
+        assert_eq!(read_permits(4), 2);
+        assert_eq!(read_permits(2), 1);
+        assert_eq!(read_permits(1), 1);
+    }
 
     #[test]
     fn retryable_sqlstates_are_unavailable() {
