@@ -3,8 +3,9 @@
 #
 # The integration tests start throwaway Postgres servers (initdb/postgres) and Redis servers
 # (redis-server); this installs the Debian packages when those programs are missing, then runs
-# `cargo test` for the whole workspace, a short fuzz run (fuzz/run.sh) and the benchmark suite's
-# smoke run (scripts/bench.sh --smoke). It fails when any step fails.
+# `cargo test` for the whole workspace, the offline checks of the deployment files
+# (deploy/validate.sh), a short fuzz run (fuzz/run.sh) and the benchmark suite's smoke run
+# (scripts/bench.sh --smoke). It fails when any step fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +32,10 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 # libfuzzer-sys (fuzz/run.sh) compiles libFuzzer's C++ sources.
 command -v c++ >/dev/null 2>&1 || missing+=(g++)
+# deploy/validate.sh checks the nginx configuration with `nginx -t` (Debian's is /usr/sbin/nginx,
+# outside a non-root PATH) and installs its Python validators into a virtualenv (ensurepip).
+{ command -v nginx || [ -x /usr/sbin/nginx ]; } >/dev/null 2>&1 || missing+=(nginx)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "scripts/test.sh: installing ${missing[*]}" >&2
@@ -51,6 +56,10 @@ if ! command -v initdb >/dev/null 2>&1; then
 fi
 
 cargo test --workspace --locked
+
+# The deployment files (Dockerfile, docker-compose.yml, deploy/nginx, deploy/k8s), checked offline:
+# schemas, `nginx -t`, documented settings, existing subcommands (deploy/validate.sh).
+bash deploy/validate.sh
 
 # The fuzz smoke run: both libFuzzer targets, 15 s each, on the stable toolchain (fuzz/run.sh).
 bash fuzz/run.sh 15
