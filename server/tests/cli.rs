@@ -280,12 +280,25 @@ async fn the_readme_quick_start_command_serves() {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let ready = http
-        .get(format!("http://{addr}/ready"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 200, "GET /ready of the README's server");
+    // The node listens before its database is open (/ready says "starting" until then).
+    let ready_by = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = http
+            .get(format!("http://{addr}/ready"))
+            .send()
+            .await
+            .unwrap();
+        if ready.status() == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < ready_by,
+            "GET /ready of the README's server still answers {} after 30 s: {}",
+            ready.status(),
+            ready.text().await.unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The README's two curl lines.
     let posted = http
         .post(format!("http://{addr}/v1/rooms/general/messages"))
