@@ -249,7 +249,11 @@ async fn rolling_restart_behind_nginx_loses_nothing_and_nginx_never_answers_502(
         .collect();
     assert!(
         refused.is_empty(),
-        "nginx answered 502/504 during the roll: {refused:?}"
+        "nginx answered {} upgrades with 502/504 during the roll, from {} to {}; the first: {:?}",
+        refused.len(),
+        refused.first().map_or("?", |f| f[0]),
+        refused.last().map_or("?", |f| f[0]),
+        &refused[..refused.len().min(5)]
     );
     let upgrades = lines.iter().filter(|f| f.get(1) == Some(&"101")).count();
     let retried = lines
