@@ -14,11 +14,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Extension;
 use axum::Router;
-use futures_util::FutureExt;
 use serde::Deserialize;
 
 use crate::api::bearer_token;
 use crate::app::AppState;
+use crate::auth::AuthError;
 use crate::error::ApiError;
 use crate::listener::WriteProgress;
 use crate::session;
@@ -78,8 +78,12 @@ async fn upgrade(
         }
     };
     let token = bearer_token(&headers).or(params.token.as_deref());
-    let identity = state.auth.websocket(token);
-    if let Ok(identity) = &identity {
+    // No token where one is required: it may come in the first frame (`session::first_auth`).
+    let start = match state.auth.websocket(token) {
+        Err(AuthError::Missing) if token.is_none() => session::Start::FirstFrame,
+        identity => session::Start::Upgraded(identity),
+    };
+    if let session::Start::Upgraded(Ok(identity)) = &start {
         // The server key is a trusted backend, not a person: it is counted per node only.
         let admitted = match identity.is_server() {
             true => Ok(()),
@@ -106,12 +110,9 @@ async fn upgrade(
         .on_upgrade(move |socket| {
             // A combinator, not an async block: a block would keep room for the socket and the
             // session future next to the session future it awaits (see `session::run`).
-            let session = sessions.track_future(
-                session::run(socket, state, identity, progress).map(move |()| {
-                    // Held until the session ends; dropped unused if the upgrade fails.
-                    drop(permit);
-                }),
-            );
+            // The permit is held until the session ends; dropped unused if the upgrade fails.
+            let session =
+                sessions.track_future(session::run(socket, state, start, permit, progress));
             report_session_bytes(std::mem::size_of_val(&session));
             // A task of its own, and axum's upgrade task ends here: awaited there, the session
             // would share its task with axum's upgrade state (about 270 bytes, kept for the

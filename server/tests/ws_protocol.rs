@@ -494,7 +494,7 @@ async fn invalid_token_gets_unauthorized_then_1008(store: StoreKind) {
     );
     let no_exp = sign_claims(&json!({"sub": "alice", "rooms": ["*"]}), SECRET);
 
-    expect_rejected(&server, Auth::None, "no token").await;
+    // No token at all: the first frame must then be `auth` (tests/first_auth.rs).
     expect_rejected(&server, Auth::Query("garbage"), "garbage token").await;
     expect_rejected(&server, Auth::Query(&wrong_secret), "wrong secret").await;
     expect_rejected(

@@ -19,6 +19,7 @@
 
 mod control;
 pub mod cursor;
+mod first_auth;
 mod halves;
 mod inbound;
 mod outbound;
@@ -32,6 +33,7 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, StreamExt};
 
 use self::control::ControlQueue;
+use crate::admission::Permit;
 use crate::app::AppState;
 use crate::auth::{AuthError, Identity};
 use crate::hub::{Mailbox, SessionId};
@@ -93,10 +95,21 @@ const _: () = assert!(std::mem::size_of::<Control>() <= 32);
 /// every connection 512. The `session_limits` test fails past it.
 pub const FUTURE_BUDGET_BYTES: usize = 1_944;
 
-/// Serves an upgraded connection until it ends. `identity` is the outcome of authentication at
-/// the upgrade: a failure is reported in-band (an `error` frame, then close 1008), since browsers
-/// cannot read the status of a refused upgrade. `progress` tells when the connection's socket
-/// last accepted bytes (the write timeout counts from there).
+/// How an upgraded connection authenticates.
+#[derive(Debug)]
+pub enum Start {
+    /// At the upgrade (a token in the query or header, the server key, or development mode): its
+    /// outcome. A failure is reported in-band (an `error` frame, then close 1008), since browsers
+    /// cannot read the status of a refused upgrade.
+    Upgraded(Result<Identity, AuthError>),
+    /// No token came with the upgrade on a node that requires one: the first frame must be `auth`
+    /// ([`first_auth`]).
+    FirstFrame,
+}
+
+/// Serves an upgraded connection until it ends. `permit` is the connection's admission, held
+/// until then (and, for [`Start::FirstFrame`], counted for its user once known). `progress`
+/// tells when the connection's socket last accepted bytes (the write timeout counts from there).
 ///
 /// Not an `async fn`, and no future here captures another by value: an async body keeps room
 /// for its arguments, and for a captured future next to the copy it awaits, for its whole life,
@@ -105,24 +118,55 @@ pub const FUTURE_BUDGET_BYTES: usize = 1_944;
 pub fn run(
     socket: WebSocket,
     state: AppState,
-    identity: Result<Identity, AuthError>,
+    start: Start,
+    permit: Permit,
     progress: WriteProgress,
 ) -> impl std::future::Future<Output = ()> + Send {
-    match identity {
-        Ok(identity) => {
+    match start {
+        Start::Upgraded(Ok(identity)) => {
             let (sink, stream) = socket.split();
             // Boxed: an async fn keeps its arguments for its whole life, next to the halves they
             // are moved into; this way it keeps a pointer, and the box is freed at once.
-            Either::Left(serve(Box::new(Parts {
+            Either::Left(Either::Left(
+                serve(Box::new(Parts {
+                    sink,
+                    stream,
+                    state,
+                    identity,
+                    progress,
+                }))
+                // Held until the session ends.
+                .map(move |()| drop(permit)),
+            ))
+        }
+        Start::Upgraded(Err(e)) => Either::Left(Either::Right(refuse(socket, e))),
+        Start::FirstFrame => Either::Right(serve_after_auth(Box::new((
+            socket, state, permit, progress,
+        )))),
+    }
+}
+
+/// [`Start::FirstFrame`]: authenticates the first frame, then serves like any session. The
+/// session it serves is boxed, so that the (rare) wait for the `auth` frame does not make every
+/// connection's future larger.
+async fn serve_after_auth(parts: Box<(WebSocket, AppState, Permit, WriteProgress)>) {
+    let (mut socket, state, mut permit, progress) = unbox(parts);
+    match first_auth::authenticate(&mut socket, &state, &mut permit).await {
+        Ok(Some(identity)) => {
+            let (sink, stream) = socket.split();
+            Box::pin(serve(Box::new(Parts {
                 sink,
                 stream,
                 state,
                 identity,
                 progress,
             })))
+            .await;
         }
-        Err(e) => Either::Right(refuse(socket, e)),
+        Ok(None) => {}
+        Err(failure) => failure.send(&mut socket).await,
     }
+    drop(permit);
 }
 
 /// What a session starts from (see [`run`]).
