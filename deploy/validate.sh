@@ -10,7 +10,14 @@
 #   4. every SEQCAST_* variable that the Dockerfile, docker-compose.yml and deploy/k8s use is
 #      documented in docs/configuration.md;
 #   5. every `seqcast` subcommand they run (serve, migrate, health) exists in server/src/main.rs;
-#   6. the Dockerfile with hadolint.
+#   6. the Dockerfile with hadolint;
+#   7. the monitoring files: deploy/prometheus/alerts.yml with `promtool check rules` when promtool
+#      is installed (Debian's `prometheus` package has it), and always: every rule has alert, expr,
+#      for, labels.severity and annotations.summary; deploy/grafana/seqcast-dashboard.json is JSON
+#      with a Prometheus datasource variable that every panel and query uses; every metric either
+#      file names is one that server/src/metrics.rs exports (histograms with _bucket/_sum/_count),
+#      or `up`/`probe_success` (Prometheus' own and the blackbox exporter's); and every metric
+#      that server/src/metrics.rs exports is described in docs/monitoring.md.
 #
 # The Python tools come from PyPI, pinned, into a virtualenv under ~/.cache/seqcast (made on first
 # use; needs python3-venv). nginx is the Debian package's /usr/sbin/nginx. scripts/test.sh installs
@@ -227,6 +234,104 @@ if "$VENV/bin/hadolint" --no-color Dockerfile; then
     ok "Dockerfile passes hadolint"
 else
     fail "dockerfile" "Dockerfile: hadolint findings (above)"
+fi
+
+# --- 7. monitoring: alert rules and dashboard -------------------------------------------------
+if command -v promtool >/dev/null 2>&1; then
+    if promtool check rules deploy/prometheus/alerts.yml; then
+        ok "deploy/prometheus/alerts.yml passes \`promtool check rules\`"
+    else
+        fail "monitoring" "deploy/prometheus/alerts.yml: \`promtool check rules\` failed (above)"
+    fi
+else
+    echo "note: promtool is not installed (apt-get install prometheus): alerts.yml's PromQL was not parsed"
+fi
+if "$VENV/bin/python" - server/src/metrics.rs deploy/prometheus/alerts.yml \
+    deploy/grafana/seqcast-dashboard.json docs/monitoring.md <<'PY'; then
+import json, re, sys, yaml
+
+metrics_rs, alerts, dashboard, doc = sys.argv[1:]
+src = open(metrics_rs).read()
+consts = dict(re.findall(r'pub const (\w+): &str = "(\w+)";', src))
+exported = set(consts.values())
+known = set(exported) | {"up", "probe_success"}
+for const in re.findall(r"describe_histogram!\(\s*(\w+)", src):
+    known |= {consts[const] + suffix for suffix in ("_bucket", "_sum", "_count")}
+problems = []
+
+def metric_names(expr):
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # label values, legends
+    names = set(re.findall(r"\bseqcast_\w+", expr))
+    # A name right before a selector or a range is a metric; label names precede `=`/`!=`/`=~`.
+    names |= {m for m in re.findall(r"(?<![\w$])([a-zA-Z_:][\w:]*)\s*[\[{]", expr)}
+    return names
+
+def check_expr(where, expr):
+    unknown = sorted(n for n in metric_names(expr) if n not in known)
+    if unknown:
+        problems.append(f"{where}: unknown metric(s) {', '.join(unknown)}")
+
+rules = 0
+for group in yaml.safe_load(open(alerts))["groups"]:
+    for rule in group["rules"]:
+        rules += 1
+        name = rule.get("alert", f"a rule of group {group.get('name')}")
+        for key in ("alert", "expr", "for"):
+            if key not in rule:
+                problems.append(f"alerts.yml: {name}: no `{key}`")
+        if not (rule.get("labels") or {}).get("severity"):
+            problems.append(f"alerts.yml: {name}: no labels.severity")
+        if not (rule.get("annotations") or {}).get("summary"):
+            problems.append(f"alerts.yml: {name}: no annotations.summary")
+        check_expr(f"alerts.yml: {name}", str(rule.get("expr", "")))
+
+dash = json.load(open(dashboard))
+variables = dash.get("templating", {}).get("list", [])
+ds_vars = [v["name"] for v in variables if v.get("type") == "datasource" and v.get("query") == "prometheus"]
+if not ds_vars:
+    problems.append("dashboard: no Prometheus datasource variable")
+uses = {f"${{{v}}}" for v in ds_vars} | {f"${v}" for v in ds_vars}
+queries = 0
+ids = set()
+def walk(node, where):
+    global queries
+    if isinstance(node, dict):
+        where = node.get("title", where)
+        if "datasource" in node and isinstance(node["datasource"], dict):
+            if node["datasource"].get("uid") not in uses:
+                problems.append(f"dashboard: {where}: datasource is not the datasource variable")
+        for key, value in node.items():
+            if key == "expr" and isinstance(value, str):
+                queries += 1
+                check_expr(f"dashboard: {where}", value)
+            else:
+                walk(value, where)
+    elif isinstance(node, list):
+        for item in node:
+            walk(item, where)
+for panel in dash.get("panels", []):
+    if panel.get("id") in ids:
+        problems.append(f"dashboard: panel id {panel.get('id')} repeated")
+    ids.add(panel.get("id"))
+walk(dash.get("panels", []), "panels")
+for v in variables:
+    if v.get("type") == "query":
+        check_expr(f"dashboard: variable {v['name']}", v.get("definition", ""))
+
+documented = open(doc).read()
+undocumented = sorted(n for n in exported if f"`{n}`" not in documented)
+if undocumented:
+    problems.append(f"docs/monitoring.md does not describe: {', '.join(undocumented)}")
+
+for p in problems:
+    print("  " + p, file=sys.stderr)
+if problems:
+    sys.exit(1)
+print(f"{rules} rules, {queries} dashboard queries, {len(exported)} metrics", file=sys.stderr)
+PY
+    ok "monitoring: alerts.yml rules complete, dashboard valid, every metric they use is exported by server/src/metrics.rs, every exported metric is in docs/monitoring.md"
+else
+    fail "monitoring" "deploy/prometheus or deploy/grafana or docs/monitoring.md (above)"
 fi
 
 if [ "${#failed[@]}" -gt 0 ]; then
