@@ -79,6 +79,16 @@ impl Identity {
         }
     }
 
+    /// A development-mode client that named itself with a `dev:NAME` token (see
+    /// [`dev_name`]): that name, every room.
+    fn dev_named(name: &str) -> Identity {
+        Identity {
+            user: name.to_owned(),
+            exp: None,
+            access: Access::All,
+        }
+    }
+
     /// True for the server key (and development-mode HTTP), which may name any sender.
     pub fn is_server(&self) -> bool {
         matches!(self.access, Access::All) && self.exp.is_none() && self.user == "system"
@@ -271,7 +281,8 @@ impl Authenticator {
         if self.dev_mode() {
             return match token {
                 Some(t) if self.is_api_key(t) => Ok(Identity::server()),
-                _ => Ok(Identity::anonymous()),
+                Some(t) => Ok(dev_name(t).map_or_else(Identity::anonymous, Identity::dev_named)),
+                None => Ok(Identity::anonymous()),
             };
         }
         self.bearer(token)
@@ -288,11 +299,12 @@ impl Authenticator {
 
     /// Checks a fresh credential for a connection authenticated as `current` (the `auth`
     /// frame). It must name the same principal: the same `sub`, and a token stays a token (the
-    /// server key stays the server key). In development mode nothing is checked and the
-    /// connection keeps its anonymous identity.
+    /// server key stays the server key). In development mode nothing is checked: a `dev:NAME`
+    /// token renames the connection's user (how the demo page picks a name, since its client
+    /// sends `auth` first), anything else keeps the identity.
     pub fn refresh(&self, current: &Identity, token: &str) -> Result<Identity, RefreshError> {
         if self.dev_mode() {
-            return Ok(current.clone());
+            return Ok(dev_name(token).map_or_else(|| current.clone(), Identity::dev_named));
         }
         let fresh = self.bearer(Some(token))?;
         if fresh.user != current.user || fresh.is_server() != current.is_server() {
@@ -439,6 +451,20 @@ pub fn mint(
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Development mode only: the name in a `dev:NAME` token, when NAME is 1 to 64 characters of
+/// `A-Z a-z 0-9 _ . -` and not `system` (the server key's name). Development mode is loopback
+/// only and lets anyone into every room, so a chosen name grants nothing an anonymous client
+/// lacks; it only makes a demo readable.
+fn dev_name(token: &str) -> Option<&str> {
+    let name = token.strip_prefix("dev:")?;
+    let valid = (1..=64).contains(&name.len())
+        && name != "system"
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    valid.then_some(name)
 }
 
 #[cfg(test)]

@@ -247,6 +247,34 @@ async fn development_mode_needs_no_auth_frame_and_accepts_one() {
             // And without it the connection serves at once.
             let mut plain = tokenless(&server).await;
             plain.join("general", None).await;
+
+            // `dev:NAME` picks the name (the demo page): in the first frame, or with the upgrade.
+            let mut bob = tokenless(&server).await;
+            bob.send_json(json!({"type": "auth", "token": "dev:bob", "ref": 2}))
+                .await;
+            assert_eq!(bob.recv_json().await, json!({"type": "authed", "ref": 2}));
+            let carol_url = format!("{}?token=dev:carol", server.ws_url());
+            let mut carol = WsClient::try_connect(&carol_url, Auth::None).await.unwrap();
+            for (client, name) in [(&mut bob, "bob"), (&mut carol, "carol")] {
+                client.join("general", None).await;
+                client.send_msg("general", json!(name)).await;
+                let message = client.expect_frame("message").await;
+                assert_eq!(message["from"], name, "{message}");
+            }
+            // Names that are not allowed leave the client anonymous: not the server key's name,
+            // not an empty or odd one.
+            for token in ["dev:system", "dev:", "dev:a b", "dev:<script>"] {
+                let mut client = tokenless(&server).await;
+                client
+                    .send_json(json!({"type": "auth", "token": token}))
+                    .await;
+                assert_eq!(client.recv_json().await["type"], "authed");
+                client.join("odd", None).await;
+                client.send_msg("odd", json!(token)).await;
+                let message = client.expect_frame("message").await;
+                let from = message["from"].as_str().unwrap();
+                assert!(from.starts_with("anon-"), "{token}: sent as {from}");
+            }
         },
     )
     .await;
