@@ -14,6 +14,9 @@
 #       /ready answers 200. Prints one line per step with the time since the roll began.
 #   deploy/local/cluster.sh down [--dir DIR]
 #       Stops what an `up` in DIR started (when that `up` was killed without its clean-up).
+#   deploy/local/cluster.sh stop|kill|start [--dir DIR] I
+#       One node: `stop` sends SIGTERM and waits for the drain, `kill` sends SIGKILL (a crash),
+#       `start` starts it again on its port and waits until /ready answers 200.
 #
 # Nodes run in development mode (no SEQCAST_JWT_SECRET: anonymous clients, loopback only) unless
 # the caller's environment sets SEQCAST_* variables, which every node inherits. Logs are in DIR:
@@ -23,7 +26,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 
 usage() {
-    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -35,6 +38,7 @@ lb_port=8080
 dir=/tmp/seqcast-local
 binary=""
 with_redis=1
+node=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --nodes) nodes="$2"; shift 2 ;;
@@ -42,9 +46,13 @@ while [ $# -gt 0 ]; do
         --dir) dir="$2"; shift 2 ;;
         --binary) binary="$2"; shift 2 ;;
         --no-redis) with_redis=0; shift ;;
+        [0-9]*) node="$1"; shift ;;
         *) usage ;;
     esac
 done
+case "$command" in
+    stop | kill | start) [ -n "$node" ] || usage ;;
+esac
 
 log() { printf '%s\n' "cluster: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -364,9 +372,34 @@ roll() {
     log "rolling restart done ($(since))"
 }
 
+# stop|kill|start one node ($node).
+one_node() {
+    local port
+    [ -f "$dir/node-$node.port" ] || die "no node $node in $dir"
+    port="$(cat "$dir/node-$node.port")"
+    case "$command" in
+        stop) stop_node "$node" ;;
+        kill)
+            kill -KILL "$(cat "$dir/node-$node.pid")" 2>/dev/null || true
+            wait_for_quietly 10 eval "! alive $(cat "$dir/node-$node.pid")" ||
+                die "node-$node still alive after SIGKILL"
+            ;;
+        start)
+            if alive "$(cat "$dir/node-$node.pid")"; then
+                die "node-$node is running"
+            fi
+            start_node "$node"
+            wait_for_quietly 60 node_ready "$port" ||
+                die "node-$node not ready within 60 s; see $dir/node-$node.log"
+            ;;
+    esac
+    log "node-$node: $command done"
+}
+
 case "$command" in
     up) up ;;
     roll) roll ;;
+    stop | kill | start) one_node ;;
     down) [ -d "$dir" ] || exit 0; stop_all ;;
     *) usage ;;
 esac
