@@ -97,7 +97,8 @@ export class SeqcastClient extends Emitter {
       );
     }
     this.#token = options.token ?? null;
-    if (options.connect !== false) this.connect();
+    // After the caller's synchronous code, so listeners added right after `new` see 'connecting'.
+    if (options.connect !== false) queueMicrotask(() => this.connect());
   }
 
   /** 'idle' | 'connecting' | 'open' | 'reconnecting' | 'closed' */
@@ -117,7 +118,7 @@ export class SeqcastClient extends Emitter {
 
   /** Starts connecting (done by the constructor unless `connect: false`). */
   connect() {
-    if (this.#state !== 'idle') return;
+    if (this.#state !== 'idle' || this.#closedByUser) return;
     this.#openSocket();
   }
 

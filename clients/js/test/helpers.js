@@ -86,6 +86,8 @@ export async function startNode(env = {}) {
   const m = await lineMatching(child, child.stdout, /seqcast listening on http:\/\/(\S+)/, 30000, 'seqcast');
   child.stdout.resume();
   const addr = m[1];
+  // It listens before its database is ready (503 "starting" until then).
+  await waitFor(async () => (await fetch(`http://${addr}/ready`).catch(() => ({}))).status === 200, 30000, '/ready');
   return {
     http: `http://${addr}`,
     ws: `ws://${addr}/v1/ws`,
