@@ -132,6 +132,8 @@ export class SeqcastClient {
   readonly state: ClientState;
   readonly pendingSends: number;
   connect(): void;
+  /** Drop the connection and reconnect now (network change, app back in the foreground). */
+  reconnect(): void;
   join(room: string, options?: { since?: number }): Promise<Joined>;
   leave(room: string): Promise<void>;
   send(room: string, body: unknown, options?: { idem?: string }): Promise<Ack>;

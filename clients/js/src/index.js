@@ -77,6 +77,7 @@ export class SeqcastClient extends Emitter {
   #nextSendId = 1;
   #timers = { reconnect: null, refresh: null, ping: null, pong: null, connect: null };
   #online = false; // authed on the current socket: frames may be sent
+  #generation = 0; // bumped per connection attempt, so a superseded attempt gives up
 
   /**
    * @param {import('./index').SeqcastOptions} options
@@ -119,6 +120,25 @@ export class SeqcastClient extends Emitter {
   /** Starts connecting (done by the constructor unless `connect: false`). */
   connect() {
     if (this.#state !== 'idle' || this.#closedByUser) return;
+    this.#openSocket();
+  }
+
+  /** Drops the current connection (if any) and reconnects at once, without backoff: for when
+   *  the platform says the network changed or the app came back to the foreground, where the old
+   *  socket is likely dead without knowing it. */
+  reconnect() {
+    if (this.#closedByUser || this.#state === 'idle') return;
+    clearTimeout(this.#timers.reconnect);
+    const ws = this.#ws;
+    this.#teardown();
+    if (ws) {
+      try {
+        ws.close(1000);
+      } catch {
+        /* already closing */
+      }
+    }
+    this.#attempt = 0;
     this.#openSocket();
   }
 
@@ -220,17 +240,19 @@ export class SeqcastClient extends Emitter {
   }
 
   async #openSocket() {
+    const generation = ++this.#generation;
     this.#timers.reconnect = null;
     this.#setState(this.#attempt === 0 && this.#state === 'idle' ? 'connecting' : 'reconnecting');
     if (this.#opts.getToken) {
       try {
         this.#token = await this.#opts.getToken();
       } catch (err) {
+        if (generation !== this.#generation) return;
         this.emit('error', new SeqcastError('token', `getToken failed: ${err?.message ?? err}`));
         this.#scheduleReconnect(null);
         return;
       }
-      if (this.#closedByUser) return;
+      if (this.#closedByUser || generation !== this.#generation) return;
     }
     let ws;
     try {

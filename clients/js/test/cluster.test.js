@@ -11,8 +11,9 @@ import { alive, connectionsOpen, mintToken, startCluster, waitFor, WebSocket } f
 // With tokens: a send's idem is scoped to its user, and in development mode every connection is
 // a new anonymous user, so a send resent after a reconnect would be stored a second time there.
 const SECRET = 'cluster-test-secret';
-const N = 600;
-const WINDOW = 10; // sends in flight at once
+const N = 900;
+const RATE = 60; // sends per second (paced, so the stream outlasts both disruptions and a drain's delay)
+const WINDOW = 10; // sends in flight at most
 
 let cluster;
 before(async () => {
@@ -57,7 +58,7 @@ async function connectTracked(user, setup) {
 
 /**
  * Streams N messages from a sender to a receiver (different nodes); `disrupt(node, who)` is
- * applied to the sender's node after N/3 acks and to the receiver's node after 2N/3.
+ * applied to the sender's node after N/4 acks and to the receiver's node after N/2.
  */
 async function scenario(room, disrupt) {
   const seen = [];
@@ -85,10 +86,10 @@ async function scenario(room, disrupt) {
   const started = Date.now();
 
   async function maybeDisrupt() {
-    if (disruptions.length === 0 && acked >= N / 3) {
+    if (disruptions.length === 0 && acked >= N / 4) {
       disruptions.push({ at: Date.now(), node: senderNode, who: 'sender' });
       await disrupt(senderNode);
-    } else if (disruptions.length === 1 && acked >= (2 * N) / 3) {
+    } else if (disruptions.length === 1 && acked >= N / 2) {
       disruptions.push({ at: Date.now(), node: receiverNode, who: 'receiver' });
       await disrupt(receiverNode);
     }
@@ -97,6 +98,8 @@ async function scenario(room, disrupt) {
   async function worker() {
     while (next < N) {
       const i = next++;
+      const due = started + (i * 1000) / RATE;
+      if (due > Date.now()) await new Promise((r) => setTimeout(r, due - Date.now()));
       try {
         const ack = await sender.send(room, { i });
         assert.equal(acks[i], undefined, `send ${i} resolved twice`);
@@ -145,10 +148,12 @@ async function scenario(room, disrupt) {
     const closed = c.states.find((st) => st.t >= d.at && st.state === 'reconnecting');
     assert.ok(closed, `the ${d.who} lost its connection`);
     const open = c.states.find((st) => st.t >= closed.t && st.state === 'open');
+    assert.ok(open, `the ${d.who} reconnected`);
     d.code = closed.code;
     d.closedAfter = closed.t - d.at;
     d.reopenAfter = open.t - d.at;
     d.resumedAfter = firstAfter(d.who === 'sender' ? ackTimes : receiverTimes, open.t) - d.at;
+    assert.ok(Number.isFinite(d.resumedAfter), `the ${d.who} got traffic after reconnecting`);
   }
   console.log(
     `${room}: ${N} sent in ${sendSeconds.toFixed(1)} s, ${N} acked, ${seen.length} messages seen, ` +

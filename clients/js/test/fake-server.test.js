@@ -83,6 +83,26 @@ test('fake server: a missing pong marks the connection dead and the client recon
   }
 });
 
+test('fake server: reconnect() drops the socket and rejoins at once with since', async () => {
+  const server = await fakeServer((f, reply) => {
+    if (f.type !== 'join') return;
+    reply({ type: 'joined', room: f.room, head: 3, first: 1, ref: f.ref });
+    if (f.since === undefined) reply(msg(f.room, 4));
+  });
+  const c = new SeqcastClient({ url: server.url, WebSocket, backoff: { base: 60000, cap: 60000 } });
+  try {
+    await c.join('fg');
+    await waitFor(() => c.lastSeq('fg') === 4, 5000, 'message 4');
+    c.reconnect();
+    await waitFor(() => server.frames.filter((f) => f.type === 'join').length === 2, 5000, 'the rejoin');
+    assert.equal(server.connections, 2);
+    assert.equal(server.frames.filter((f) => f.type === 'join')[1].since, 4);
+  } finally {
+    c.close();
+    await server.close();
+  }
+});
+
 test('fake server: a send answered unavailable is retried with the same idem; forbidden rejects', async () => {
   let attempts = 0;
   const server = await fakeServer((f, reply) => {
