@@ -3,7 +3,8 @@
 #
 # The integration tests start throwaway Postgres servers (initdb/postgres) and Redis servers
 # (redis-server); this installs the Debian packages when those programs are missing, then runs
-# `cargo test` for the whole workspace, the offline checks of the deployment files
+# `cargo test` for the whole workspace, the JavaScript client's tests against the binary that
+# built (clients/js: npm ci && npm test), the offline checks of the deployment files
 # (deploy/validate.sh), a short fuzz run (fuzz/run.sh) and the benchmark suite's smoke run
 # (scripts/bench.sh --smoke). It fails when any step fails.
 set -euo pipefail
@@ -36,6 +37,8 @@ command -v c++ >/dev/null 2>&1 || missing+=(g++)
 # outside a non-root PATH) and installs its Python validators into a virtualenv (ensurepip).
 { command -v nginx || [ -x /usr/sbin/nginx ]; } >/dev/null 2>&1 || missing+=(nginx)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+# The JavaScript client's tests (clients/js); Debian's nodejs (18 on bookworm) is enough.
+command -v node >/dev/null 2>&1 || missing+=(nodejs npm)
 
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "scripts/test.sh: installing ${missing[*]}" >&2
@@ -56,6 +59,11 @@ if ! command -v initdb >/dev/null 2>&1; then
 fi
 
 cargo test --workspace --locked
+
+# The JavaScript client library against real nodes of the debug binary just built
+# (target/debug/seqcast): single SQLite nodes, and a 3-node cluster with Postgres, Redis and
+# nginx (deploy/local/cluster.sh) whose nodes are killed and drained mid-stream.
+(cd clients/js && npm ci --no-audit --no-fund && npm test)
 
 # The deployment files (Dockerfile, docker-compose.yml, deploy/nginx, deploy/k8s), checked offline:
 # schemas, `nginx -t`, documented settings, existing subcommands (deploy/validate.sh).
