@@ -28,6 +28,8 @@ COPY migrations migrations
 COPY protocol/src protocol/src
 COPY loadtest/src loadtest/src
 COPY server/src server/src
+# The demo page at / embeds the JavaScript client (server/src/demo).
+COPY clients/js/src clients/js/src
 RUN touch server/src/main.rs server/src/lib.rs protocol/src/lib.rs \
     && cargo build --release --locked -p seqcast \
     && install -m 0755 target/release/seqcast /usr/local/bin/seqcast

@@ -39,6 +39,8 @@ command -v c++ >/dev/null 2>&1 || missing+=(g++)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 # The JavaScript client's tests (clients/js); Debian's nodejs (18 on bookworm) is enough.
 command -v node >/dev/null 2>&1 || missing+=(nodejs npm)
+# The demo page's browser test (e2e/) drives Debian's Chromium.
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "scripts/test.sh: installing ${missing[*]}" >&2
@@ -64,6 +66,10 @@ cargo test --workspace --locked
 # (target/debug/seqcast): single SQLite nodes, and a 3-node cluster with Postgres, Redis and
 # nginx (deploy/local/cluster.sh) whose nodes are killed and drained mid-stream.
 (cd clients/js && npm ci --no-audit --no-fund && npm test)
+
+# The demo page at / in a real browser (Chromium through playwright-core) against a 2-node cluster;
+# screenshots in e2e/artifacts/.
+(cd e2e && npm ci --no-audit --no-fund && npm test)
 
 # The deployment files (Dockerfile, docker-compose.yml, deploy/nginx, deploy/k8s), checked offline:
 # schemas, `nginx -t`, documented settings, existing subcommands (deploy/validate.sh).

@@ -27,8 +27,8 @@
 //! - [`jobs`]: leader election through the Redis link and the background jobs (retention).
 //! - [`session`]: one connection; its outbound half keeps a cursor per room and reads the
 //!   database whenever it is behind the live stream (join with `since`, gaps, slow clients).
-//! - [`api`], [`ws`], [`ops`]: the HTTP handlers; [`router`] puts them together under one
-//!   router; [`app`] is the state they are all handed (it knows no handler).
+//! - [`api`], [`ws`], [`ops`]: the HTTP handlers; [`demo`]: the demo page at `/` (static files
+//!   and the JavaScript client, embedded); [`router`] puts them together under one router; [`app`] is the state they are all handed (it knows no handler).
 //! - [`listener`]: the HTTP server loop (request deadlines, peer addresses, graceful stop).
 //! - [`admission`]: who may connect: origins, client addresses, connection limits.
 //! - [`ratelimit`]: send rates per connection and per user (token buckets, Redis leases), one
@@ -45,6 +45,7 @@ pub mod app;
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod hub;
 pub mod jobs;

@@ -12,7 +12,7 @@ use tower_service::Service;
 use crate::app::AppState;
 use crate::error::ApiError;
 use crate::startup::Startup;
-use crate::{api, ops, ws};
+use crate::{api, demo, ops, ws};
 
 /// What a node serves from the moment it listens: while it starts, `/live`, `/ready` (503 with
 /// the reason) and 503 `unavailable` for everything else, WebSocket upgrades included; once
@@ -44,6 +44,7 @@ pub fn router(state: AppState) -> Router {
         .merge(ws::routes())
         .merge(api::routes())
         .merge(ops::routes())
+        .merge(demo::routes())
         // After the merges: it applies to the routes added so far.
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .fallback(|| async { ApiError::not_found() })
