@@ -150,6 +150,18 @@ impl Admission {
         }
     }
 
+    /// Whether a page of `origin`, another origin than the server's, may read HTTP API answers
+    /// (CORS, [`crate::router`]): the same list as for WebSockets. The server's own origin needs
+    /// no CORS, so unlike [`Admission::check_origin`] this does not look at `Host`.
+    pub fn allows_cross_origin(&self, origin: &str) -> bool {
+        match &self.0.origins {
+            Origins::Any => true,
+            Origins::List(list) => {
+                Origin::parse(origin).is_some_and(|origin| list.contains(&origin.serialized))
+            }
+        }
+    }
+
     /// The address a client is counted under: the peer's, unless the peer is a trusted proxy;
     /// then `X-Forwarded-For` is read from the right (each proxy appends the address it was
     /// connected from) and the first hop that is not a trusted proxy is the client. A hop that

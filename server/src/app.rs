@@ -98,7 +98,7 @@ impl AppState {
                     // One link for the bus, the user limit and the election: one opinion of
                     // whether Redis works.
                     let link = RedisLink::start_with_ca(
-                        url,
+                        url.expose(),
                         config.redis_ca_file.as_deref(),
                         &config.redis_prefix,
                         config.redis_timeout,

@@ -18,7 +18,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::config::Config;
+use crate::config::{Config, Secret};
 pub use seqcast_protocol::pattern_matches;
 
 /// The claims seqcast reads from a token. `nbf`, `aud` and `iss` are checked by the verifier
@@ -239,10 +239,10 @@ impl Authenticator {
             leeway: config.jwt_leeway,
         };
         Ok(Authenticator::new(
-            config.jwt_secret.as_deref(),
+            config.jwt_secret.as_ref().map(Secret::expose),
             public_key,
             &rules,
-            config.api_key.as_deref(),
+            config.api_key.as_ref().map(Secret::expose),
         ))
     }
 

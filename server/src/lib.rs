@@ -10,7 +10,8 @@
 //!                                              └──► session::outbound (cursor per room) ──► socket
 //! ```
 //!
-//! - [`config`]: environment configuration and its defaults.
+//! - [`config`]: the settings (environment variables and the flags that mirror them), their
+//!   defaults and checks, the redacting types secrets are held in.
 //! - [`auth`]: tokens, the server key, room patterns.
 //! - `seqcast_protocol` (the `protocol/` crate, so that fuzzing builds it alone): client frame
 //!   parsing and server frame writing; imported by name, not re-exported.
@@ -70,7 +71,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use app::AppState;
-use startup::Startup;
+use startup::{Startup, Surface};
 
 /// How long a stopping node waits for its background jobs (and the leader lock's release).
 const JOBS_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -84,24 +85,41 @@ pub use config::Config;
 /// It listens from the start: until the database is open (and its schema current), `/live` is
 /// 200, `/ready` 503 with the reason and everything else 503, while [`startup::open_store`]
 /// retries (see [`startup`]).
+///
+/// `admin` is the listener of `SEQCAST_ADMIN_LISTEN`, if any ([`router::admin_router`]); it
+/// stops with the public one.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
+    admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let handle = metrics::install();
     let upkeep = tokio::spawn(metrics::upkeep(handle.clone()));
-    let _stop_upkeep = AbortOnDrop(upkeep);
+    let _stop_upkeep = AbortOnDrop(upkeep.abort_handle());
     let drain_timeout = config.shutdown_timeout;
     let startup = Startup::new(&config.node_id);
     let http_stop = CancellationToken::new();
     let request_timeout = (!config.handshake_timeout.is_zero()).then_some(config.handshake_timeout);
     let mut server_task = tokio::spawn(listener::serve(
         listener,
-        router::gated(startup.clone()),
+        router::gated(startup.clone(), Surface::Public),
         request_timeout,
         http_stop.clone(),
     ));
+    // Behind the public server's task: it ends when that one does (same `http_stop`), and a
+    // stopping node waits for it the same way.
+    let admin_task = admin.map(|admin| {
+        tokio::spawn(listener::serve(
+            admin,
+            router::gated(startup.clone(), Surface::Admin),
+            request_timeout,
+            http_stop.clone(),
+        ))
+    });
+    let _stop_admin = admin_task
+        .as_ref()
+        .map(|task| AbortOnDrop(task.abort_handle()));
     let mut shutdown = std::pin::pin!(shutdown);
 
     let store = tokio::select! {
@@ -125,7 +143,10 @@ pub async fn serve(
     let background = CancellationToken::new();
     let _stop_background = background.clone().drop_guard();
     let state = AppState::start(config, store, handle, background.clone())?;
-    startup.serve(router::router(state.clone()));
+    startup.serve(
+        router::router(state.clone()),
+        router::admin_router(state.clone()),
+    );
 
     tokio::select! {
         _ = &mut shutdown => {}
@@ -163,6 +184,12 @@ pub async fn serve(
         Ok(result) => result.context("http server task")?,
         Err(_) => tracing::warn!("drain timeout: HTTP connections still open"),
     }
+    if let Some(task) = admin_task {
+        match tokio::time::timeout_at(deadline, task).await {
+            Ok(result) => result.context("admin http server task")?,
+            Err(_) => tracing::warn!("drain timeout: admin HTTP connections still open"),
+        }
+    }
     // Release the leader lock (if held) so another node takes over at once, not after its TTL.
     background.cancel();
     if tokio::time::timeout(JOBS_STOP_TIMEOUT, state.jobs.stopped())
@@ -180,7 +207,7 @@ pub async fn serve(
 }
 
 /// Aborts a task when dropped, on every way out of [`serve`].
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+struct AbortOnDrop(tokio::task::AbortHandle);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

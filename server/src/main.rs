@@ -1,12 +1,18 @@
 //! The `seqcast` binary: `seqcast` serves; `seqcast token` mints a token for trying it out;
 //! `seqcast migrate` applies the database migrations and exits; `seqcast health` asks a node's
-//! `/ready` (a container health check without curl).
+//! `/ready` (a container health check without curl); `seqcast config` prints the effective
+//! configuration.
+//!
+//! Every setting is an environment variable and a flag that overrides it (`--drain-delay 2s`),
+//! accepted before or after the subcommand ([`config::cli`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::collections::HashMap;
+
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use seqcast::auth::{self, Claims};
 use seqcast::config::{self, Config, LogFormat};
 use seqcast::store::{self, StoreOptions};
@@ -32,8 +38,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve (the default). Configuration comes from the environment: see docs/configuration.md.
+    /// Serve (the default). Configuration comes from the environment and the flags below (a
+    /// flag wins over its variable): see docs/configuration.md.
     Serve,
+    /// Print the effective configuration (flags, environment, defaults) as NAME=value lines,
+    /// secrets redacted, and exit 0; exit 1 with the error when it is not valid.
+    Config,
     /// Print a token signed with SEQCAST_JWT_SECRET.
     Token {
         /// The user id (`sub`), shown as `from` on the user's messages.
@@ -66,25 +76,56 @@ enum Command {
 /// How long `seqcast health` waits for the whole answer (connecting included).
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// `SEQCAST_*` variables of the scripts and tests around seqcast, not settings: no warning.
+const TOOL_VARIABLES: &[&str] = &["SEQCAST_BIN", "SEQCAST_TEST_BIN", "SEQCAST_TEST_LOG"];
+
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().args(config::cli::args()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let given = config::cli::given(&matches);
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(),
+        Command::Serve => serve(&given),
+        Command::Config => show_config(&given),
         Command::Token {
             sub,
             rooms,
             read,
             ttl,
-        } => token(sub, &rooms, &read, &ttl),
-        Command::Migrate => migrate(),
-        Command::Health { url } => health(url),
+        } => token(&given, sub, &rooms, &read, &ttl),
+        Command::Migrate => migrate(&given),
+        Command::Health { url } => health(&given, url),
     }
 }
 
-fn migrate() -> anyhow::Result<()> {
-    let config = Config::from_env()?;
+/// The configuration given, logging set up by it, and a warning for each unknown variable.
+fn configure(given: &HashMap<&'static str, String>) -> anyhow::Result<Config> {
+    let config = config::cli::config(given)?;
     init_tracing(config.log_format);
-    let database = config::redact_url(&config.database_url);
+    let names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
+    let names = names.filter(|name| !TOOL_VARIABLES.contains(&name.as_str()));
+    for (name, nearest) in config::settings::unknown_variables(names) {
+        match nearest {
+            Some(nearest) => tracing::warn!(
+                "unknown environment variable {name} ignored: did you mean {nearest}?"
+            ),
+            None => tracing::warn!("unknown environment variable {name} ignored"),
+        }
+    }
+    Ok(config)
+}
+
+fn show_config(given: &HashMap<&'static str, String>) -> anyhow::Result<()> {
+    let config = configure(given)?;
+    config.validate()?;
+    // The checks a node makes when it builds its state, short of opening files and databases.
+    seqcast::admission::Admission::new(&config)?;
+    print!("{}", config.to_env_lines());
+    Ok(())
+}
+
+fn migrate(given: &HashMap<&'static str, String>) -> anyhow::Result<()> {
+    let config = configure(given)?;
+    let database = config.database_url.to_string();
     let options = StoreOptions {
         timeout: config.db_timeout,
         pool_size: 1,
@@ -94,16 +135,16 @@ fn migrate() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?
-        .block_on(store::connect(&config.database_url, &options))
+        .block_on(store::connect(config.database_url.expose(), &options))
         .with_context(|| format!("migrating {database}"))?;
     println!("the schema of {database} is current");
     Ok(())
 }
 
-fn health(url: Option<String>) -> anyhow::Result<()> {
+fn health(given: &HashMap<&'static str, String>, url: Option<String>) -> anyhow::Result<()> {
     let url = match url {
         Some(url) => url,
-        None => default_health_url()?,
+        None => default_health_url(given.get("SEQCAST_LISTEN"))?,
     };
     let status = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -122,9 +163,9 @@ fn health(url: Option<String>) -> anyhow::Result<()> {
 }
 
 /// `http://ADDR/ready` for SEQCAST_LISTEN, through loopback when it is an any-address.
-fn default_health_url() -> anyhow::Result<String> {
-    let mut addr = match std::env::var("SEQCAST_LISTEN") {
-        Ok(v) if !v.trim().is_empty() => v
+fn default_health_url(listen: Option<&String>) -> anyhow::Result<String> {
+    let mut addr = match listen {
+        Some(v) if !v.trim().is_empty() => v
             .trim()
             .parse::<SocketAddr>()
             .with_context(|| format!("SEQCAST_LISTEN: bad address {v:?}"))?,
@@ -184,9 +225,8 @@ async fn http_status(url: &str) -> anyhow::Result<u16> {
     Ok(status)
 }
 
-fn serve() -> anyhow::Result<()> {
-    let config = Config::from_env()?;
-    init_tracing(config.log_format);
+fn serve(given: &HashMap<&'static str, String>) -> anyhow::Result<()> {
+    let config = configure(given)?;
     config.validate()?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -197,8 +237,20 @@ fn serve() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("binding {}", config.listen))?;
             let addr = listener.local_addr()?;
+            let admin = match config.admin_listen {
+                Some(admin) => Some(
+                    tokio::net::TcpListener::bind(admin)
+                        .await
+                        .with_context(|| format!("binding {admin} (SEQCAST_ADMIN_LISTEN)"))?,
+                ),
+                None => None,
+            };
             tracing::info!(config = ?config, "starting");
             let shutdown = shutdown_signal()?;
+            // Before the listening line, which tells a supervisor (and the tests) the node is up.
+            if let Some(admin) = &admin {
+                println!("seqcast admin listening on http://{}", admin.local_addr()?);
+            }
             println!("seqcast listening on http://{addr}");
             if config.dev_mode() {
                 println!("development mode (no SEQCAST_JWT_SECRET): anonymous clients, loopback only");
@@ -212,7 +264,7 @@ fn serve() -> anyhow::Result<()> {
                 };
                 println!("  WebSocket: ws://{addr}/v1/ws?token=<JWT>{hint}");
             }
-            seqcast::serve(config, listener, shutdown).await
+            seqcast::serve(config, listener, admin, shutdown).await
         })
 }
 
@@ -232,10 +284,15 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-fn token(sub: String, rooms: &str, read: &str, ttl: &str) -> anyhow::Result<()> {
-    let secret = std::env::var("SEQCAST_JWT_SECRET")
-        .ok()
-        .filter(|s| !s.is_empty())
+fn token(
+    given: &HashMap<&'static str, String>,
+    sub: String,
+    rooms: &str,
+    read: &str,
+    ttl: &str,
+) -> anyhow::Result<()> {
+    let setting = |name: &str| given.get(name).filter(|v| !v.trim().is_empty()).cloned();
+    let secret = setting("SEQCAST_JWT_SECRET")
         .context("SEQCAST_JWT_SECRET is not set: tokens are signed with it (and the server checks them with it)")?;
     let ttl: Duration = config::parse_duration(ttl).context("--ttl")?;
     let list = |s: &str| {
@@ -252,8 +309,10 @@ fn token(sub: String, rooms: &str, read: &str, ttl: &str) -> anyhow::Result<()> 
         read: list(read),
     };
     // The server refuses tokens without the `aud`/`iss` it is configured to require.
-    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-    let (audience, issuer) = (env("SEQCAST_JWT_AUDIENCE"), env("SEQCAST_JWT_ISSUER"));
+    let (audience, issuer) = (
+        setting("SEQCAST_JWT_AUDIENCE"),
+        setting("SEQCAST_JWT_ISSUER"),
+    );
     let token = auth::mint(&secret, &claims, audience.as_deref(), issuer.as_deref())?;
     println!("{token}");
     Ok(())

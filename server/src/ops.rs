@@ -1,5 +1,9 @@
 //! Operational endpoints: liveness, readiness and metrics; and while the node starts, liveness
 //! and a readiness that says why it is not serving yet.
+//!
+//! `/live` and `/ready` are always on the public port (load balancers probe them there);
+//! `/metrics` is there too unless `SEQCAST_ADMIN_LISTEN` gives it a listener of its own
+//! ([`crate::router`]).
 
 use std::time::Duration;
 
@@ -16,11 +20,16 @@ use crate::startup::Startup;
 /// How long `/ready` waits for the database before calling it unreachable.
 const READY_DB_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub fn routes() -> Router<AppState> {
+/// `/live` and `/ready`.
+pub fn health_routes() -> Router<AppState> {
     Router::new()
         .route("/live", get(live))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+}
+
+/// `/metrics`.
+pub fn metrics_routes() -> Router<AppState> {
+    Router::new().route("/metrics", get(metrics))
 }
 
 /// The routes of a node that is starting ([`crate::startup`]).

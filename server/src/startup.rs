@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::Router;
 
-use crate::config::{self, Config};
+use crate::config::Config;
 use crate::store::{self, Store, StoreError, StoreOptions};
 
 /// The first wait between attempts at opening the database.
@@ -30,8 +30,22 @@ struct Shared {
     /// `/ready`'s reason while starting. A std mutex: held only to copy a string, never across
     /// an await.
     reason: Mutex<String>,
-    /// The node's full router, once it serves.
-    serving: OnceLock<Router>,
+    /// The node's full routers, once it serves.
+    serving: OnceLock<Routers>,
+}
+
+/// Which of a node's HTTP surfaces a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// `SEQCAST_LISTEN`: the API, WebSockets, health (and metrics without an admin listener).
+    Public,
+    /// `SEQCAST_ADMIN_LISTEN`: metrics and health.
+    Admin,
+}
+
+struct Routers {
+    public: Router,
+    admin: Router,
 }
 
 impl Startup {
@@ -64,16 +78,20 @@ impl Startup {
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = reason;
     }
 
-    /// From now on every request goes to `router`.
-    pub fn serve(&self, router: Router) {
-        if self.0.serving.set(router).is_err() {
+    /// From now on every request goes to `public` or, on the admin listener, to `admin`.
+    pub fn serve(&self, public: Router, admin: Router) {
+        if self.0.serving.set(Routers { public, admin }).is_err() {
             tracing::warn!("the node was already serving");
         }
     }
 
-    /// The full router, once the node serves.
-    pub fn router(&self) -> Option<Router> {
-        self.0.serving.get().cloned()
+    /// The full router of `surface`, once the node serves.
+    pub fn router(&self, surface: Surface) -> Option<Router> {
+        let routers = self.0.serving.get()?;
+        Some(match surface {
+            Surface::Public => routers.public.clone(),
+            Surface::Admin => routers.admin.clone(),
+        })
     }
 }
 
@@ -88,12 +106,11 @@ pub async fn open_store(config: &Config, startup: &Startup) -> anyhow::Result<Ar
     };
     let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
     loop {
-        let error = match store::connect(&config.database_url, &options).await {
+        let error = match store::connect(config.database_url.expose(), &options).await {
             Ok(store) => return Ok(store),
-            Err(StoreError::Other(sqlx::Error::Configuration(e))) => anyhow::bail!(
-                "DATABASE_URL {}: {e}",
-                config::redact_url(&config.database_url)
-            ),
+            Err(StoreError::Other(sqlx::Error::Configuration(e))) => {
+                anyhow::bail!("DATABASE_URL {}: {e}", config.database_url)
+            }
             Err(e) => e,
         };
         let reason = match &error {

@@ -138,6 +138,8 @@ pub struct ServerOptions {
     pub capture_logs: bool,
     /// Wait for the node to have started (database open), not only for it to listen.
     pub wait_started: bool,
+    /// Command-line arguments (a subcommand, flags); none = `seqcast` alone, which serves.
+    pub args: Vec<String>,
 }
 
 impl ServerOptions {
@@ -157,6 +159,7 @@ impl ServerOptions {
             env: Vec::new(),
             capture_logs: false,
             wait_started: true,
+            args: Vec::new(),
         }
     }
 
@@ -208,6 +211,11 @@ impl ServerOptions {
         self.capture_logs = true;
         self
     }
+    /// A command-line argument, after those already given.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
     /// Return as soon as the node listens, while it may still be opening its database.
     pub fn no_wait_started(mut self) -> Self {
         self.wait_started = false;
@@ -226,6 +234,8 @@ pub struct TestServer {
     _database: Option<TestDatabase>,
     /// The child's stderr lines so far, when [`ServerOptions::capture_logs`] was set.
     logs: Arc<Mutex<Vec<String>>>,
+    /// The child's stdout lines so far (the listening lines among them).
+    stdout: Arc<Mutex<Vec<String>>>,
 }
 
 impl TestServer {
@@ -243,6 +253,7 @@ impl TestServer {
             .expect("a database URL");
 
         let mut cmd = base_command();
+        cmd.args(&options.args);
         cmd.env("DATABASE_URL", &database_url)
             .env("SEQCAST_LISTEN", &options.listen);
         let optional = [
@@ -280,7 +291,13 @@ impl TestServer {
         let capture = options.capture_logs.then(|| Arc::clone(&logs));
         forward_stderr(pid, child.stderr.take().expect("piped stderr"), capture);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        watch_stdout(pid, child.stdout.take().expect("piped stdout"), tx);
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        watch_stdout(
+            pid,
+            child.stdout.take().expect("piped stdout"),
+            tx,
+            Arc::clone(&stdout),
+        );
 
         let addr = match tokio::time::timeout(STARTUP_DEADLINE, rx).await {
             Ok(Ok(addr)) => addr,
@@ -307,6 +324,7 @@ impl TestServer {
             child,
             _database: database,
             logs,
+            stdout,
         };
         if server.options.wait_started {
             server.wait_started().await;
@@ -345,6 +363,18 @@ impl TestServer {
     /// The log lines (stderr) written so far; empty unless [`ServerOptions::capture_logs`].
     pub fn logs(&self) -> Vec<String> {
         self.logs.lock().expect("log buffer lock").clone()
+    }
+
+    /// The address of the admin listener (`SEQCAST_ADMIN_LISTEN`), from the line the node
+    /// prints before its listening line; `None` without one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        let lines = self.stdout.lock().expect("stdout buffer lock");
+        lines.iter().find_map(|line| {
+            let rest = line
+                .trim()
+                .strip_prefix("seqcast admin listening on http://")?;
+            rest.trim_end_matches('/').parse().ok()
+        })
     }
 
     /// `ws://127.0.0.1:PORT/v1/ws`
@@ -525,12 +555,15 @@ fn watch_stdout(
     pid: u32,
     stdout: impl Read + Send + 'static,
     tx: tokio::sync::oneshot::Sender<SocketAddr>,
+    lines: Arc<Mutex<Vec<String>>>,
 ) {
     std::thread::spawn(move || {
         let mut tx = Some(tx);
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
             eprintln!("[seqcast {pid} stdout] {line}");
+            // Kept before the listening line is reported: it follows the lines printed first.
+            lines.lock().expect("stdout buffer lock").push(line.clone());
             if let Some(addr) = parse_listening_line(&line) {
                 if let Some(tx) = tx.take() {
                     // The receiver is gone only if the test already gave up waiting.

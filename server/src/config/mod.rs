@@ -1,12 +1,25 @@
-//! Node configuration, read from the environment (names fixed by the protocol contract).
+//! Node configuration: environment variables (names fixed by the protocol contract), each
+//! mirrored by a command-line flag that overrides it.
 //!
 //! Every setting has a documented default (see `docs/configuration.md`); [`Config::default`] is the
-//! zero-config single node: embedded SQLite, development mode, loopback only.
+//! zero-config single node: embedded SQLite, development mode, loopback only, and the one source
+//! of the defaults that `--help` and `seqcast config` show.
+//!
+//! - [`settings`]: every setting by name, its help line, its value as text; unknown `SEQCAST_*`
+//!   names and the nearest known one.
+//! - [`cli`]: the settings as `clap` flags (`--drain-delay 2s` for `SEQCAST_DRAIN_DELAY`).
+//! - [`secret`]: the redacting types the secrets are held in.
+
+pub mod cli;
+pub mod secret;
+pub mod settings;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+
+pub use secret::{redact_url, Secret, SecretUrl};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,18 +28,23 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Clone)]
+/// The node's settings. `Debug` is derived: the secrets are held in [`Secret`] and [`SecretUrl`],
+/// which print redacted.
+#[derive(Debug, Clone)]
 pub struct Config {
     /// `SEQCAST_LISTEN`, default `127.0.0.1:8080`.
     pub listen: SocketAddr,
+    /// `SEQCAST_ADMIN_LISTEN`, default unset: a second listener for `/metrics`, `/live` and
+    /// `/ready` (then `/metrics` leaves the public port, which keeps `/live` and `/ready`).
+    pub admin_listen: Option<SocketAddr>,
     /// `DATABASE_URL`, default `sqlite://seqcast.db`.
-    pub database_url: String,
-    /// `REDIS_URL`, default unset. Read now so the name is reserved; cross-node fan-out uses it.
-    pub redis_url: Option<String>,
+    pub database_url: SecretUrl,
+    /// `REDIS_URL`, default unset: cross-node fan-out, the user rate limit, leader election.
+    pub redis_url: Option<SecretUrl>,
     /// `SEQCAST_JWT_SECRET`; unset = development mode (anonymous clients, loopback only).
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: Option<Secret>,
     /// `SEQCAST_API_KEY`: the server key for HTTP publishing and reading in any room.
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
     /// `SEQCAST_NODE_ID`, default the host name.
     pub node_id: String,
     /// `SEQCAST_MAX_MESSAGE_BYTES`: largest serialized `body`, default 65536.
@@ -131,61 +149,12 @@ pub struct Config {
     pub user_read_concurrency: usize,
 }
 
-impl std::fmt::Debug for Config {
-    // Hand-written so secrets never reach a log line.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("listen", &self.listen)
-            .field("database", &redact_url(&self.database_url))
-            .field("redis", &self.redis_url.as_deref().map(redact_url))
-            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "<set>"))
-            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
-            .field("node_id", &self.node_id)
-            .field("max_message_bytes", &self.max_message_bytes)
-            .field("write_timeout", &self.write_timeout)
-            .field("shutdown_timeout", &self.shutdown_timeout)
-            .field("drain_delay", &self.drain_delay)
-            .field("drain_spread", &self.drain_spread)
-            .field("outbound_queue", &self.outbound_queue)
-            .field("commit_concurrency", &self.commit_concurrency)
-            .field("redis_prefix", &self.redis_prefix)
-            .field("redis_timeout", &self.redis_timeout)
-            .field("db_timeout", &self.db_timeout)
-            .field("db_pool_size", &self.db_pool_size)
-            .field("migrate", &self.migrate)
-            .field("redis_ca_file", &self.redis_ca_file)
-            .field("poll_interval", &self.poll_interval)
-            .field("head_check_interval", &self.head_check_interval)
-            .field("leader_ttl", &self.leader_ttl)
-            .field("retention", &self.retention)
-            .field("job_interval", &self.job_interval)
-            .field("jwt_public_key", &self.jwt_public_key)
-            .field("jwt_audience", &self.jwt_audience)
-            .field("jwt_issuer", &self.jwt_issuer)
-            .field("jwt_leeway", &self.jwt_leeway)
-            .field("allowed_origins", &self.allowed_origins)
-            .field("max_frame_bytes", &self.max_frame_bytes)
-            .field("max_rooms_per_connection", &self.max_rooms_per_connection)
-            .field("max_connections", &self.max_connections)
-            .field("max_connections_per_user", &self.max_connections_per_user)
-            .field("max_connections_per_ip", &self.max_connections_per_ip)
-            .field("trusted_proxies", &self.trusted_proxies)
-            .field("handshake_timeout", &self.handshake_timeout)
-            .field("ping_interval", &self.ping_interval)
-            .field("idle_timeout", &self.idle_timeout)
-            .field("send_rate", &self.send_rate)
-            .field("user_send_rate", &self.user_send_rate)
-            .field("excess_frame_rate", &self.excess_frame_rate)
-            .field("user_read_concurrency", &self.user_read_concurrency)
-            .finish()
-    }
-}
-
 impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            database_url: "sqlite://seqcast.db".into(),
+            admin_listen: None,
+            database_url: SecretUrl::new("sqlite://seqcast.db"),
             redis_url: None,
             jwt_secret: None,
             api_key: None,
@@ -246,12 +215,18 @@ impl Config {
                 .parse()
                 .with_context(|| format!("SEQCAST_LISTEN: bad address {v:?}"))?;
         }
-        if let Some(v) = get("DATABASE_URL") {
-            c.database_url = v;
+        if let Some(v) = get("SEQCAST_ADMIN_LISTEN") {
+            c.admin_listen = Some(
+                v.parse()
+                    .with_context(|| format!("SEQCAST_ADMIN_LISTEN: bad address {v:?}"))?,
+            );
         }
-        c.redis_url = get("REDIS_URL");
-        c.jwt_secret = get("SEQCAST_JWT_SECRET");
-        c.api_key = get("SEQCAST_API_KEY");
+        if let Some(v) = get("DATABASE_URL") {
+            c.database_url = SecretUrl::new(v);
+        }
+        c.redis_url = get("REDIS_URL").map(SecretUrl::new);
+        c.jwt_secret = get("SEQCAST_JWT_SECRET").map(Secret::new);
+        c.api_key = get("SEQCAST_API_KEY").map(Secret::new);
         if let Some(v) = get("SEQCAST_NODE_ID") {
             c.node_id = v;
         }
@@ -407,6 +382,16 @@ impl Config {
                 self.listen
             );
         }
+        // The same rule for the admin listener: a development node is reachable from this
+        // machine only, its metrics included.
+        if let Some(admin) = self.admin_listen.filter(|a| !a.ip().is_loopback()) {
+            if self.dev_mode() {
+                bail!(
+                    "refusing to listen on {admin} (SEQCAST_ADMIN_LISTEN) in development mode: \
+                     set SEQCAST_JWT_SECRET to serve beyond loopback, or listen on 127.0.0.1"
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -475,18 +460,6 @@ fn host_name() -> String {
         .unwrap_or_else(|| "seqcast".into())
 }
 
-/// Drops the password from a connection URL before it is logged.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let creds = &url[scheme_end + 3..at];
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{}://{}:***@{}", &url[..scheme_end], user, &url[at + 1..])
-        }
-        _ => url.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -527,7 +500,7 @@ mod tests {
     fn defaults_and_overrides() {
         let c = Config::from_lookup(|_| None).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(c.database_url, "sqlite://seqcast.db");
+        assert_eq!(c.database_url.expose(), "sqlite://seqcast.db");
         assert_eq!(c.max_message_bytes, 65536);
         assert_eq!(c.write_timeout, Duration::from_secs(10));
         assert!(c.dev_mode());
@@ -574,15 +547,51 @@ mod tests {
 
     #[test]
     fn secrets_are_not_debug_printed() {
-        let c = Config {
-            jwt_secret: Some("hunter2".into()),
-            database_url: "postgres://u:pw@h/db".into(),
-            ..Config::default()
-        };
-        let shown = format!("{c:?}");
+        let c = Config::from_lookup(|k| match k {
+            "SEQCAST_JWT_SECRET" => Some("jwt-hunter2".into()),
+            "SEQCAST_API_KEY" => Some("key-swordfish".into()),
+            "DATABASE_URL" => Some("postgres://app:db-opensesame@db:5432/chat".into()),
+            "REDIS_URL" => Some("rediss://default:redis-letmein@cache:6380".into()),
+            _ => None,
+        })
+        .unwrap();
+        let shown = format!("{c:?} {c:#?}");
+        for secret in [
+            "jwt-hunter2",
+            "key-swordfish",
+            "db-opensesame",
+            "redis-letmein",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        // What is not secret is still there to debug with.
         assert!(
-            !shown.contains("hunter2") && !shown.contains("pw@"),
+            shown.contains("postgres://app:[redacted]@db:5432/chat"),
             "{shown}"
         );
+        assert!(shown.contains("cache:6380"), "{shown}");
+    }
+
+    #[test]
+    fn the_admin_listener_follows_the_loopback_rule() {
+        let lookup = |admin: &'static str, secret: Option<&'static str>| {
+            move |k: &str| match k {
+                "SEQCAST_ADMIN_LISTEN" => Some(admin.to_owned()),
+                "SEQCAST_JWT_SECRET" => secret.map(str::to_owned),
+                _ => None,
+            }
+        };
+        let c = Config::from_lookup(lookup("127.0.0.1:9090", None)).unwrap();
+        assert_eq!(
+            c.admin_listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9090)))
+        );
+        c.validate().unwrap();
+        let c = Config::from_lookup(lookup("0.0.0.0:9090", None)).unwrap();
+        let error = c.validate().unwrap_err().to_string();
+        assert!(error.contains("SEQCAST_ADMIN_LISTEN"), "{error}");
+        let c = Config::from_lookup(lookup("0.0.0.0:9090", Some("s"))).unwrap();
+        c.validate().unwrap();
+        assert!(Config::from_lookup(lookup("nine", None)).is_err());
     }
 }
