@@ -3,7 +3,7 @@
 // conditions instead of sleeping.
 import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
-import { mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -134,28 +134,14 @@ export async function startCluster({ nodes = 2, env = {} } = {}) {
     nodes,
     nodePort: (i) => Number(file(`node-${i}.port`)),
     nodePid: (i) => Number(file(`node-${i}.pid`)),
-    /** Starts node `i` again on its port, as cluster.sh does (its pid file is updated, so the
-     *  script's clean-up stops it too); resolves once it is ready. */
+    /** Starts node `i` again on its port (`cluster.sh start`, which waits until it is ready). */
     async restartNode(i) {
-      const env = { PATH: process.env.PATH };
-      for (const line of file('cluster.env').split('\n')) {
-        const eq = line.indexOf('=');
-        if (eq > 0) env[line.slice(0, eq)] = line.slice(eq + 1).replace(/\\(.)/g, '$1');
-      }
-      const port = Number(file(`node-${i}.port`));
-      const out = openSync(join(dir, `node-${i}.log`), 'a');
-      const node = spawn(file('binary'), ['serve'], {
-        env: { ...env, SEQCAST_LISTEN: `127.0.0.1:${port}`, SEQCAST_NODE_ID: `node-${i}` },
-        detached: true,
-        stdio: ['ignore', out, out],
+      await new Promise((res, rej) => {
+        const start = spawn('bash', [script, 'start', '--dir', dir, String(i)], { stdio: ['ignore', 'ignore', 'pipe'] });
+        let err = '';
+        start.stderr.setEncoding('utf8').on('data', (c) => (err += c));
+        start.once('exit', (code) => (code === 0 ? res() : rej(new Error(`cluster.sh start ${i}: ${err}`))));
       });
-      node.unref();
-      writeFileSync(join(dir, `node-${i}.pid`), `${node.pid}\n`);
-      await waitFor(
-        async () => (await fetch(`http://127.0.0.1:${port}/ready`).catch(() => ({}))).status === 200,
-        60000,
-        `node-${i} ready again`,
-      );
     },
     get log() {
       return log;
