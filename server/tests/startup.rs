@@ -31,6 +31,21 @@ async fn send_round_trips(server: &TestServer, room: &str) {
 }
 
 /// `/ready` is 503 `starting` with a reason that starts with `prefix`.
+/// Waits until `/ready` gives a reason starting with `prefix` (several attempts fail first).
+async fn wait_for_reason(http: &Http, prefix: &str) {
+    eventually(
+        DEADLINE,
+        &format!("/ready gives {prefix:?} as the reason"),
+        || async {
+            let body = http.get("/ready").await.json();
+            body["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with(prefix))
+        },
+    )
+    .await;
+}
+
 async fn assert_starting(http: &Http, prefix: &str) {
     let ready = http.get("/ready").await;
     assert_eq!(ready.status, 503, "{ready:?}");
@@ -58,17 +73,7 @@ async fn a_node_started_before_postgres_waits_for_it_then_serves() {
     .await;
     let http = Http::new(&server);
     // Several attempts have failed by now (the first retries come within a second).
-    eventually(
-        DEADLINE,
-        "/ready gives the database as the reason",
-        || async {
-            let body = http.get("/ready").await.json();
-            body["reason"]
-                .as_str()
-                .is_some_and(|r| r.starts_with("database unreachable: "))
-        },
-    )
-    .await;
+    wait_for_reason(&http, "database unreachable: ").await;
     assert_eq!(http.get("/live").await.status, 200);
     assert_starting(&http, "database unreachable: ").await;
     http.post_json("/v1/rooms/r/messages", &json!({"body": 1}))
@@ -153,17 +158,7 @@ async fn a_node_that_does_not_migrate_waits_for_the_schema() {
     )
     .await;
     let http = Http::new(&server);
-    eventually(
-        DEADLINE,
-        "/ready gives the schema as the reason",
-        || async {
-            let body = http.get("/ready").await.json();
-            body["reason"]
-                .as_str()
-                .is_some_and(|r| r.starts_with("schema not current"))
-        },
-    )
-    .await;
+    wait_for_reason(&http, "schema not current").await;
     assert_starting(&http, "schema not current").await;
     assert_eq!(http.get("/live").await.status, 200);
     assert_eq!(

@@ -128,16 +128,7 @@ export class SeqcastClient extends Emitter {
    *  socket is likely dead without knowing it. */
   reconnect() {
     if (this.#closedByUser || this.#state === 'idle') return;
-    clearTimeout(this.#timers.reconnect);
-    const ws = this.#ws;
-    this.#teardown();
-    if (ws) {
-      try {
-        ws.close(1000);
-      } catch {
-        /* already closing */
-      }
-    }
+    this.#dropSocket();
     this.#attempt = 0;
     this.#openSocket();
   }
@@ -213,10 +204,8 @@ export class SeqcastClient extends Emitter {
     return json;
   }
 
-  /** Stops everything: closes the socket (1000), cancels reconnects, rejects pending promises. */
-  close() {
-    if (this.#closedByUser) return;
-    this.#closedByUser = true;
+  /** Cancels a pending reconnect, tears the connection's state down and closes its socket (1000). */
+  #dropSocket() {
     clearTimeout(this.#timers.reconnect);
     const ws = this.#ws;
     this.#teardown();
@@ -227,6 +216,13 @@ export class SeqcastClient extends Emitter {
         /* already closing */
       }
     }
+  }
+
+  /** Stops everything: closes the socket (1000), cancels reconnects, rejects pending promises. */
+  close() {
+    if (this.#closedByUser) return;
+    this.#closedByUser = true;
+    this.#dropSocket();
     this.#fail(new SeqcastError('closed', 'client closed'));
     this.#setState('closed', { code: 1000 });
   }
