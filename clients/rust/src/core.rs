@@ -380,8 +380,11 @@ impl Core {
         if let (Some(at), Some(interval)) = (self.next_ping, self.opts.ping_interval) {
             if at <= now {
                 self.next_ping = Some(now + interval);
-                self.pong_deadline = Some(now + self.opts.pong_timeout);
-                self.request(json!({"type": "ping"}), Pending::Ping);
+                // One ping at a time: its deadline is not pushed back by the next one.
+                if self.pong_deadline.is_none() {
+                    self.pong_deadline = Some(now + self.opts.pong_timeout);
+                    self.request(json!({"type": "ping"}), Pending::Ping);
+                }
             }
         }
         if self.refresh_at.is_some_and(|t| t <= now) {
