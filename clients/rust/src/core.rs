@@ -1,0 +1,619 @@
+//! The client's state and its reactions, without I/O: commands from the handles, frames from
+//! the server and timers go in; frames to write (`outbox`) and events come out. The driver
+//! (`driver.rs`) owns the socket and feeds this.
+//!
+//! State that survives a reconnect: the rooms (with their `last` seq) and the unacked sends
+//! (with their `idem`). Everything tied to one connection (`refs`, timers, `online`) is reset by
+//! [`Core::teardown`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::options::{Options, TokenSource};
+use crate::room::{Room, Verdict};
+use crate::types::{Ack, Error, Event, Joined, Message, State};
+
+/// Error codes after which a send is retried (same idem) rather than failed.
+const RETRYABLE: [&str; 3] = ["unavailable", "rate_limited", "internal"];
+
+/// What a [`crate::Client`] handle asks of the background task.
+pub(crate) enum Command {
+    Join {
+        room: String,
+        since: Option<u64>,
+        reply: oneshot::Sender<Result<Joined, Error>>,
+    },
+    Leave {
+        room: String,
+        reply: oneshot::Sender<()>,
+    },
+    Send {
+        room: String,
+        body: Value,
+        idem: String,
+        reply: oneshot::Sender<Result<Ack, Error>>,
+    },
+    LastSeq {
+        room: String,
+        reply: oneshot::Sender<Option<u64>>,
+    },
+    PendingSends {
+        reply: oneshot::Sender<usize>,
+    },
+    Reconnect,
+    Close {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// What the driver does after a command.
+pub(crate) enum Flow {
+    Continue,
+    /// Drop the connection and connect again at once.
+    Reconnect,
+    /// Close for good; `done` is answered once everything is stopped.
+    Close(oneshot::Sender<()>),
+}
+
+/// What a frame sent on the current connection is waiting for (keyed by its `ref`).
+enum Pending {
+    Auth,
+    Ping,
+    Join { room: String, epoch: u64 },
+    Leave(oneshot::Sender<()>),
+    Send(u64),
+}
+
+struct PendingSend {
+    room: String,
+    body: Value,
+    idem: String,
+    reply: oneshot::Sender<Result<Ack, Error>>,
+    retries: u32,
+    /// Set after a retryable error: resent at that time, not at the next connect.
+    retry_at: Option<Instant>,
+}
+
+/// Server frames, the fields the client reads (`ref` is read separately).
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Frame {
+    Message(Message),
+    Joined {
+        room: String,
+        head: u64,
+        first: u64,
+        #[serde(default)]
+        truncated: bool,
+    },
+    Ack {
+        room: String,
+        seq: u64,
+        id: String,
+        ts: String,
+    },
+    Authed {
+        exp: Option<u64>,
+    },
+    Pong,
+    Left {
+        room: String,
+        reason: Option<String>,
+    },
+    Error {
+        code: String,
+        #[serde(default)]
+        message: String,
+    },
+    /// Unknown frame types are ignored (forward compatibility).
+    #[serde(other)]
+    Other,
+}
+
+/// What the timers asked for.
+#[derive(Default)]
+pub(crate) struct Due {
+    /// No pong in time: the connection is dead.
+    pub dead: bool,
+    /// Time to fetch a fresh token.
+    pub refresh: bool,
+}
+
+pub(crate) struct Core {
+    pub opts: Arc<Options>,
+    events: mpsc::UnboundedSender<Event>,
+    rooms: HashMap<String, Room>,
+    /// Unacked sends in submission order (their ids only grow).
+    sends: BTreeMap<u64, PendingSend>,
+    refs: HashMap<u64, Pending>,
+    next_ref: u64,
+    next_epoch: u64,
+    next_send: u64,
+    /// Authenticated on the current connection: frames may be written.
+    online: bool,
+    /// Frames to write, as JSON text, in order.
+    pub outbox: Vec<String>,
+    /// Reconnect attempts since the last successful join.
+    pub attempt: u32,
+    /// Consecutive 1008 closes.
+    pub auth_failures: u32,
+    join_retries: Vec<(Instant, String, u64)>,
+    next_ping: Option<Instant>,
+    pong_deadline: Option<Instant>,
+    refresh_at: Option<Instant>,
+    state: State,
+}
+
+impl Core {
+    pub fn new(opts: Arc<Options>, events: mpsc::UnboundedSender<Event>) -> Core {
+        Core {
+            opts,
+            events,
+            rooms: HashMap::new(),
+            sends: BTreeMap::new(),
+            refs: HashMap::new(),
+            next_ref: 1,
+            next_epoch: 1,
+            next_send: 1,
+            online: false,
+            outbox: Vec::new(),
+            attempt: 0,
+            auth_failures: 0,
+            join_retries: Vec::new(),
+            next_ping: None,
+            pong_deadline: None,
+            refresh_at: None,
+            state: State::Connecting,
+        }
+    }
+
+    pub fn emit(&self, event: Event) {
+        // The application dropped its receiver: it does not want events any more, and the
+        // requests' replies still work.
+        if self.events.send(event).is_err() {
+            tracing::trace!("event receiver dropped");
+        }
+    }
+
+    pub fn set_state(&mut self, state: State) {
+        if self.state == state && !matches!(state, State::Reconnecting { .. }) {
+            return;
+        }
+        self.state = state.clone();
+        self.emit(Event::State(state));
+    }
+
+    // ---- commands ------------------------------------------------------------------------------
+
+    pub fn command(&mut self, cmd: Command) -> Flow {
+        match cmd {
+            Command::Join { room, since, reply } => {
+                let epoch = self.next_epoch;
+                let r = self
+                    .rooms
+                    .entry(room.clone())
+                    .or_insert_with(|| Room::new(epoch));
+                if r.epoch == epoch {
+                    self.next_epoch += 1;
+                }
+                if since.is_some() {
+                    r.since = since;
+                    r.last = None;
+                }
+                r.waiters.push(reply);
+                if self.online {
+                    self.send_join(&room);
+                }
+            }
+            Command::Leave { room, reply } => {
+                if let Some(r) = self.rooms.remove(&room) {
+                    for w in r.waiters {
+                        answer(w, Err(Error::Left(room.clone())));
+                    }
+                    if self.online {
+                        // Done on `left`, or `not_joined` (a join still in flight), or the
+                        // connection's end.
+                        self.request(
+                            json!({"type": "leave", "room": room}),
+                            Pending::Leave(reply),
+                        );
+                        return Flow::Continue;
+                    }
+                }
+                answer(reply, ());
+            }
+            Command::Send {
+                room,
+                body,
+                idem,
+                reply,
+            } => {
+                let id = self.next_send;
+                self.next_send += 1;
+                let entry = PendingSend {
+                    room,
+                    body,
+                    idem,
+                    reply,
+                    retries: 0,
+                    retry_at: None,
+                };
+                self.sends.insert(id, entry);
+                if self.online {
+                    self.transmit(id);
+                }
+            }
+            Command::LastSeq { room, reply } => {
+                answer(reply, self.rooms.get(&room).and_then(|r| r.last));
+            }
+            Command::PendingSends { reply } => answer(reply, self.sends.len()),
+            Command::Reconnect => {
+                self.attempt = 0;
+                return Flow::Reconnect;
+            }
+            Command::Close { done } => return Flow::Close(done),
+        }
+        Flow::Continue
+    }
+
+    // ---- connection lifecycle --------------------------------------------------------------------
+
+    /// The connection is authenticated (`exp`: the token's expiry, if any): rejoin every room
+    /// with `since = last`, then resend what is unacked, in submission order.
+    pub fn on_authed(&mut self, exp: Option<u64>) {
+        self.online = true;
+        self.auth_failures = 0;
+        self.schedule_refresh(exp);
+        self.next_ping = self.opts.ping_interval.map(|i| Instant::now() + i);
+        self.set_state(State::Open);
+        if self.rooms.is_empty() {
+            self.attempt = 0;
+        }
+        let rooms: Vec<String> = self.rooms.keys().cloned().collect();
+        for room in rooms {
+            self.send_join(&room);
+        }
+        let ids: Vec<u64> = self
+            .sends
+            .iter()
+            .filter(|(_, s)| s.retry_at.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.transmit(id);
+        }
+    }
+
+    /// Forgets the current connection; rooms and unacked sends stay for the next one.
+    pub fn teardown(&mut self) {
+        self.online = false;
+        self.outbox.clear();
+        for (_, pending) in self.refs.drain() {
+            // A leave is complete once the socket is gone; joins and sends are redone.
+            if let Pending::Leave(reply) = pending {
+                answer(reply, ());
+            }
+        }
+        for r in self.rooms.values_mut() {
+            r.rejoining = false;
+        }
+        self.join_retries.clear();
+        self.next_ping = None;
+        self.pong_deadline = None;
+        self.refresh_at = None;
+    }
+
+    /// Fails every pending request: the client is closed for good.
+    pub fn fail(&mut self, err: &Error) {
+        for (_, s) in std::mem::take(&mut self.sends) {
+            answer(s.reply, Err(err.clone()));
+        }
+        for (_, r) in self.rooms.drain() {
+            for w in r.waiters {
+                answer(w, Err(err.clone()));
+            }
+        }
+    }
+
+    /// Sends a refreshed token on the open connection.
+    pub fn send_auth(&mut self, token: String) {
+        if self.online {
+            self.request(json!({"type": "auth", "token": token}), Pending::Auth);
+        }
+    }
+
+    /// Fetching a fresh token failed: try again in a while (if the token runs out first, the
+    /// server closes with 1008 and the reconnect fetches one).
+    pub fn refresh_failed(&mut self) {
+        if self.online {
+            self.refresh_at = Some(Instant::now() + self.opts.retry_delay.base * 4);
+        }
+    }
+
+    fn schedule_refresh(&mut self, exp: Option<u64>) {
+        self.refresh_at = None;
+        let (Some(exp), TokenSource::Callback(_)) = (exp, &self.opts.token) else {
+            return;
+        };
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let lifetime = u128::from(exp).saturating_mul(1000).saturating_sub(now_ms);
+        let margin = self.opts.refresh_margin.as_millis();
+        // `margin` before exp, or half-way for a token shorter than twice the margin.
+        let at = if lifetime > 2 * margin {
+            lifetime - margin
+        } else {
+            lifetime / 2
+        };
+        // At most a year ahead (a token that far out is as good as one that never expires).
+        let at = Duration::from_millis(u64::try_from(at.min(365 * 86_400_000)).unwrap_or(0));
+        self.refresh_at = Some(Instant::now() + at);
+    }
+
+    // ---- timers --------------------------------------------------------------------------------
+
+    /// The earliest time [`Core::on_timers`] has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let sends = self.sends.values().filter_map(|s| s.retry_at);
+        let joins = self.join_retries.iter().map(|(t, _, _)| *t);
+        [self.next_ping, self.pong_deadline, self.refresh_at]
+            .into_iter()
+            .flatten()
+            .chain(sends)
+            .chain(joins)
+            .min()
+    }
+
+    pub fn on_timers(&mut self, now: Instant) -> Due {
+        let mut due = Due::default();
+        if self.pong_deadline.is_some_and(|t| t <= now) {
+            due.dead = true;
+            return due;
+        }
+        if let (Some(at), Some(interval)) = (self.next_ping, self.opts.ping_interval) {
+            if at <= now {
+                self.next_ping = Some(now + interval);
+                // One ping at a time: its deadline is not pushed back by the next one.
+                if self.pong_deadline.is_none() {
+                    self.pong_deadline = Some(now + self.opts.pong_timeout);
+                    self.request(json!({"type": "ping"}), Pending::Ping);
+                }
+            }
+        }
+        if self.refresh_at.is_some_and(|t| t <= now) {
+            self.refresh_at = None;
+            due.refresh = true;
+        }
+        let resend: Vec<u64> = self
+            .sends
+            .iter()
+            .filter(|(_, s)| s.retry_at.is_some_and(|t| t <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in resend {
+            self.transmit(id);
+        }
+        let (ready, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.join_retries)
+            .into_iter()
+            .partition(|(t, _, _)| *t <= now);
+        self.join_retries = later;
+        for (_, room, epoch) in ready {
+            if self.rooms.get(&room).is_some_and(|r| r.epoch == epoch) {
+                self.send_join(&room);
+            }
+        }
+        due
+    }
+
+    // ---- frames out ------------------------------------------------------------------------------
+
+    fn request(&mut self, mut frame: Value, pending: Pending) {
+        let reference = self.next_ref;
+        self.next_ref += 1;
+        frame["ref"] = json!(reference);
+        self.refs.insert(reference, pending);
+        self.outbox.push(frame.to_string());
+    }
+
+    fn send_join(&mut self, room: &str) {
+        let Some(r) = self.rooms.get(room) else {
+            return;
+        };
+        let mut frame = json!({"type": "join", "room": room});
+        if let Some(since) = r.join_since() {
+            frame["since"] = json!(since);
+        }
+        let pending = Pending::Join {
+            room: room.to_owned(),
+            epoch: r.epoch,
+        };
+        self.request(frame, pending);
+    }
+
+    fn transmit(&mut self, id: u64) {
+        let Some(s) = self.sends.get_mut(&id) else {
+            return;
+        };
+        s.retry_at = None;
+        let frame = json!({"type": "send", "room": s.room, "body": s.body, "idem": s.idem});
+        self.request(frame, Pending::Send(id));
+    }
+
+    // ---- frames in -------------------------------------------------------------------------------
+
+    /// One text frame from the server.
+    pub fn on_text(&mut self, text: &str) {
+        let value: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!("seqcast sent a frame that is not JSON: {e}");
+                return;
+            }
+        };
+        let pending = value
+            .get("ref")
+            .and_then(Value::as_u64)
+            .and_then(|r| self.refs.remove(&r));
+        let frame = match serde_json::from_value::<Frame>(value) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("seqcast sent a frame this client cannot read: {e}");
+                return;
+            }
+        };
+        match frame {
+            Frame::Message(m) => self.on_message(m),
+            Frame::Joined {
+                room,
+                head,
+                first,
+                truncated,
+            } => self.on_joined(room, head, first, truncated, pending),
+            Frame::Ack { room, seq, id, ts } => {
+                if let Some(Pending::Send(sid)) = pending {
+                    if let Some(s) = self.sends.remove(&sid) {
+                        answer(s.reply, Ok(Ack { room, seq, id, ts }));
+                    }
+                }
+            }
+            Frame::Authed { exp } => self.schedule_refresh(exp),
+            Frame::Pong => self.pong_deadline = None,
+            Frame::Left { room, reason } => match pending {
+                Some(Pending::Leave(reply)) => answer(reply, ()),
+                _ if reason.as_deref() == Some("forbidden") => {
+                    // A refreshed token no longer allows the room.
+                    if let Some(r) = self.rooms.remove(&room) {
+                        let message = format!("left {room}: the new token does not allow it");
+                        let err = Error::Server {
+                            code: "forbidden".to_owned(),
+                            message,
+                        };
+                        for w in r.waiters {
+                            answer(w, Err(err.clone()));
+                        }
+                        self.emit(Event::Error(err));
+                    }
+                }
+                _ => {}
+            },
+            Frame::Error { code, message } => self.on_error(code, message, pending),
+            Frame::Other => {}
+        }
+    }
+
+    fn on_message(&mut self, m: Message) {
+        let Some(r) = self.rooms.get_mut(&m.room) else {
+            return;
+        };
+        match r.on_message(m.seq) {
+            Verdict::Deliver => self.emit(Event::Message(m)),
+            Verdict::Drop => {}
+            Verdict::Rejoin => {
+                if !r.rejoining && self.online {
+                    r.rejoining = true;
+                    self.send_join(&m.room);
+                }
+            }
+        }
+    }
+
+    fn on_joined(
+        &mut self,
+        room: String,
+        head: u64,
+        first: u64,
+        truncated: bool,
+        pending: Option<Pending>,
+    ) {
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return; // left meanwhile
+        };
+        if let Some(Pending::Join { epoch, .. }) = pending {
+            if epoch != r.epoch {
+                return; // the reply to a join of an earlier subscription
+            }
+        }
+        let was_joined = r.joined;
+        let lost_from = r.on_joined(head, first, truncated);
+        let waiters = std::mem::take(&mut r.waiters);
+        self.attempt = 0;
+        if let Some(lost_from) = lost_from {
+            self.emit(Event::Truncated {
+                room: room.clone(),
+                first,
+                head,
+                lost_from,
+            });
+        }
+        let info = Joined {
+            room,
+            head,
+            first,
+            truncated,
+        };
+        for w in waiters {
+            answer(w, Ok(info.clone()));
+        }
+        if was_joined {
+            self.emit(Event::Rejoined(info));
+        }
+    }
+
+    fn on_error(&mut self, code: String, message: String, pending: Option<Pending>) {
+        let retryable = RETRYABLE.contains(&code.as_str());
+        let err = Error::Server { code, message };
+        match pending {
+            Some(Pending::Send(id)) => {
+                let Some(s) = self.sends.get_mut(&id) else {
+                    return;
+                };
+                if retryable || err.code() == Some("unauthorized") {
+                    // Same idem, later; on a reconnect in between it is resent then.
+                    let delay = self.opts.retry_delay.base + self.opts.retry_delay.delay(s.retries);
+                    s.retries += 1;
+                    s.retry_at = Some(Instant::now() + delay);
+                } else if let Some(s) = self.sends.remove(&id) {
+                    answer(s.reply, Err(err));
+                }
+            }
+            Some(Pending::Join { room, epoch }) => {
+                if self.rooms.get(&room).is_none_or(|r| r.epoch != epoch) {
+                    return;
+                }
+                if retryable {
+                    let delay = self.opts.retry_delay.delay(1);
+                    self.join_retries
+                        .push((Instant::now() + delay, room, epoch));
+                    return;
+                }
+                let Some(r) = self.rooms.remove(&room) else {
+                    return;
+                };
+                for w in r.waiters {
+                    answer(w, Err(err.clone()));
+                }
+                if r.joined {
+                    self.emit(Event::Error(err)); // a rejoin refused: nobody else awaits it
+                }
+            }
+            Some(Pending::Leave(reply)) => answer(reply, ()),
+            // A refused refresh leaves the old token in force until it expires; a refused first
+            // auth is followed by close 1008. No pending: e.g. unauthorized before a close.
+            Some(Pending::Auth | Pending::Ping) | None => self.emit(Event::Error(err)),
+        }
+    }
+}
+
+/// Answers a request; the caller may have stopped waiting (dropped its future), which is fine.
+fn answer<T>(reply: oneshot::Sender<T>, value: T) {
+    if reply.send(value).is_err() {
+        tracing::trace!("a request's caller stopped waiting");
+    }
+}

@@ -1,0 +1,169 @@
+//! A scripted fake server for what a healthy seqcast does not do on demand: a gap in seqs, a
+//! missing pong, `unavailable`.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use seqcast_client::{Client, Event, Options};
+use serde_json::{json, Value};
+use support::{next_matching, wait_for};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+type Log = Arc<Mutex<Vec<(usize, Value)>>>;
+
+/// Serves WebSockets on a free port; every client frame is logged with its connection's number
+/// (from 0) and answered with what `script(conn, frame)` returns. Returns the URL and the log.
+async fn fake<F>(script: F) -> (String, Log)
+where
+    F: Fn(usize, &Value) -> Vec<Value> + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/v1/ws", listener.local_addr().unwrap());
+    let log: Log = Arc::default();
+    let script = Arc::new(script);
+    let server_log = Arc::clone(&log);
+    tokio::spawn(async move {
+        for conn in 0.. {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (script, log) = (Arc::clone(&script), Arc::clone(&server_log));
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    let WsMessage::Text(text) = msg else { continue };
+                    let frame: Value = serde_json::from_str(text.as_str()).unwrap();
+                    log.lock().unwrap().push((conn, frame.clone()));
+                    for reply in script(conn, &frame) {
+                        if ws.send(WsMessage::text(reply.to_string())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (url, log)
+}
+
+fn frames_of(log: &Log, ty: &str) -> Vec<(usize, Value)> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, f)| f["type"] == ty)
+        .cloned()
+        .collect()
+}
+
+fn msg(seq: u64) -> Value {
+    json!({"type": "message", "room": "r", "seq": seq, "id": format!("id-{seq}"), "from": "x", "body": seq, "ts": "t"})
+}
+
+#[tokio::test]
+async fn unavailable_is_retried_with_the_same_idem() {
+    let sends = Arc::new(Mutex::new(0));
+    let (url, log) = fake(move |_, f| match f["type"].as_str() {
+        Some("send") => {
+            let mut n = sends.lock().unwrap();
+            *n += 1;
+            if *n == 1 {
+                vec![json!({"type": "error", "code": "unavailable", "message": "db down", "ref": f["ref"]})]
+            } else {
+                vec![json!({"type": "ack", "room": "r", "seq": 1, "id": "i", "ts": "t", "ref": f["ref"]})]
+            }
+        }
+        _ => vec![],
+    })
+    .await;
+    let opts = Options::new(url).retry_delay(Duration::from_millis(20), Duration::from_millis(50));
+    let (c, _events) = Client::new(opts);
+    let ack = c.send("r", json!("hi"), None).await.unwrap();
+    assert_eq!(ack.seq, 1);
+    let sent = frames_of(&log, "send");
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0].1["idem"], sent[1].1["idem"]);
+    c.close().await;
+}
+
+#[tokio::test]
+async fn a_gap_makes_the_client_rejoin_with_since() {
+    let (url, log) = fake(|_, f| match (f["type"].as_str(), f.get("since")) {
+        (Some("join"), None) => vec![
+            json!({"type": "joined", "room": "r", "head": 0, "first": 1, "ref": f["ref"]}),
+            msg(1),
+            msg(3), // seq 2 is missing
+        ],
+        (Some("join"), Some(_)) => vec![
+            json!({"type": "joined", "room": "r", "head": 3, "first": 1, "ref": f["ref"]}),
+            msg(2),
+            msg(3),
+        ],
+        _ => vec![],
+    })
+    .await;
+    let (c, mut events) = Client::new(Options::new(url));
+    c.join("r", None).await.unwrap();
+    let mut seqs = Vec::new();
+    while seqs.len() < 3 {
+        let m = next_matching(
+            &mut events,
+            Duration::from_secs(5),
+            "a message",
+            |e| match e {
+                Event::Message(m) => Some(m.seq),
+                _ => None,
+            },
+        )
+        .await;
+        seqs.push(m);
+    }
+    assert_eq!(seqs, [1, 2, 3]);
+    let joins = frames_of(&log, "join");
+    assert_eq!(joins.len(), 2);
+    assert_eq!(joins[1].1["since"], 1);
+    c.close().await;
+}
+
+#[tokio::test]
+async fn a_missing_pong_reconnects_and_rejoins() {
+    let (url, log) = fake(|_, f| match f["type"].as_str() {
+        Some("join") => {
+            vec![json!({"type": "joined", "room": "r", "head": 0, "first": 1, "ref": f["ref"]})]
+        }
+        _ => vec![], // pings go unanswered
+    })
+    .await;
+    let opts = Options::new(url)
+        .ping_interval(Some(Duration::from_millis(100)))
+        .pong_timeout(Duration::from_millis(200))
+        .backoff(Duration::from_millis(10), Duration::from_millis(50));
+    let (c, mut events) = Client::new(opts);
+    c.join("r", None).await.unwrap();
+    next_matching(
+        &mut events,
+        Duration::from_secs(5),
+        "a timeout",
+        |e| match e {
+            Event::Error(seqcast_client::Error::Timeout(_)) => Some(()),
+            _ => None,
+        },
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(5),
+        "a join on the second connection",
+        || async {
+            frames_of(&log, "join")
+                .iter()
+                .any(|(conn, _)| *conn == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    c.close().await;
+}
