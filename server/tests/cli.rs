@@ -299,6 +299,14 @@ async fn the_readme_quick_start_command_serves() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The demo page the README points a browser at.
+    let page = http.get(format!("http://{addr}/")).send().await.unwrap();
+    assert_eq!(page.status(), 200, "GET / (the demo page)");
+    let page = page.text().await.unwrap();
+    assert!(
+        page.contains("<title>seqcast demo</title>") && page.contains("/demo/app.js"),
+        "GET / is not the demo page: {page:.200}"
+    );
     // The README's two curl lines.
     let posted = http
         .post(format!("http://{addr}/v1/rooms/general/messages"))
