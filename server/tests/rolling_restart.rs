@@ -4,9 +4,15 @@
 //! (`/ready` 503, sessions served for the drain delay, then 1012 spread over the drain window), is
 //! started again and waited for until `/ready` answers 200.
 //!
-//! Checked: no acknowledged message is lost, every subscriber ends gap-free and duplicate-free,
-//! every client was moved at least once (so the roll really went through them), and nginx
-//! answered no upgrade with 502/504 (the trap of `max_fails`, docs/operations.md "Load
+//! The clients are the Rust client library (`clients/rust`, `seqcast-client`), as an application
+//! would use it: it reconnects through nginx by itself, rejoins with `since` and resends what was
+//! not acknowledged with the same `idem` (each client names itself with a `dev:NAME` token, so
+//! its user, to which `idem` is scoped, survives a reconnect).
+//!
+//! Checked: every message acknowledged exactly once with seqs 1..=N per room, every subscriber
+//! received exactly those messages once each and in order (the library's promise, checked here
+//! from outside), every client was moved at least once (so the roll really went through them),
+//! and nginx answered no upgrade with 502/504 (the trap of `max_fails`, docs/operations.md "Load
 //! balancer"). Reported (`cargo test --test rolling_restart -- --nocapture`, lines `FIGURE`): the
 //! longest delivery pause a subscriber saw, delivery delays, and how the reconnects spread over
 //! the roll.
@@ -15,18 +21,23 @@
 #[allow(dead_code)]
 mod support;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use seqcast_client::{Client, Event, Options, State};
+use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::watch;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::task::JoinHandle;
 
-use support::cluster::{listen, spawn_sender, DelayStats, ListenSpec, Pacing, Sender, API_KEY};
-use support::scenario::{figure, finish_and_check, join_senders, ledger_of, ms};
+use support::cluster::DelayStats;
+use support::scenario::{figure, ms};
 
 const ROOMS: [&str; 2] = ["roll-a", "roll-b"];
 const SENDERS_PER_ROOM: usize = 2;
@@ -35,6 +46,8 @@ const LISTENERS_PER_ROOM: usize = 3;
 /// 2 s + spread 2 s + restart)) with room to spare on a slow machine.
 const MESSAGES: usize = 1_500;
 const PACE: Duration = Duration::from_millis(20);
+/// Sends in flight per sender at most.
+const WINDOW: usize = 8;
 const DEADLINE: Duration = Duration::from_secs(150);
 
 /// `deploy/local/cluster.sh` running `up` in a directory of its own; stopped (and its directory
@@ -61,9 +74,6 @@ impl LocalCluster {
             .arg("--dir")
             .arg(&dir)
             .args(["--binary", env!("CARGO_BIN_EXE_seqcast")])
-            // One identity for every sender on every node, so that `idem` dedupes a retry made
-            // on another node (anonymous clients get a random name per connection).
-            .env("SEQCAST_API_KEY", API_KEY)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(false)
@@ -156,42 +166,151 @@ fn secs(at: Instant, start: Instant) -> f64 {
     at.saturating_duration_since(start).as_secs_f64()
 }
 
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// A client's connection history: when each connection was lost and when the next one opened.
+#[derive(Default)]
+struct Moves {
+    lost: Vec<Instant>,
+    /// Lost to open again, per reconnect.
+    away: Vec<Duration>,
+}
+
+impl Moves {
+    fn observe(&mut self, state: &State, lost_at: &mut Option<Instant>) {
+        match state {
+            State::Reconnecting { .. } if lost_at.is_none() => {
+                let now = Instant::now();
+                self.lost.push(now);
+                *lost_at = Some(now);
+            }
+            State::Open => {
+                if let Some(at) = lost_at.take() {
+                    self.away.push(at.elapsed());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// What a subscriber received: (seq, body, arrival).
+type Received = Vec<(u64, Value, Instant)>;
+
+/// Reads a subscriber's events until it has `until_seq`, recording messages and moves.
+fn subscribe(
+    label: String,
+    mut events: UnboundedReceiver<Event>,
+    until_seq: u64,
+) -> JoinHandle<(Received, Moves)> {
+    tokio::spawn(async move {
+        let mut received = Vec::new();
+        let mut moves = Moves::default();
+        let mut lost_at = None;
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while received.last().map_or(0, |(seq, _, _)| *seq) < until_seq {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some(Event::Message(m))) => received.push((m.seq, m.body, Instant::now())),
+                Ok(Some(Event::State(state))) => moves.observe(&state, &mut lost_at),
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("{label}: the client closed"),
+                Err(_) => panic!(
+                    "{label}: {} messages within {DEADLINE:?}, wanted up to seq {until_seq}",
+                    received.len()
+                ),
+            }
+        }
+        (received, moves)
+    })
+}
+
+/// Sends `MESSAGES` bodies `{w, i, t}` with `idem` `{label}-{i}`, paced and windowed; returns
+/// each one's acked seq (by index) and the client's moves.
+fn send_all(
+    label: String,
+    client: Client,
+    room: &'static str,
+    mut events: UnboundedReceiver<Event>,
+    progress: Arc<AtomicUsize>,
+) -> JoinHandle<(Vec<(u64, Value)>, Moves)> {
+    // The sender's own events: only its moves matter.
+    let moves = Arc::new(Mutex::new(Moves::default()));
+    let watcher = Arc::clone(&moves);
+    tokio::spawn(async move {
+        let mut lost_at = None;
+        while let Some(event) = events.recv().await {
+            if let Event::State(state) = event {
+                watcher.lock().unwrap().observe(&state, &mut lost_at);
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut acked: Vec<Option<(u64, Value)>> = vec![None; MESSAGES];
+        let mut in_flight = FuturesUnordered::new();
+        let mut next = 0;
+        let mut pace = tokio::time::interval(PACE);
+        while next < MESSAGES || !in_flight.is_empty() {
+            tokio::select! {
+                _ = pace.tick(), if next < MESSAGES && in_flight.len() < WINDOW => {
+                    let body = json!({"w": label, "i": next, "t": now_micros()});
+                    let send = client.send(room, body.clone(), Some(format!("{label}-{next}")));
+                    let index = next;
+                    in_flight.push(async move { (index, body, send.await) });
+                    next += 1;
+                }
+                Some((index, body, ack)) = in_flight.next() => {
+                    let ack = ack.unwrap_or_else(|e| panic!("{label}: send {index} failed: {e}"));
+                    assert!(acked[index].is_none(), "{label}: send {index} resolved twice");
+                    acked[index] = Some((ack.seq, body));
+                    progress.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        client.close().await;
+        let acked = acked
+            .into_iter()
+            .map(|a| a.expect("every send acked"))
+            .collect();
+        let moves = std::mem::take(&mut *moves.lock().unwrap());
+        (acked, moves)
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_behind_nginx_loses_nothing_and_nginx_never_answers_502() {
     let cluster = LocalCluster::start(3).await;
-    let through_nginx = (0, cluster.url.clone());
-    // Every reconnect goes through nginx again (two entries: a route of one does not fail over).
-    let route = vec![through_nginx.clone(), through_nginx.clone()];
-    let until = Instant::now() + DEADLINE;
-    let (target_tx, target) = watch::channel(0);
+    let connect =
+        |label: &str| Client::new(Options::new(cluster.url.clone()).token(format!("dev:{label}")));
+    let per_room = (SENDERS_PER_ROOM * MESSAGES) as u64;
 
-    let mut listeners = Vec::new();
+    let mut subscribers = Vec::new();
     for room in ROOMS {
-        let mut room_listeners = Vec::new();
         for i in 0..LISTENERS_PER_ROOM {
             let label = format!("{room}-listener{i}");
-            let spec = ListenSpec::new(label.clone(), room, through_nginx.clone())
-                .then(through_nginx.clone());
-            room_listeners.push((label, 1, listen(spec, target.clone(), until).await));
+            let (client, events) = connect(&label);
+            client.join(room, Some(0)).await.unwrap();
+            subscribers.push((
+                room,
+                label.clone(),
+                client,
+                subscribe(label, events, per_room),
+            ));
         }
-        listeners.push(room_listeners);
     }
     let progress = Arc::new(AtomicUsize::new(0));
     let mut senders = Vec::new();
     for room in ROOMS {
-        let mut room_senders = Vec::new();
         for i in 0..SENDERS_PER_ROOM {
-            let sender = Sender::new(format!("{room}-sender{i}"), room, MESSAGES).with_idem();
-            room_senders.push(spawn_sender(
-                sender,
-                route.clone(),
-                true,
-                Pacing::paced(8, PACE),
-                until,
-                Arc::clone(&progress),
-            ));
+            let label = format!("{room}-sender{i}");
+            let (client, events) = connect(&label);
+            let task = send_all(label.clone(), client, room, events, Arc::clone(&progress));
+            senders.push((room, label, task));
         }
-        senders.push(room_senders);
     }
     let total = ROOMS.len() * SENDERS_PER_ROOM * MESSAGES;
     support::cluster::wait_until(Duration::from_secs(30), "first acks", || async {
@@ -210,34 +329,51 @@ async fn rolling_restart_behind_nginx_loses_nothing_and_nginx_never_answers_502(
          did not send through the whole roll; raise MESSAGES"
     );
 
-    let mut all_streams = Vec::new();
-    let mut reconnects = Vec::new();
-    let mut failovers = Vec::new();
-    for (room_senders, room_listeners) in senders.into_iter().zip(listeners) {
-        let room_senders = join_senders(room_senders).await;
-        for sender in &room_senders {
-            assert!(
-                !sender.failovers.is_empty(),
-                "{}: never moved to another node during the roll",
-                sender.label
-            );
-            failovers.extend(sender.failovers.iter().copied());
-        }
-        let ledger = ledger_of(&room_senders);
-        assert_eq!(
-            ledger.head as usize,
-            SENDERS_PER_ROOM * MESSAGES,
-            "every message acked once"
+    // Every message acknowledged once, under seqs 1..=N of its room.
+    let mut by_seq: HashMap<&str, HashMap<u64, Value>> = HashMap::new();
+    let mut all_moves = Vec::new();
+    for (room, label, task) in senders {
+        let (acked, moves) = task.await.unwrap();
+        assert!(
+            !moves.lost.is_empty(),
+            "{label}: never moved during the roll"
         );
-        for (label, _, listening) in &room_listeners {
-            let moved = listening.reconnects.lock().unwrap().clone();
-            assert!(
-                !moved.is_empty(),
-                "{label}: never moved to another node during the roll"
-            );
-            reconnects.extend(moved);
+        all_moves.push(moves);
+        for (seq, body) in acked {
+            let previous = by_seq.entry(room).or_default().insert(seq, body.clone());
+            assert!(previous.is_none(), "{room}: seq {seq} acked twice ({body})");
         }
-        all_streams.extend(finish_and_check(room_listeners, &target_tx, &ledger).await);
+    }
+    for room in ROOMS {
+        let seqs = &by_seq[room];
+        assert!(
+            (1..=per_room).all(|seq| seqs.contains_key(&seq)),
+            "{room}: the acked seqs are not 1..={per_room}"
+        );
+    }
+    // Every subscriber got exactly those, once each, in order.
+    let mut streams = Vec::new();
+    for (room, label, client, task) in subscribers {
+        let (received, moves) = task.await.unwrap();
+        client.close().await;
+        let seqs: Vec<u64> = received.iter().map(|(seq, _, _)| *seq).collect();
+        assert!(
+            seqs.iter().copied().eq(1..=per_room),
+            "{label}: not 1..={per_room} once each in order (got {} messages)",
+            seqs.len()
+        );
+        for (seq, body, _) in &received {
+            assert_eq!(
+                &by_seq[room][seq], body,
+                "{label}: seq {seq} is another message"
+            );
+        }
+        assert!(
+            !moves.lost.is_empty(),
+            "{label}: never moved during the roll"
+        );
+        all_moves.push(moves);
+        streams.push(received);
     }
 
     // nginx itself answers 502 (or 504) only when no node took the request: that must not happen.
@@ -262,29 +398,35 @@ async fn rolling_restart_behind_nginx_loses_nothing_and_nginx_never_answers_502(
         .count();
 
     // The report.
-    let gaps = all_streams.iter().flat_map(|stream| {
-        stream
-            .windows(2)
-            .map(|pair| pair[1].arrived.saturating_duration_since(pair[0].arrived))
-    });
-    let longest_pause = gaps.max().unwrap_or_default();
-    let delays = DelayStats::of(all_streams.iter().flatten().map(|m| m.delay));
-    let away = DelayStats::of(
-        reconnects
-            .iter()
-            .map(|(ended, joined)| joined.saturating_duration_since(*ended)),
-    );
+    let longest_pause = streams
+        .iter()
+        .flat_map(|stream| {
+            stream
+                .windows(2)
+                .map(|pair| pair[1].2.saturating_duration_since(pair[0].2))
+        })
+        .max()
+        .unwrap_or_default();
+    // Send time (in the body) to arrival, on the wall clock of this one machine.
+    let delays = DelayStats::of(streams.iter().flatten().map(|(_, body, arrived)| {
+        let sent = body["t"].as_u64().unwrap();
+        let arrived_at = now_micros().saturating_sub(arrived.elapsed().as_micros() as u64);
+        Duration::from_micros(arrived_at.saturating_sub(sent))
+    }));
+    let away = DelayStats::of(all_moves.iter().flat_map(|m| m.away.iter().copied()));
     figure("roll duration", ms(roll_end - roll_start));
     figure(
         "longest delivery pause at a subscriber (between two arrivals)",
         ms(longest_pause),
     );
     figure("delivery delay, send to arrival, all subscribers", delays);
-    figure("subscriber reconnect, connection end to joined", away);
-    let mut moves: Vec<Instant> = reconnects.iter().map(|(ended, _)| *ended).collect();
-    moves.extend(failovers);
-    moves.sort_unstable();
-    let spread: Vec<String> = moves
+    figure("client reconnect, connection lost to open again", away);
+    let mut lost: Vec<Instant> = all_moves
+        .iter()
+        .flat_map(|m| m.lost.iter().copied())
+        .collect();
+    lost.sort_unstable();
+    let spread: Vec<String> = lost
         .iter()
         .map(|at| format!("{:.2}", secs(*at, roll_start)))
         .collect();
