@@ -228,6 +228,11 @@ async fn http_status(url: &str) -> anyhow::Result<u16> {
 fn serve(given: &HashMap<&'static str, String>) -> anyhow::Result<()> {
     let config = configure(given)?;
     config.validate()?;
+    // The configuration the node's state is built from (origins, proxy ranges, token keys) is
+    // checked now, not once the database has opened: a node whose database is down would
+    // otherwise sit "starting" with a configuration that can never work, and fail only later.
+    seqcast::admission::Admission::new(&config)?;
+    seqcast::auth::Authenticator::from_config(&config)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -122,6 +122,35 @@ async fn a_starting_node_stops_on_sigterm() {
 
 /// `seqcast migrate` applies every migration and exits 0; a node with `SEQCAST_MIGRATE=false`
 /// then serves on that database.
+/// A configuration that can never work stops the node at once, even while its database is
+/// unreachable (it used to be found only once the database had opened, after the node had sat
+/// "starting" meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_configuration_stops_the_node_before_it_waits_for_its_database() {
+    let unreachable = format!("postgres://postgres@127.0.0.1:{}/postgres", free_port());
+    for (name, value) in [
+        ("SEQCAST_ALLOWED_ORIGINS", "not-an-origin"),
+        ("SEQCAST_TRUSTED_PROXIES", "10.0.0.0/99"),
+        ("SEQCAST_JWT_PUBLIC_KEY", "/nonexistent/key.pem"),
+    ] {
+        let (status, _, stderr) = run_seqcast(
+            &["serve"],
+            &[
+                ("DATABASE_URL", unreachable.as_str()),
+                ("SEQCAST_LISTEN", "127.0.0.1:0"),
+                (name, value),
+            ],
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(!status.success(), "{name}={value}: exited {status}");
+        assert!(
+            stderr.contains(name) || stderr.contains("key"),
+            "{name}={value}: the error does not name the setting:\n{stderr}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seqcast_migrate_applies_the_migrations_and_exits() {
     let postgres = TestPostgres::shared();
