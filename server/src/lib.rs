@@ -165,6 +165,7 @@ pub async fn serve(
     // then they are closed (1012) spread over the window: their reconnects reach the other
     // nodes (each a `since` read from the database) a few at a time, not as one storm.
     state.shutdown.cancel();
+    ::metrics::gauge!(crate::metrics::DRAINING).set(1.0);
     if open > 0 {
         tokio::time::sleep(delay).await;
     }

@@ -50,6 +50,8 @@ pub const GAPS_DETECTED: &str = "seqcast_gaps_detected_total";
 pub const MESSAGES_REPAIRED: &str = "seqcast_messages_repaired_total";
 /// 1 while this node holds the leader lock for background jobs (gauge).
 pub const LEADER: &str = "seqcast_leader";
+/// 1 once this node has begun draining (SIGTERM/SIGINT), until it exits (gauge).
+pub const DRAINING: &str = "seqcast_draining";
 /// Messages deleted by the retention job (counter).
 pub const RETENTION_DELETED: &str = "seqcast_retention_deleted_total";
 /// `rate_limited` errors sent and 429s answered (counter, label `limit`: `connection` or `user`).
@@ -162,6 +164,10 @@ fn describe() {
         "Messages read from the database to fill gaps"
     );
     describe_gauge!(LEADER, "1 while this node is the leader");
+    describe_gauge!(
+        DRAINING,
+        "1 once this node has begun draining (SIGTERM), until it exits"
+    );
     describe_counter!(RETENTION_DELETED, "Messages deleted by retention");
     describe_counter!(RATE_LIMITED, "Frames and requests refused as rate_limited");
     describe_counter!(
@@ -185,4 +191,5 @@ fn describe() {
     metrics::counter!(MESSAGES_REPAIRED).absolute(0);
     // Not BUS_UP: it exists only on a node with Redis (set by `crate::redis`).
     metrics::gauge!(LEADER).set(0.0);
+    metrics::gauge!(DRAINING).set(0.0);
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use support::http::Http;
+use support::http::{metric_value, Http};
 use support::server::{ServerOptions, StoreKind, TestServer};
 use support::ws::{WsClient, RECV_DEADLINE};
 
@@ -147,9 +147,11 @@ async fn sigterm_serves_through_the_delay_then_spreads_the_closes() {
         listeners.push(client);
     }
 
+    let http = Http::new(&server);
+    let draining = |metrics: String| metric_value(&metrics, "seqcast_draining");
+    assert_eq!(draining(http.metrics().await), Some(0.0), "before SIGTERM");
     let signalled = Instant::now();
     server.sigterm();
-    let http = Http::new(&server);
     let deadline = signalled + DRAIN_STEP / 2;
     loop {
         let status = http.try_get("/ready").await.map(|r| r.status);
@@ -162,6 +164,12 @@ async fn sigterm_serves_through_the_delay_then_spreads_the_closes() {
             signalled.elapsed()
         );
     }
+    // Operators see it in the metrics too.
+    assert_eq!(
+        draining(http.metrics().await),
+        Some(1.0),
+        "during the drain"
+    );
     // Still served: a send is acknowledged and delivered to everyone before any close.
     sender
         .send_msg("general", json!({ "during": "drain delay" }))
