@@ -29,7 +29,8 @@
 //! - [`session`]: one connection; its outbound half keeps a cursor per room and reads the
 //!   database whenever it is behind the live stream (join with `since`, gaps, slow clients).
 //! - [`api`], [`ws`], [`ops`]: the HTTP handlers; [`demo`]: the demo page at `/` (static files
-//!   and the JavaScript client, embedded); [`router`] puts them together under one router; [`app`] is the state they are all handed (it knows no handler).
+//!   and the JavaScript client, embedded); [`router`] puts them together under one router;
+//!   [`app`] is the state they are all handed (it knows no handler).
 //! - [`listener`]: the HTTP server loop (request deadlines, peer addresses, graceful stop).
 //! - [`admission`]: who may connect: origins, client addresses, connection limits.
 //! - [`ratelimit`]: send rates per connection and per user (token buckets, Redis leases), one

@@ -114,11 +114,16 @@ fn configure(given: &HashMap<&'static str, String>) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// The checks a node makes when it builds its state, short of opening files and databases.
+fn check_settings(config: &Config) -> anyhow::Result<()> {
+    config.validate()?;
+    seqcast::admission::Admission::new(config)?;
+    Ok(())
+}
+
 fn show_config(given: &HashMap<&'static str, String>) -> anyhow::Result<()> {
     let config = configure(given)?;
-    config.validate()?;
-    // The checks a node makes when it builds its state, short of opening files and databases.
-    seqcast::admission::Admission::new(&config)?;
+    check_settings(&config)?;
     print!("{}", config.to_env_lines());
     Ok(())
 }
@@ -227,11 +232,10 @@ async fn http_status(url: &str) -> anyhow::Result<u16> {
 
 fn serve(given: &HashMap<&'static str, String>) -> anyhow::Result<()> {
     let config = configure(given)?;
-    config.validate()?;
     // The configuration the node's state is built from (origins, proxy ranges, token keys) is
     // checked now, not once the database has opened: a node whose database is down would
     // otherwise sit "starting" with a configuration that can never work, and fail only later.
-    seqcast::admission::Admission::new(&config)?;
+    check_settings(&config)?;
     seqcast::auth::Authenticator::from_config(&config)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

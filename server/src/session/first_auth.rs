@@ -20,7 +20,7 @@ use seqcast_protocol::{self as protocol, ClientFrame, ErrorCode, Ref};
 use super::close;
 use crate::admission::Permit;
 use crate::app::AppState;
-use crate::auth::Identity;
+use crate::auth::{AuthError, Identity};
 
 /// The wait for the `auth` frame when `SEQCAST_HANDSHAKE_TIMEOUT` is 0 (off): a connection that
 /// never authenticates must not be held forever.
@@ -33,6 +33,8 @@ pub(super) struct Failure {
     message: String,
     reply_ref: Option<Ref>,
     close: u16,
+    /// The close frame's reason.
+    reason: String,
 }
 
 impl Failure {
@@ -42,20 +44,26 @@ impl Failure {
             message: message.into(),
             reply_ref,
             close: close::POLICY,
+            reason: "unauthorized".into(),
         }
     }
 
-    /// Sends the `error` frame and the close (at most 5 s: the client may not be reading).
+    /// A token refused at the upgrade: `unauthorized` with the reason, which the close repeats.
+    pub(super) fn refused(e: &AuthError) -> Failure {
+        Failure {
+            reason: e.to_string(),
+            ..Failure::unauthorized(e.to_string(), None)
+        }
+    }
+
+    /// Sends the `error` frame and the close (at most 5 s: the client may not be reading). Also
+    /// how a connection whose token was refused at the upgrade is answered ([`super::run`]).
     pub(super) async fn send(self, socket: &mut WebSocket) {
         use axum::extract::ws::CloseFrame;
         let frame = protocol::error_frame(self.code, &self.message, self.reply_ref.as_ref());
-        let reason = match self.close {
-            close::OVERLOADED => "too many connections",
-            _ => "unauthorized",
-        };
         let close = CloseFrame {
             code: self.close,
-            reason: reason.into(),
+            reason: self.reason.into(),
         };
         let send = async {
             socket.send(Message::Text(frame.into())).await?;
@@ -140,6 +148,7 @@ pub(super) async fn authenticate(
             message: "too many connections for this user; try again later".into(),
             reply_ref,
             close: close::OVERLOADED,
+            reason: "too many connections".into(),
         });
     }
     let authed = protocol::authed_frame(identity.exp, reply_ref.as_ref());

@@ -39,7 +39,7 @@ use crate::auth::{AuthError, Identity};
 use crate::hub::{Mailbox, SessionId};
 use crate::listener::WriteProgress;
 use crate::metrics as m;
-use seqcast_protocol::{self as protocol, ErrorCode, Ref};
+use seqcast_protocol::Ref;
 
 /// WebSocket close codes used by seqcast (see the protocol contract).
 pub mod close {
@@ -233,17 +233,5 @@ fn unbox<T>(b: Box<T>) -> T {
 }
 
 async fn refuse(mut socket: WebSocket, e: AuthError) {
-    use axum::extract::ws::{CloseFrame, Message};
-    let frame = protocol::error_frame(ErrorCode::Unauthorized, &e.to_string(), None);
-    let close = CloseFrame {
-        code: close::POLICY,
-        reason: e.to_string().into(),
-    };
-    let send = async {
-        socket.send(Message::Text(frame.into())).await?;
-        socket.send(Message::Close(Some(close))).await
-    };
-    if let Err(err) = tokio::time::timeout(std::time::Duration::from_secs(5), send).await {
-        tracing::debug!(error = %err, "refused connection did not take its close frame");
-    }
+    first_auth::Failure::refused(&e).send(&mut socket).await;
 }
