@@ -66,12 +66,19 @@ alive() {
     [ "$state" != Z ] && [ "$state" != X ]
 }
 
-# A port nothing listens on (connecting to it is refused). Another process can take it before
-# ours binds it; the caller then fails with the server's own message.
+# A port nothing listens on (connecting to it is refused), below the kernel's range of ephemeral
+# ports: a port in that range can be the local end of an outgoing connection (a node's link to
+# Postgres), which a connect test cannot see and which makes the node's bind fail. Another
+# process can still take the port before ours binds it; `up` then starts the node on another one.
 free_port() {
-    local port
+    local port low=32768 high=60999 floor=20000
+    read -r low high </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
     for _ in $(seq 200); do
-        port=$((20000 + RANDOM % 40000))
+        if [ "$low" -gt $((floor + 1000)) ]; then
+            port=$((floor + RANDOM % (low - floor)))
+        else
+            port=$((high + 1 + RANDOM % (65535 - high)))
+        fi
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             echo "$port"
             return 0
@@ -117,6 +124,73 @@ wait_for_quietly() {
 }
 
 node_ready() { [ "$(http_status "$1" /ready)" = 200 ]; }
+
+# Prints what is known about node $1 that did not become ready: its /ready answer and the end of
+# its log (a test's output then shows the cause; the directory may be gone by the time anyone
+# looks).
+explain_node() {
+    local index="$1" port body
+    port="$(cat "$dir/node-$index.port" 2>/dev/null)" || true
+    if [ -n "$port" ]; then
+        body="$(
+            exec 2>/dev/null
+            exec 3<>"/dev/tcp/127.0.0.1/$port" || exit 0
+            printf 'GET /ready HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
+            timeout 2 tail -n 1 <&3
+        )" || true
+        log "node-$index /ready: ${body:-no answer}"
+    fi
+    log "node-$index: the last lines of $dir/node-$index.log:"
+    tail -n 30 "$dir/node-$index.log" 2>/dev/null | sed 's/^/    /' >&2 || true
+}
+
+# Waits up to $2 s for node $1 to answer /ready with 200. Returns 1 at once if the process exits
+# (2 when it exited because its port was taken), or 1 after the deadline.
+wait_node_ready() {
+    local index="$1" deadline=$((SECONDS + $2)) port pid
+    port="$(cat "$dir/node-$index.port")"
+    pid="$(cat "$dir/node-$index.pid")"
+    until node_ready "$port"; do
+        if ! alive "$pid"; then
+            if grep -q -i 'address already in use' "$dir/node-$index.log" 2>/dev/null; then
+                return 2
+            fi
+            log "node-$index exited before it was ready"
+            return 1
+        fi
+        [ "$SECONDS" -lt "$deadline" ] || {
+            log "node-$index not ready within $2 s"
+            return 1
+        }
+        sleep 0.05
+    done
+}
+
+# Starts node $1 on a free port and waits for it to be ready; a port taken between the check and
+# the bind is replaced by another (up to 3 times). Dies with the node's log tail otherwise.
+launch_node() {
+    local index="$1" attempt status
+    for attempt in 1 2 3; do
+        free_port >"$dir/node-$index.port"
+        : >"$dir/node-$index.log"
+        start_node "$index"
+        status=0
+        wait_node_ready "$index" 60 || status=$?
+        case "$status" in
+            0)
+                log "node-$index ready on 127.0.0.1:$(cat "$dir/node-$index.port")"
+                return 0
+                ;;
+            2) log "node-$index: port $(cat "$dir/node-$index.port") was taken (attempt $attempt); another one" ;;
+            *)
+                explain_node "$index"
+                die "node-$index did not start; see $dir/node-$index.log"
+                ;;
+        esac
+    done
+    explain_node "$index"
+    die "node-$index could not bind a port in 3 attempts"
+}
 
 postgres_bin_dir() {
     local d
@@ -274,20 +348,10 @@ up() {
         log "redis on 127.0.0.1:$redis_port"
     fi
 
-    # The first node alone migrates the fresh database; the others start once it is ready.
+    # The first node alone migrates the fresh database; the others start once it is ready (one
+    # after the other: a port taken meanwhile is replaced before the next node starts).
     for index in $(seq 1 "$nodes"); do
-        free_port >"$dir/node-$index.port"
-        start_node "$index"
-        if [ "$index" = 1 ]; then
-            wait_for "node-1 ready on 127.0.0.1:$(cat "$dir/node-1.port")" 60 \
-                node_ready "$(cat "$dir/node-1.port")" ||
-                die "node-1 not ready within 60 s; see $dir/node-1.log"
-        fi
-    done
-    for index in $(seq 2 "$nodes"); do
-        port="$(cat "$dir/node-$index.port")"
-        wait_for "node-$index ready on 127.0.0.1:$port" 60 node_ready "$port" ||
-            die "node-$index not ready within 60 s; see $dir/node-$index.log"
+        launch_node "$index"
     done
 
     write_nginx_conf
@@ -365,8 +429,10 @@ roll() {
         stop_node "$index"
         log "node-$index: exited ($(since))"
         start_node "$index"
-        wait_for_quietly 60 node_ready "$port" ||
+        wait_node_ready "$index" 60 || {
+            explain_node "$index"
             die "node-$index not ready within 60 s of its restart; see $dir/node-$index.log"
+        }
         log "node-$index: ready again ($(since))"
     done
     log "rolling restart done ($(since))"
@@ -389,8 +455,10 @@ one_node() {
                 die "node-$node is running"
             fi
             start_node "$node"
-            wait_for_quietly 60 node_ready "$port" ||
+            wait_node_ready "$node" 60 || {
+                explain_node "$node"
                 die "node-$node not ready within 60 s; see $dir/node-$node.log"
+            }
             ;;
     esac
     log "node-$node: $command done"
