@@ -206,6 +206,14 @@ impl Election {
     /// when Redis does not answer.
     pub async fn run(self, shutdown: CancellationToken) {
         let leadership = &self.leadership;
+        // The link connects in the background: a claim sent before it has would fail at once
+        // (commands fail fast while disconnected) and log a warning about an outage that is not
+        // one. The first probe decides within about one Redis timeout; a link that is down then
+        // is no reason to wait longer (the claims below fail and retry).
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = self.lock.redis.settled() => {}
+        }
         let mut next_attempt = Instant::now();
         let mut redis_answers = true;
         'election: loop {
