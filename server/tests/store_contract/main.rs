@@ -79,7 +79,7 @@ async fn postgres_store(url: String) -> Backend {
 
 /// A fresh database with the "C" collation (room names sort by their bytes).
 pub async fn postgres_backend() -> Backend {
-    postgres_store(TestPostgres::shared().fresh_database().await).await
+    postgres_store(TestPostgres::shared().fresh_c_database().await).await
 }
 
 /// A fresh database with an ICU en-US collation: `general` sorts before `Lobby`.

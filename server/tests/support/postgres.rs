@@ -1,8 +1,9 @@
 //! A throwaway Postgres server for tests.
 //!
 //! [`TestPostgres::shared`] starts one server per test process, on first use, and hands out a
-//! fresh empty database per test with [`TestPostgres::fresh_database`]. [`TestPostgres::start`]
-//! starts a private one, for tests that stop or kill their server; it is stopped on drop.
+//! fresh empty database (ICU en-US collation, as on a real deployment) per test with
+//! [`TestPostgres::fresh_database`]. [`TestPostgres::start`] starts a private one, for tests that
+//! stop or kill their server; it is stopped on drop.
 //! [`TestPostgres::start_with`] starts a private one on a given port and/or with TLS on.
 //!
 //! The server runs from the `initdb` and `postgres` binaries of an installed Postgres (found on
@@ -178,18 +179,26 @@ impl TestPostgres {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
-    /// Creates a new empty database and returns its URL. It has the server's "C" collation: text
-    /// sorts by its bytes.
+    /// Creates a new empty database and returns its URL. Its collation is ICU's en-US, as on a
+    /// real deployment (a managed or distribution Postgres is created with the system's locale,
+    /// never "C"): text sorts as people read it (`general` before `Lobby`), which once turned a
+    /// lock order taken from `ORDER BY room` into deadlocks that byte-order tests could not see.
+    /// ICU ships its own locale data, so this needs no locale installed on the system.
     pub async fn fresh_database(&self) -> String {
-        self.create_database("").await
-    }
-
-    /// Creates a new empty database whose collation is ICU's en-US, and returns its URL. Text
-    /// sorts as people read it, not by its bytes (`general` before `Lobby`); ICU ships its own
-    /// locale data, so this needs no locale installed on the system.
-    pub async fn fresh_icu_database(&self) -> String {
         self.create_database("TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
             .await
+    }
+
+    /// The same as [`TestPostgres::fresh_database`], said explicitly where a test is about
+    /// collation.
+    pub async fn fresh_icu_database(&self) -> String {
+        self.fresh_database().await
+    }
+
+    /// Creates a new empty database with the "C" collation (text sorts by its bytes), for the
+    /// tests that show the store behaves the same under both orders.
+    pub async fn fresh_c_database(&self) -> String {
+        self.create_database("").await
     }
 
     /// Creates a new empty database with the `CREATE DATABASE` options `options`.
