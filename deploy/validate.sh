@@ -11,8 +11,8 @@
 #      documented in docs/configuration.md;
 #   5. every `seqcast` subcommand they run (serve, migrate, health) exists in server/src/main.rs;
 #   6. the Dockerfile with hadolint;
-#   7. the monitoring files: deploy/prometheus/alerts.yml with `promtool check rules` when promtool
-#      is installed (Debian's `prometheus` package has it), and always: every rule has alert, expr,
+#   7. the monitoring files: deploy/prometheus/alerts.yml with `promtool check rules` (promtool
+#      unpacked from Debian's `prometheus` package unless installed); every rule has alert, expr,
 #      for, labels.severity and annotations.summary; deploy/grafana/seqcast-dashboard.json is JSON
 #      with a Prometheus datasource variable that every panel and query uses; every metric either
 #      file names is one that server/src/metrics.rs exports (histograms with _bucket/_sum/_count),
@@ -237,14 +237,31 @@ else
 fi
 
 # --- 7. monitoring: alert rules and dashboard -------------------------------------------------
-if command -v promtool >/dev/null 2>&1; then
-    if promtool check rules deploy/prometheus/alerts.yml; then
-        ok "deploy/prometheus/alerts.yml passes \`promtool check rules\`"
-    else
-        fail "monitoring" "deploy/prometheus/alerts.yml: \`promtool check rules\` failed (above)"
+# promtool comes from Debian's `prometheus` package. Installing that package would also install
+# (and on most machines start) a Prometheus server, so the package is downloaded and only its
+# promtool is unpacked, into the cache beside the virtualenv; an installed promtool is used as is.
+PROMTOOL="$(command -v promtool || true)"
+if [ -z "$PROMTOOL" ]; then
+    PROMTOOL="$(dirname "$VENV")/promtool/usr/bin/promtool"
+    if [ ! -x "$PROMTOOL" ]; then
+        (
+            set -e
+            work="$(mktemp -d)"
+            trap 'rm -rf "$work"' EXIT
+            cd "$work"
+            apt-get download prometheus >/dev/null
+            dpkg-deb -x prometheus_*.deb unpacked
+            mkdir -p "$(dirname "$VENV")/promtool/usr/bin"
+            cp unpacked/usr/bin/promtool "$PROMTOOL"
+        ) || true
     fi
+fi
+if [ ! -x "$PROMTOOL" ]; then
+    fail "monitoring" "promtool is missing and could not be fetched with \`apt-get download prometheus\` (install it: apt-get install prometheus)"
+elif "$PROMTOOL" check rules deploy/prometheus/alerts.yml; then
+    ok "deploy/prometheus/alerts.yml passes \`promtool check rules\`"
 else
-    echo "note: promtool is not installed (apt-get install prometheus): alerts.yml's PromQL was not parsed"
+    fail "monitoring" "deploy/prometheus/alerts.yml: \`promtool check rules\` failed (above)"
 fi
 if "$VENV/bin/python" - server/src/metrics.rs deploy/prometheus/alerts.yml \
     deploy/grafana/seqcast-dashboard.json docs/monitoring.md <<'PY'; then
