@@ -173,6 +173,9 @@ pub struct StoreOptions {
     /// Apply pending migrations (`SEQCAST_MIGRATE`). Without, opening fails with
     /// [`StoreError::SchemaNotCurrent`] until someone else has applied them.
     pub migrate: bool,
+    /// The largest `body` (`SEQCAST_MAX_MESSAGE_BYTES`). Postgres stores it in
+    /// `seqcast_settings` at start-up, where `seqcast_publish` reads it.
+    pub max_message_bytes: usize,
 }
 
 impl Default for StoreOptions {
@@ -181,9 +184,14 @@ impl Default for StoreOptions {
             timeout: DEFAULT_DB_TIMEOUT,
             pool_size: DEFAULT_DB_POOL_SIZE,
             migrate: true,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
+
+/// The default of `SEQCAST_MAX_MESSAGE_BYTES`, also the `seqcast_settings` row a Postgres
+/// database starts with (migration 0003).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 65536;
 
 /// Opens the store named by `url` (`postgres://…` or `sqlite://path`) and applies migrations
 /// (or, with `options.migrate` off, checks that they are applied).

@@ -123,6 +123,7 @@ impl PostgresStore {
         .await
         .map_err(|_| timed_out())?
         .map_err(classify)?;
+        write_settings(&pool, store_options, Instant::now() + timeout).await?;
         Ok(Self {
             pool,
             timeout,
@@ -316,6 +317,28 @@ impl Store for PostgresStore {
     fn kind(&self) -> &'static str {
         "postgres"
     }
+}
+
+/// Stores what `seqcast_publish` needs of this node's configuration in `seqcast_settings`
+/// (migration 0003), so that a message published from SQL is held to the same limits as one
+/// sent over a WebSocket. Nodes sharing a database should share these settings: the last node
+/// started wins.
+async fn write_settings(
+    pool: &PgPool,
+    options: &StoreOptions,
+    deadline: Instant,
+) -> StoreResult<()> {
+    let query = sqlx::query(
+        "INSERT INTO seqcast_settings (name, value) VALUES ('max_message_bytes', $1) \
+         ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value \
+         WHERE seqcast_settings.value IS DISTINCT FROM EXCLUDED.value",
+    )
+    .bind(i64::try_from(options.max_message_bytes).unwrap_or(i64::MAX));
+    timeout_at(deadline, query.execute(pool))
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(classify)?;
+    Ok(())
 }
 
 /// [`Store::delete_before`], first step: the rooms of the `$2` oldest messages older than `$1`,
