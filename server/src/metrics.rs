@@ -21,7 +21,8 @@ pub const COMMIT_SECONDS: &str = "seqcast_commit_seconds";
 pub const COMMIT_BATCH: &str = "seqcast_commit_batch_size";
 /// Rooms per commit transaction (histogram): how much the node-wide group commit groups.
 pub const COMMIT_ROOMS: &str = "seqcast_commit_rooms";
-/// Commits that failed (counter, label `reason`: `unavailable` or `internal`).
+/// Commits that failed (counter, label `reason`: `unavailable`, `internal`, or `locked`: rooms
+/// held by another transaction, such as an open `seqcast_publish` one, for the lock timeout).
 pub const COMMIT_ERRORS: &str = "seqcast_commit_errors_total";
 /// Groups committed a second time, in a transaction that looks keys up, because a message
 /// repeated an idempotency key stored before the group (a resend after a lost ack, or the same
