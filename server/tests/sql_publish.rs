@@ -46,8 +46,10 @@ const WS_SENDS: usize = 30;
 /// Application connections publishing at once, and committed transactions each.
 const APP_CONNECTIONS: usize = 4;
 const APP_COMMITS: usize = 5;
-/// Publishes measured for the figures, one transaction each.
+/// Publishes measured for the figures, one transaction each, one every [`PACE`]: a latency
+/// figure, not a throughput one (back to back, the reads they trigger queue up on a loaded box).
 const MEASURED: usize = 200;
+const PACE: Duration = Duration::from_millis(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_in_transactions_with_redis() {
@@ -200,7 +202,7 @@ async fn publish_in_transactions(with_redis: bool) {
         .unwrap();
     assert_eq!(again, original, "a repeated idem returns the original seq");
 
-    // Figures: one transaction per publish, the next once the last one committed.
+    // Figures: one transaction per publish, paced.
     let start = total;
     let expected = start + MEASURED as u64;
     let mut collectors = Vec::new();
@@ -211,7 +213,9 @@ async fn publish_in_transactions(with_redis: bool) {
         }));
     }
     let mut committed = Vec::with_capacity(MEASURED);
+    let mut pace = tokio::time::interval(PACE);
     for i in 0..MEASURED {
+        pace.tick().await;
         let mut tx = app.begin().await.unwrap();
         publish(&mut tx, ROOM, &json!({"measured": i}), None)
             .await
@@ -342,6 +346,60 @@ async fn hostile_callers() {
                 support::scenario::ms(free_after),
             ),
         );
+    })
+    .await;
+}
+
+/// The node's LISTEN connection is killed (as a failover or an operator would): it is opened
+/// again, and a message published around that time is still delivered, by the notification if
+/// it came after the new LISTEN, else by the head check the node makes once listening again.
+/// Head checks are a minute apart here, so without either this fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_listen_connection_is_reopened() {
+    scenario("sql_publish_listen_lost", async {
+        let database = TestPostgres::shared().fresh_icu_database().await;
+        let cluster = Cluster::start_on(database.clone(), 1, None, &QUIET).await;
+        let mut app = PgConnection::connect(&database).await.unwrap();
+        let mut subscriber = WsClient::try_connect(&cluster.ws(0).1, Auth::None)
+            .await
+            .unwrap();
+        subscriber.join(ROOM, Some(0)).await;
+        let listeners = "SELECT pid FROM pg_stat_activity \
+                         WHERE datname = current_database() AND query LIKE 'LISTEN%'";
+        let mut killed = Vec::new();
+        for round in 1..=3u64 {
+            let pids: Vec<i32> = sqlx::query_scalar(listeners)
+                .fetch_all(&mut app)
+                .await
+                .unwrap();
+            assert_eq!(pids.len(), 1, "one LISTEN connection per node: {pids:?}");
+            assert!(!killed.contains(&pids[0]), "a new connection each time");
+            sqlx::query("SELECT pg_terminate_backend($1)")
+                .bind(pids[0])
+                .execute(&mut app)
+                .await
+                .unwrap();
+            killed.push(pids[0]);
+            // At once, most likely before the node listens again.
+            let seq = publish(&mut app, ROOM, &json!({"round": round}), None)
+                .await
+                .unwrap();
+            assert_eq!(seq, round);
+            let received = receive_until(&mut subscriber, round).await;
+            assert_eq!(received.last().unwrap().0["body"]["round"], round);
+            support::cluster::wait_until(DELIVERY_DEADLINE, "a new LISTEN connection", || {
+                let (database, killed) = (database.clone(), killed.clone());
+                async move {
+                    let mut conn = PgConnection::connect(&database).await.unwrap();
+                    let pids: Vec<i32> = sqlx::query_scalar(listeners)
+                        .fetch_all(&mut conn)
+                        .await
+                        .unwrap();
+                    pids.len() == 1 && !killed.contains(&pids[0])
+                }
+            })
+            .await;
+        }
     })
     .await;
 }
