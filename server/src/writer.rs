@@ -322,10 +322,10 @@ impl Shared {
     /// A commit waited for a room's lock until `lock_timeout`: another transaction holds it,
     /// an application's `seqcast_publish` transaction that has not ended (migration 0003). The
     /// rooms held are answered `unavailable`; a room that merely shared the commit with a held
-    /// one must not fail with it. Returns what is left to commit, in the order to try (last
-    /// first): the rooms found free, at once, then the rooms whose row could not be seen (new
-    /// rooms, one of which may be the held one: a transaction's first publish to a room inserts
-    /// its row). Nothing is swept (see [`Shared::fail_queued`]): the database answers, only
+    /// one must not fail with it. Returns what is left to commit as parts for the stack of
+    /// [`Shared::commit`] (the last is tried first): the rooms found free, at once, then the
+    /// rooms whose row could not be seen (new rooms, one of which may be the held one: a
+    /// transaction's first publish to a room inserts its row), which may wait once more. Nothing is swept (see [`Shared::fail_queued`]): the database answers, only
     /// some rooms are stuck.
     async fn set_aside_held(&self, part: Group) -> Vec<Group> {
         let rooms: Vec<&str> = part.iter().map(|b| &*b.room).collect();
