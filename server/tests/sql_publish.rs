@@ -291,10 +291,12 @@ async fn hostile_callers() {
             .unwrap();
         assert_eq!(head, None, "nothing refused left a trace");
 
-        // A transaction that publishes to `held` (a room with a message already) and stays
-        // open, while one connection sends to `held` and to `free` back to back: one committer
-        // (`SEQCAST_COMMIT_CONCURRENCY=1`), so the two rooms share a commit, or `free` waits
-        // behind `held`'s.
+        // Transactions that publish to `gate` and to `held` (rooms with a message already) and
+        // stay open, while one connection sends to `gate`, `held` and `free` back to back. One
+        // committer (`SEQCAST_COMMIT_CONCURRENCY=1`): whether it takes all three in one commit
+        // or waits on `gate` while the other two queue and then takes those together, `free`
+        // shares a commit with a held room, and must not fail with it (before, it was answered
+        // `unavailable` too).
         let mut subscriber = WsClient::try_connect(&cluster.ws(0).1, Auth::None)
             .await
             .unwrap();
@@ -303,10 +305,14 @@ async fn hostile_callers() {
             .await
             .unwrap();
         sender.send_msg("held", json!("ws first")).await;
+        sender.send_msg("gate", json!("ws first")).await;
+        let mut gate = PgConnection::connect(&database).await.unwrap();
+        let mut gate_tx = gate.begin().await.unwrap();
+        assert_eq!(publish(&mut gate_tx, "gate", &json!("app"), None).await.unwrap(), 2);
         let mut tx = app.begin().await.unwrap();
         assert_eq!(publish(&mut tx, "held", &json!("app"), None).await.unwrap(), 2);
         let started = Instant::now();
-        for room in ["held", "free"] {
+        for room in ["gate", "held", "free"] {
             sender
                 .send_json(json!({"type": "send", "room": room, "body": "ws", "ref": room}))
                 .await;
@@ -317,6 +323,9 @@ async fn hostile_callers() {
         let held = sender.reply_to(&json!("held")).await;
         let held_after = started.elapsed();
         assert_eq!(held["code"], "unavailable", "{held}");
+        let reply = sender.reply_to(&json!("gate")).await;
+        assert_eq!(reply["code"], "unavailable", "{reply}");
+        gate_tx.rollback().await.unwrap();
         tx.commit().await.unwrap();
         let received = receive_until(&mut subscriber, 2).await;
         assert_eq!(received[1].0["body"], "app");
@@ -340,10 +349,10 @@ async fn hostile_callers() {
         figure(
             "rooms held by an open seqcast_publish transaction (SEQCAST_DB_TIMEOUT=1s, lock_timeout 750ms, one committer)",
             format!(
-                "WebSocket send to the held room answered unavailable after {}, to a new room the transaction created after {}; another room's send acked after {}",
+                "sends to two held rooms and a free one, back to back: the held ones answered unavailable (the later after {}), the free one, in a commit with a held one, acked after {}; a send to a new room the transaction created answered unavailable after {}",
                 support::scenario::ms(held_after),
-                support::scenario::ms(fresh_after),
                 support::scenario::ms(free_after),
+                support::scenario::ms(fresh_after),
             ),
         );
     })
