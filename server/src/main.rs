@@ -135,7 +135,8 @@ fn migrate(given: &HashMap<&'static str, String>) -> anyhow::Result<()> {
         timeout: config.db_timeout,
         pool_size: 1,
         migrate: true,
-        max_message_bytes: config.max_message_bytes,
+        // Not a node: the nodes' own setting stays.
+        max_message_bytes: None,
     };
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -208,9 +208,10 @@ pub struct StoreOptions {
     /// Apply pending migrations (`SEQCAST_MIGRATE`). Without, opening fails with
     /// [`StoreError::SchemaNotCurrent`] until someone else has applied them.
     pub migrate: bool,
-    /// The largest `body` (`SEQCAST_MAX_MESSAGE_BYTES`). Postgres stores it in
-    /// `seqcast_settings` at start-up, where `seqcast_publish` reads it.
-    pub max_message_bytes: usize,
+    /// The largest `body` (`SEQCAST_MAX_MESSAGE_BYTES`), for a node: Postgres stores it in
+    /// `seqcast_settings` at start-up, where `seqcast_publish` reads it. `None` (`seqcast
+    /// migrate`, which serves nothing) leaves the row as the nodes wrote it.
+    pub max_message_bytes: Option<usize>,
 }
 
 impl Default for StoreOptions {
@@ -219,7 +220,7 @@ impl Default for StoreOptions {
             timeout: DEFAULT_DB_TIMEOUT,
             pool_size: DEFAULT_DB_POOL_SIZE,
             migrate: true,
-            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_message_bytes: Some(DEFAULT_MAX_MESSAGE_BYTES),
         }
     }
 }

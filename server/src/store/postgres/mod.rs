@@ -368,12 +368,15 @@ async fn write_settings(
     options: &StoreOptions,
     deadline: Instant,
 ) -> StoreResult<()> {
+    let Some(max_message_bytes) = options.max_message_bytes else {
+        return Ok(());
+    };
     let query = sqlx::query(
         "INSERT INTO seqcast_settings (name, value) VALUES ('max_message_bytes', $1) \
          ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value \
          WHERE seqcast_settings.value IS DISTINCT FROM EXCLUDED.value",
     )
-    .bind(i64::try_from(options.max_message_bytes).unwrap_or(i64::MAX));
+    .bind(i64::try_from(max_message_bytes).unwrap_or(i64::MAX));
     timeout_at(deadline, query.execute(pool))
         .await
         .map_err(|_| timed_out())?
