@@ -24,7 +24,9 @@
 //!   scripts), shared by the bus, the per-user rate limit and the leader election.
 //! - [`bus`]: the `Bus` trait with Redis and in-process transports between nodes.
 //! - [`relay`]: bus subscriptions, messages from other nodes, and head checks against the
-//!   database that find what the bus lost (or, without Redis, carry everything).
+//!   database that find what the bus lost (or, without Redis, carry everything); on Postgres,
+//!   the `LISTEN` connection that hears of messages an application committed with the SQL
+//!   function `seqcast_publish` (`relay/listen.rs`, migration 0003).
 //! - [`jobs`]: leader election through the Redis link and the background jobs (retention).
 //! - [`session`]: one connection; its outbound half keeps a cursor per room and reads the
 //!   database whenever it is behind the live stream (join with `since`, gaps, slow clients).

@@ -135,6 +135,8 @@ fn migrate(given: &HashMap<&'static str, String>) -> anyhow::Result<()> {
         timeout: config.db_timeout,
         pool_size: 1,
         migrate: true,
+        // Not a node: the nodes' own setting stays.
+        max_message_bytes: None,
     };
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

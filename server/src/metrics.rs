@@ -21,7 +21,8 @@ pub const COMMIT_SECONDS: &str = "seqcast_commit_seconds";
 pub const COMMIT_BATCH: &str = "seqcast_commit_batch_size";
 /// Rooms per commit transaction (histogram): how much the node-wide group commit groups.
 pub const COMMIT_ROOMS: &str = "seqcast_commit_rooms";
-/// Commits that failed (counter, label `reason`: `unavailable` or `internal`).
+/// Commits that failed (counter, label `reason`: `unavailable`, `internal`, or `locked`: rooms
+/// held by another transaction, such as an open `seqcast_publish` one, for the lock timeout).
 pub const COMMIT_ERRORS: &str = "seqcast_commit_errors_total";
 /// Groups committed a second time, in a transaction that looks keys up, because a message
 /// repeated an idempotency key stored before the group (a resend after a lost ack, or the same
@@ -48,6 +49,13 @@ pub const BUS_UP: &str = "seqcast_bus_up";
 pub const GAPS_DETECTED: &str = "seqcast_gaps_detected_total";
 /// Messages read from the database to fill such gaps (counter).
 pub const MESSAGES_REPAIRED: &str = "seqcast_messages_repaired_total";
+/// 1 while the node's `LISTEN` connection (messages published from SQL) is open, 0 while it is
+/// being opened again (gauge). Absent on SQLite.
+pub const SQL_LISTEN_UP: &str = "seqcast_sql_listen_up";
+/// Notifications of `seqcast_publish` commits received (counter).
+pub const SQL_NOTIFICATIONS: &str = "seqcast_sql_notifications_total";
+/// Messages read from the database after such a notification (counter).
+pub const SQL_MESSAGES_READ: &str = "seqcast_sql_messages_read_total";
 /// 1 while this node holds the leader lock for background jobs (gauge).
 pub const LEADER: &str = "seqcast_leader";
 /// 1 once this node has begun draining (SIGTERM/SIGINT), until it exits (gauge).
@@ -163,6 +171,18 @@ fn describe() {
         MESSAGES_REPAIRED,
         "Messages read from the database to fill gaps"
     );
+    describe_gauge!(
+        SQL_LISTEN_UP,
+        "1 while the LISTEN connection for seqcast_publish is open (absent on SQLite)"
+    );
+    describe_counter!(
+        SQL_NOTIFICATIONS,
+        "Notifications of seqcast_publish commits received"
+    );
+    describe_counter!(
+        SQL_MESSAGES_READ,
+        "Messages read from the database after a seqcast_publish notification"
+    );
     describe_gauge!(LEADER, "1 while this node is the leader");
     describe_gauge!(
         DRAINING,
@@ -189,6 +209,8 @@ fn describe() {
     metrics::counter!(BUS_RECEIVED).absolute(0);
     metrics::counter!(GAPS_DETECTED).absolute(0);
     metrics::counter!(MESSAGES_REPAIRED).absolute(0);
+    metrics::counter!(SQL_NOTIFICATIONS).absolute(0);
+    metrics::counter!(SQL_MESSAGES_READ).absolute(0);
     // Not BUS_UP: it exists only on a node with Redis (set by `crate::redis`).
     metrics::gauge!(LEADER).set(0.0);
     metrics::gauge!(DRAINING).set(0.0);

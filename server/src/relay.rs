@@ -13,6 +13,9 @@
 //! - Holes: the hub holds a room's messages back while a seq below them is missing (see `hub`);
 //!   a hole still open after [`HOLE_GRACE`] (the message was lost, or is slow, on the bus) is
 //!   read from the database once for the whole node, and the held messages follow it.
+//! - Messages published from SQL (`seqcast_publish`, in an application's transaction) reach no
+//!   bus: each node hears of them through one `LISTEN` connection ([`listen`]) and reads them
+//!   like a room found behind in a head check.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,6 +30,8 @@ use crate::hub::{Hub, Live, RoomChange};
 use crate::metrics as m;
 use crate::store::{Store, StoreResult};
 use seqcast_protocol as protocol;
+
+mod listen;
 
 /// Messages read per page while repairing a room.
 const REPAIR_PAGE: usize = 500;
@@ -122,6 +127,15 @@ pub fn spawn(
         status.clone(),
         stop.clone(),
     ));
+    // Only Postgres nodes get here: SQLite has no `seqcast_publish`, nor another node.
+    listen::spawn(
+        config.database_url.expose().to_owned(),
+        config.db_timeout,
+        Arc::clone(&store),
+        hub.clone(),
+        Arc::clone(&check),
+        stop.clone(),
+    );
     let intervals = (config.head_check_interval, config.poll_interval);
     tokio::spawn(head_checks(
         store,

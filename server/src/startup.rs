@@ -103,6 +103,7 @@ pub async fn open_store(config: &Config, startup: &Startup) -> anyhow::Result<Ar
         timeout: config.db_timeout,
         pool_size: config.db_pool_size,
         migrate: config.migrate,
+        max_message_bytes: Some(config.max_message_bytes),
     };
     let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
     loop {

@@ -274,6 +274,7 @@ impl Shared {
         // Parts still to try, the next one last.
         let mut parts = vec![group];
         let mut unavailable = false;
+        let mut set_aside = false;
         while let Some(part) = parts.pop() {
             if unavailable {
                 answer_failed(part, CommitError::Unavailable);
@@ -281,6 +282,12 @@ impl Shared {
             }
             let part = match self.commit_part(part).await {
                 Ok(()) => continue,
+                // Once per group: should the rest wait again, it is answered `unavailable`.
+                Err((part, e)) if e.lock_timed_out() && !set_aside => {
+                    set_aside = true;
+                    parts.extend(self.set_aside_held(part).await);
+                    continue;
+                }
                 Err((part, e @ StoreError::Unavailable(_))) => {
                     tracing::warn!(error = %e, "commit failed: database unavailable");
                     metrics::counter!(m::COMMIT_ERRORS, "reason" => "unavailable").increment(1);
@@ -310,6 +317,45 @@ impl Shared {
             };
             answer_failed(part, CommitError::Internal);
         }
+    }
+
+    /// A commit waited for a room's lock until `lock_timeout`: another transaction holds it,
+    /// an application's `seqcast_publish` transaction that has not ended (migration 0003). The
+    /// rooms held are answered `unavailable`; a room that merely shared the commit with a held
+    /// one must not fail with it. Returns what is left to commit as parts for the stack of
+    /// [`Shared::commit`] (the last is tried first): the rooms found free, at once, then the
+    /// rooms whose row could not be seen (new rooms, one of which may be the held one: a
+    /// transaction's first publish to a room inserts its row), which may wait once more. Nothing is swept (see [`Shared::fail_queued`]): the database answers, only
+    /// some rooms are stuck.
+    async fn set_aside_held(&self, part: Group) -> Vec<Group> {
+        let rooms: Vec<&str> = part.iter().map(|b| &*b.room).collect();
+        let found = match self.store.held_rooms(&rooms).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, "commit failed: rooms locked, and the look failed");
+                answer_failed(part, CommitError::Unavailable);
+                return Vec::new();
+            }
+        };
+        let is_in = |rooms: &[String], room: &str| rooms.iter().any(|r| r == room);
+        let (stuck, rest): (Group, Group) =
+            part.into_iter().partition(|b| is_in(&found.held, &b.room));
+        let (unseen, free): (Group, Group) = rest
+            .into_iter()
+            .partition(|b| is_in(&found.unseen, &b.room));
+        if !stuck.is_empty() {
+            tracing::warn!(
+                rooms = ?found.held,
+                "rooms locked by another transaction (an open seqcast_publish?): their messages \
+                 answered unavailable"
+            );
+            metrics::counter!(m::COMMIT_ERRORS, "reason" => "locked").increment(1);
+        }
+        answer_failed(stuck, CommitError::Unavailable);
+        [unseen, free]
+            .into_iter()
+            .filter(|g| !g.is_empty())
+            .collect()
     }
 
     /// The database did not answer a commit within its whole deadline: every message queued on

@@ -209,7 +209,8 @@ async fn a_node_that_does_not_migrate_waits_for_the_schema() {
     send_round_trips(&server, "waited").await;
 }
 
-/// `SEQCAST_DB_POOL_SIZE` bounds the node's connections: 40 history reads at once (with the
+/// `SEQCAST_DB_POOL_SIZE` bounds the node's pooled connections (its LISTEN connection comes on
+/// top): 40 history reads at once (with the
 /// server key, which no per-user read limit holds back) go through one connection. The pool
 /// keeps its connections open once made, so counting them afterwards counts the most it held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,14 +236,18 @@ async fn the_pool_size_bounds_the_connections() {
     let mut admin = sqlx::PgConnection::connect(&postgres.url("postgres"))
         .await
         .unwrap();
-    let open: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend'",
+    // Besides the pool, the one connection that LISTENs for `seqcast_publish` (relay/listen.rs).
+    let (open, listening): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE query NOT LIKE 'LISTEN%'), \
+                count(*) FILTER (WHERE query LIKE 'LISTEN%') \
+         FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend'",
     )
     .bind(database)
     .fetch_one(&mut admin)
     .await
     .unwrap();
     assert_eq!(open, 1, "connections of a node with SEQCAST_DB_POOL_SIZE=1");
+    assert_eq!(listening, 1, "and its LISTEN connection");
 
     let (status, _, stderr) = run_seqcast(
         &[],

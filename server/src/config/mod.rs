@@ -159,7 +159,7 @@ impl Default for Config {
             jwt_secret: None,
             api_key: None,
             node_id: host_name(),
-            max_message_bytes: 65536,
+            max_message_bytes: crate::store::DEFAULT_MAX_MESSAGE_BYTES,
             write_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(10),
             drain_delay: Duration::from_secs(2),

@@ -44,6 +44,17 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
+/// What [`Store::held_rooms`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeldRooms {
+    /// Rooms whose row another transaction has locked.
+    pub held: Vec<String>,
+    /// Rooms without a row this node can see: never written to, or being written to for the
+    /// first time by a transaction that has not ended (its new row is invisible, and waited
+    /// for). Which of the two cannot be told from here.
+    pub unseen: Vec<String>,
+}
+
 /// A room's bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoomInfo {
@@ -75,6 +86,18 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A room's lock was waited for until `lock_timeout` (Postgres's 55P03): another
+    /// transaction held it that long, typically an application's open `seqcast_publish`
+    /// transaction. The database itself answered; only the rooms held are stuck.
+    pub fn lock_timed_out(&self) -> bool {
+        match self {
+            StoreError::Unavailable(sqlx::Error::Database(db)) => {
+                db.code().as_deref() == Some(LOCK_NOT_AVAILABLE)
+            }
+            _ => false,
+        }
+    }
+
     /// The database did not answer within the operation's deadline (`SEQCAST_DB_TIMEOUT`),
     /// waiting for a connection included: it is paused, overloaded or unreachable, rather than
     /// refusing this one operation (a deadlock, a broken connection). Callers use it to stop
@@ -89,6 +112,9 @@ impl StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Postgres's SQLSTATE for a lock wait cut off by `lock_timeout`.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
 
 /// Storage backend. Implementations must be cheap to share (`Arc<dyn Store>`).
 #[async_trait]
@@ -156,6 +182,15 @@ pub trait Store: Send + Sync + 'static {
     /// A result below `limit` means whatever old messages are left have to wait for a later call.
     async fn delete_before(&self, ts_ms: i64, limit: usize) -> StoreResult<u64>;
 
+    /// Which of `rooms` another transaction holds locked right now: on Postgres, an
+    /// application's transaction that called `seqcast_publish` and has not ended. The writer
+    /// asks after a commit failed with [`StoreError::lock_timed_out`], to answer the rooms held
+    /// `unavailable` and commit the others of the group. The default (SQLite, where the node is
+    /// the only writer) is that none is.
+    async fn held_rooms(&self, _rooms: &[&str]) -> StoreResult<HeldRooms> {
+        Ok(HeldRooms::default())
+    }
+
     /// Cheap liveness check used by `/ready`.
     async fn ping(&self) -> StoreResult<()>;
 
@@ -173,6 +208,10 @@ pub struct StoreOptions {
     /// Apply pending migrations (`SEQCAST_MIGRATE`). Without, opening fails with
     /// [`StoreError::SchemaNotCurrent`] until someone else has applied them.
     pub migrate: bool,
+    /// The largest `body` (`SEQCAST_MAX_MESSAGE_BYTES`), for a node: Postgres stores it in
+    /// `seqcast_settings` at start-up, where `seqcast_publish` reads it. `None` (`seqcast
+    /// migrate`, which serves nothing) leaves the row as the nodes wrote it.
+    pub max_message_bytes: Option<usize>,
 }
 
 impl Default for StoreOptions {
@@ -181,9 +220,14 @@ impl Default for StoreOptions {
             timeout: DEFAULT_DB_TIMEOUT,
             pool_size: DEFAULT_DB_POOL_SIZE,
             migrate: true,
+            max_message_bytes: Some(DEFAULT_MAX_MESSAGE_BYTES),
         }
     }
 }
+
+/// The default of `SEQCAST_MAX_MESSAGE_BYTES`, also the `seqcast_settings` row a Postgres
+/// database starts with (migration 0003).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 65536;
 
 /// Opens the store named by `url` (`postgres://…` or `sqlite://path`) and applies migrations
 /// (or, with `options.migrate` off, checks that they are applied).

@@ -50,6 +50,16 @@ impl Cluster {
     /// (it applies the migrations), the others after it.
     pub async fn start(count: usize, redis: Option<TestRedis>, env: &[(&str, &str)]) -> Cluster {
         let database_url = TestPostgres::shared().fresh_database().await;
+        Cluster::start_on(database_url, count, redis, env).await
+    }
+
+    /// [`Cluster::start`] on the database at `database_url` (e.g. one with an ICU collation).
+    pub async fn start_on(
+        database_url: String,
+        count: usize,
+        redis: Option<TestRedis>,
+        env: &[(&str, &str)],
+    ) -> Cluster {
         let mut nodes = Vec::with_capacity(count);
         for index in 0..count {
             // Senders pipeline thousands of messages per connection, some as anonymous

@@ -17,7 +17,8 @@ mod append;
 
 use super::batch;
 use super::{
-    Appended, NewMessage, RoomInfo, Store, StoreError, StoreOptions, StoreResult, StoredMessage,
+    Appended, HeldRooms, NewMessage, RoomInfo, Store, StoreError, StoreOptions, StoreResult,
+    StoredMessage,
 };
 use crate::metrics as m;
 
@@ -108,9 +109,15 @@ impl PostgresStore {
         conn.close().await.map_err(classify)?;
 
         let ms = timeout.as_millis().max(1).to_string();
+        // Below the deadline, so that a lock held by another transaction (an application's
+        // open `seqcast_publish` one) is reported by the database, as 55P03, before the node's
+        // own deadline cuts the statement off: the writer then answers the rooms held and
+        // commits the rest (`Store::held_rooms`), where a deadline would have counted as a
+        // database not answering and failed every message queued on the node.
+        let lock_ms = (timeout.as_millis() * 3 / 4).max(1).to_string();
         let options = options.options([
             ("statement_timeout", ms.as_str()),
-            ("lock_timeout", ms.as_str()),
+            ("lock_timeout", lock_ms.as_str()),
             ("idle_in_transaction_session_timeout", ms.as_str()),
         ]);
         let pool = timeout_at(
@@ -123,6 +130,7 @@ impl PostgresStore {
         .await
         .map_err(|_| timed_out())?
         .map_err(classify)?;
+        write_settings(&pool, store_options, Instant::now() + timeout).await?;
         Ok(Self {
             pool,
             timeout,
@@ -305,6 +313,39 @@ impl Store for PostgresStore {
         .map_err(classify)
     }
 
+    async fn held_rooms(&self, rooms: &[&str]) -> StoreResult<HeldRooms> {
+        // SKIP LOCKED takes the locks it can get: in a transaction of its own, rolled back at
+        // once, so that they do not outlive this look.
+        let deadline = self.deadline();
+        let mut conn = self.conn(deadline).await?;
+        let outcome = timeout_at(deadline, async {
+            let mut tx = Connection::begin(&mut *conn).await?;
+            let seen: Vec<String> =
+                sqlx::query_scalar("SELECT room FROM rooms WHERE room = ANY($1)")
+                    .bind(rooms)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            let free: Vec<String> = sqlx::query_scalar(
+                "SELECT room FROM rooms WHERE room = ANY($1) FOR UPDATE SKIP LOCKED",
+            )
+            .bind(rooms)
+            .fetch_all(&mut *tx)
+            .await?;
+            tx.rollback().await?;
+            Ok((seen, free))
+        })
+        .await;
+        let (seen, free) = settle(conn, outcome)?;
+        Ok(HeldRooms {
+            held: seen.iter().filter(|r| !free.contains(r)).cloned().collect(),
+            unseen: rooms
+                .iter()
+                .filter(|r| !seen.iter().any(|s| s == *r))
+                .map(|r| (*r).to_owned())
+                .collect(),
+        })
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         let deadline = self.deadline();
         let mut conn = self.conn(deadline).await?;
@@ -316,6 +357,31 @@ impl Store for PostgresStore {
     fn kind(&self) -> &'static str {
         "postgres"
     }
+}
+
+/// Stores what `seqcast_publish` needs of this node's configuration in `seqcast_settings`
+/// (migration 0003), so that a message published from SQL is held to the same limits as one
+/// sent over a WebSocket. Nodes sharing a database should share these settings: the last node
+/// started wins.
+async fn write_settings(
+    pool: &PgPool,
+    options: &StoreOptions,
+    deadline: Instant,
+) -> StoreResult<()> {
+    let Some(max_message_bytes) = options.max_message_bytes else {
+        return Ok(());
+    };
+    let query = sqlx::query(
+        "INSERT INTO seqcast_settings (name, value) VALUES ('max_message_bytes', $1) \
+         ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value \
+         WHERE seqcast_settings.value IS DISTINCT FROM EXCLUDED.value",
+    )
+    .bind(i64::try_from(max_message_bytes).unwrap_or(i64::MAX));
+    timeout_at(deadline, query.execute(pool))
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(classify)?;
+    Ok(())
 }
 
 /// [`Store::delete_before`], first step: the rooms of the `$2` oldest messages older than `$1`,
