@@ -1,6 +1,8 @@
-//! Redis pub/sub as the bus (fred), with a channel per room: `{prefix}room:{room}`.
+//! Redis pub/sub as the bus (fred), with a channel per room: `{prefix}room:{room}` (messages and
+//! signals), and one per user: `{prefix}user:{user}` (read cursors).
 //!
-//! A node subscribes only to rooms it has sessions in, so its Redis traffic follows its own rooms.
+//! A node subscribes only to rooms it has sessions in, and to users it has connections of, so its
+//! Redis traffic follows its own rooms and users (never one subscription per user of the cluster).
 //! Publishing never blocks a commit: messages go to a bounded queue that one task drains,
 //! issuing the queued PUBLISHes together (fred pipelines commands in flight on a connection).
 //!
@@ -19,7 +21,10 @@ use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{decode, encode, Bus, BusError, BusEvent, BusMessage, BusState};
+use super::{
+    decode, encode, encode_ephemeral, Bus, BusError, BusEvent, BusMessage, BusState, Decoded,
+    Ephemeral, Topic,
+};
 use crate::metrics as m;
 use crate::redis::{timed_out, LinkState, RedisLink};
 
@@ -35,7 +40,10 @@ pub struct RedisBus {
 }
 
 struct Shared {
+    /// Of room channels.
     prefix: String,
+    /// Of user channels.
+    user_prefix: String,
     /// Distinguishes this process's own messages when they come back from Redis.
     origin: String,
     link: RedisLink,
@@ -54,6 +62,7 @@ impl RedisBus {
         let (events, events_rx) = mpsc::channel(EVENT_QUEUE);
         let shared = Arc::new(Shared {
             prefix: format!("{}room:", link.prefix()),
+            user_prefix: format!("{}user:", link.prefix()),
             origin: uuid::Uuid::new_v4().simple().to_string(),
             link: link.clone(),
             queue,
@@ -68,6 +77,75 @@ impl RedisBus {
 impl Shared {
     fn channel(&self, room: &str) -> String {
         format!("{}{}", self.prefix, room)
+    }
+
+    fn user_channel(&self, user: &str) -> String {
+        format!("{}{}", self.user_prefix, user)
+    }
+
+    /// SUBSCRIBE, then learn whether Redis accepted it.
+    ///
+    /// fred answers a SUBSCRIBE as soon as it is written (its success reply is a push frame), so
+    /// a refusal, such as `-NOPERM` from an ACL user without the channel, would be dropped unseen
+    /// and never retried. A PING pipelined behind it is answered in order on the same connection:
+    /// it receives the SUBSCRIBE's error if there was one, and its own reply otherwise. fred's
+    /// connection task writes every command of a pipeline before it reads the next reply, so the
+    /// error cannot arrive before the PING waits for it. `subscribe_retry` (real Redis, real
+    /// ACL) guards this against a change in fred.
+    async fn subscribe(&self, channel: String) -> Result<(), BusError> {
+        let pipeline = Pipeline::from(self.link.subscriber().clone());
+        let confirmed = async {
+            pipeline.subscribe(channel).await?;
+            pipeline.ping::<()>(None).await?;
+            pipeline.last::<fred::types::Value>().await
+        };
+        match tokio::time::timeout(self.link.timeout(), confirmed).await {
+            Ok(Ok(_pong)) => Ok(()),
+            Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
+            Err(_) => Err(BusError::Timeout),
+        }
+    }
+
+    /// UNSUBSCRIBE, confirmed the same way (a PING behind it): once this returns, Redis has
+    /// taken the channel off, and nothing published after it arrives here.
+    async fn unsubscribe(&self, channel: String) -> Result<(), BusError> {
+        let pipeline = Pipeline::from(self.link.subscriber().clone());
+        let confirmed = async {
+            pipeline.unsubscribe(channel).await?;
+            pipeline.ping::<()>(None).await?;
+            pipeline.last::<fred::types::Value>().await
+        };
+        match tokio::time::timeout(self.link.timeout(), confirmed).await {
+            Ok(Ok(_pong)) => Ok(()),
+            Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
+            Err(_) => Err(BusError::Timeout),
+        }
+    }
+
+    /// The event a payload on `channel` makes: `None` for this node's own publications and for
+    /// anything that is not ours.
+    fn event(&self, channel: &str, payload: Bytes) -> Option<BusEvent> {
+        let topic = if let Some(room) = channel.strip_prefix(self.prefix.as_str()) {
+            Topic::Room(Arc::from(room))
+        } else {
+            Topic::User(Arc::from(channel.strip_prefix(self.user_prefix.as_str())?))
+        };
+        match (decode(payload)?, topic) {
+            (Decoded::Message { origin, .. } | Decoded::Ephemeral { origin, .. }, _)
+                if origin == self.origin =>
+            {
+                None
+            }
+            (Decoded::Message { seq, frame, .. }, Topic::Room(room)) => {
+                metrics::counter!(m::BUS_RECEIVED).increment(1);
+                Some(BusEvent::Message(BusMessage { room, seq, frame }))
+            }
+            (Decoded::Ephemeral { frame, .. }, topic) => {
+                Some(BusEvent::Ephemeral(Ephemeral { topic, frame }))
+            }
+            // A seq on a user channel: not something this version publishes.
+            (Decoded::Message { .. }, Topic::User(_)) => None,
+        }
     }
 
     async fn publish_loop(
@@ -156,14 +234,9 @@ impl Shared {
                 },
                 message = messages.recv() => match message {
                     Ok(message) => {
-                        let Some(room) = message.channel.strip_prefix(self.prefix.as_str()) else { continue };
                         let Some(payload) = message.value.into_bytes() else { continue };
-                        let Some((origin, seq, frame)) = decode(payload) else { continue };
-                        if origin == self.origin {
-                            continue;
-                        }
-                        metrics::counter!(m::BUS_RECEIVED).increment(1);
-                        BusEvent::Message(BusMessage { room: Arc::from(room), seq, frame })
+                        let Some(event) = self.event(&message.channel, payload) else { continue };
+                        event
                     }
                     Err(RecvError::Lagged(n)) => {
                         tracing::warn!(lost = n, "fell behind the Redis pub/sub stream");
@@ -197,38 +270,44 @@ impl Bus for RedisBus {
         }
     }
 
-    /// SUBSCRIBE, then learn whether Redis accepted it.
-    ///
-    /// fred answers a SUBSCRIBE as soon as it is written (its success reply is a push frame), so
-    /// a refusal, such as `-NOPERM` from an ACL user without the channel, would be dropped unseen
-    /// and never retried. A PING pipelined behind it is answered in order on the same connection:
-    /// it receives the SUBSCRIBE's error if there was one, and its own reply otherwise. fred's
-    /// connection task writes every command of a pipeline before it reads the next reply, so the
-    /// error cannot arrive before the PING waits for it. `subscribe_retry` (real Redis, real
-    /// ACL) guards this against a change in fred.
+    /// See `Shared::subscribe` for how a refusal is noticed.
     async fn subscribe(&self, room: &str) -> Result<(), BusError> {
-        let s = &self.shared;
-        let pipeline = Pipeline::from(s.link.subscriber().clone());
-        let confirmed = async {
-            pipeline.subscribe(s.channel(room)).await?;
-            pipeline.ping::<()>(None).await?;
-            pipeline.last::<fred::types::Value>().await
-        };
-        match tokio::time::timeout(s.link.timeout(), confirmed).await {
-            Ok(Ok(_pong)) => Ok(()),
-            Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
-            Err(_) => Err(BusError::Timeout),
-        }
+        self.shared.subscribe(self.shared.channel(room)).await
     }
 
     async fn unsubscribe(&self, room: &str) -> Result<(), BusError> {
+        self.shared.unsubscribe(self.shared.channel(room)).await
+    }
+
+    fn publish_ephemeral(&self, event: &Ephemeral) {
         let s = &self.shared;
-        let unsubscribe = s.link.subscriber().unsubscribe(s.channel(room));
-        match tokio::time::timeout(s.link.timeout(), unsubscribe).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
-            Err(_) => Err(BusError::Timeout),
+        // The second half of the queue is kept for messages: a burst of signals may delay
+        // nothing that is committed (messages dropped here would cost other nodes a database
+        // read each, signals cost nothing: at most once).
+        if !s.link.is_up() || s.queue.capacity() <= PUBLISH_QUEUE / 2 {
+            metrics::counter!(m::EPHEMERAL_DROPPED, "at" => "bus").increment(1);
+            return;
         }
+        let channel = match &event.topic {
+            Topic::Room(room) => s.channel(room),
+            Topic::User(user) => s.user_channel(user),
+        };
+        if s.queue
+            .try_send((channel, encode_ephemeral(&s.origin, &event.frame)))
+            .is_err()
+        {
+            metrics::counter!(m::EPHEMERAL_DROPPED, "at" => "bus").increment(1);
+        }
+    }
+
+    async fn subscribe_user(&self, user: &str) -> Result<(), BusError> {
+        self.shared.subscribe(self.shared.user_channel(user)).await
+    }
+
+    async fn unsubscribe_user(&self, user: &str) -> Result<(), BusError> {
+        self.shared
+            .unsubscribe(self.shared.user_channel(user))
+            .await
     }
 
     fn state(&self) -> BusState {
