@@ -35,6 +35,33 @@ const PUBLISH_BATCH: usize = 256;
 /// Events buffered for the relay.
 const EVENT_QUEUE: usize = 4096;
 
+/// A PUBLISH waiting in the queue.
+struct Outgoing {
+    channel: String,
+    payload: Bytes,
+    /// A signal or read cursor, counted apart from messages (its loss costs no repair).
+    ephemeral: bool,
+}
+
+/// Counts PUBLISHes that did not happen: messages (other nodes repair them from the database)
+/// apart from ephemeral frames (lost for good).
+fn count_dropped(ephemeral_flags: impl Iterator<Item = bool>) {
+    let (mut messages, mut ephemeral) = (0, 0);
+    for is_ephemeral in ephemeral_flags {
+        if is_ephemeral {
+            ephemeral += 1;
+        } else {
+            messages += 1;
+        }
+    }
+    if messages > 0 {
+        metrics::counter!(m::BUS_PUBLISH_DROPPED).increment(messages);
+    }
+    if ephemeral > 0 {
+        metrics::counter!(m::EPHEMERAL_DROPPED, "at" => "bus").increment(ephemeral);
+    }
+}
+
 pub struct RedisBus {
     shared: Arc<Shared>,
 }
@@ -47,7 +74,7 @@ struct Shared {
     /// Distinguishes this process's own messages when they come back from Redis.
     origin: String,
     link: RedisLink,
-    queue: mpsc::Sender<(String, Bytes)>,
+    queue: mpsc::Sender<Outgoing>,
     events: mpsc::Sender<BusEvent>,
 }
 
@@ -150,7 +177,7 @@ impl Shared {
 
     async fn publish_loop(
         self: Arc<Self>,
-        mut queued: mpsc::Receiver<(String, Bytes)>,
+        mut queued: mpsc::Receiver<Outgoing>,
         stop: CancellationToken,
     ) {
         let mut batch = Vec::with_capacity(PUBLISH_BATCH);
@@ -162,35 +189,35 @@ impl Shared {
             if n == 0 {
                 break;
             }
+            // Which PUBLISHes carry ephemeral frames, for the counts once the batch is gone.
+            let ephemeral: Vec<bool> = batch.iter().map(|item| item.ephemeral).collect();
             if !self.link.is_up() {
-                metrics::counter!(m::BUS_PUBLISH_DROPPED).increment(n as u64);
+                count_dropped(ephemeral.into_iter());
                 batch.clear();
                 continue;
             }
             // One pipeline per batch: the commands go to the connection together and come back
             // as one response, rather than a command future and a reply channel per message.
             let pipeline = self.link.commands().pipeline();
-            for (channel, payload) in batch.drain(..) {
+            for item in batch.drain(..) {
                 // Only queues the command in memory; the outcome comes from `try_all`.
-                let _: Result<(), _> = pipeline.publish(channel, payload).await;
+                let _: Result<(), _> = pipeline.publish(item.channel, item.payload).await;
             }
             let timeout = self.link.timeout();
             match tokio::time::timeout(timeout, pipeline.try_all::<i64>()).await {
                 Ok(results) => {
                     // Counted from the successes: a broken connection may answer with fewer
-                    // results than commands.
-                    let published = results.iter().filter(|r| r.is_ok()).count().min(n);
-                    let failed = n - published;
+                    // results than commands (those missing count as dropped).
+                    let ok = |i: usize| results.get(i).is_some_and(Result::is_ok);
+                    let published = (0..n).filter(|&i| !ephemeral[i] && ok(i)).count();
                     metrics::counter!(m::BUS_PUBLISHED).increment(published as u64);
-                    if failed > 0 {
-                        metrics::counter!(m::BUS_PUBLISH_DROPPED).increment(failed as u64);
-                    }
+                    count_dropped((0..n).filter(|&i| !ok(i)).map(|i| ephemeral[i]));
                     if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
                         self.link.report_outage(e);
                     }
                 }
                 Err(_) => {
-                    metrics::counter!(m::BUS_PUBLISH_DROPPED).increment(n as u64);
+                    count_dropped(ephemeral.into_iter());
                     self.link.report_outage(&timed_out(timeout));
                 }
             }
@@ -264,7 +291,11 @@ impl Bus for RedisBus {
             metrics::counter!(m::BUS_PUBLISH_DROPPED).increment(1);
             return;
         }
-        let item = (s.channel(&message.room), encode(&s.origin, message));
+        let item = Outgoing {
+            channel: s.channel(&message.room),
+            payload: encode(&s.origin, message),
+            ephemeral: false,
+        };
         if s.queue.try_send(item).is_err() {
             metrics::counter!(m::BUS_PUBLISH_DROPPED).increment(1);
         }
@@ -292,10 +323,12 @@ impl Bus for RedisBus {
             Topic::Room(room) => s.channel(room),
             Topic::User(user) => s.user_channel(user),
         };
-        if s.queue
-            .try_send((channel, encode_ephemeral(&s.origin, &event.frame)))
-            .is_err()
-        {
+        let item = Outgoing {
+            channel,
+            payload: encode_ephemeral(&s.origin, &event.frame),
+            ephemeral: true,
+        };
+        if s.queue.try_send(item).is_err() {
             metrics::counter!(m::EPHEMERAL_DROPPED, "at" => "bus").increment(1);
         }
     }
