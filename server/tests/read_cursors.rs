@@ -8,6 +8,9 @@
 //!   token may not read (`forbidden`), the server key (`forbidden`, 403 over HTTP).
 //! - `read_cursors_on_a_single_node`: the same on SQLite, where there is no bus: the user's
 //!   other connections on the node get the moves all the same.
+//! - `without_redis_other_nodes_see_the_cursor_at_their_next_join`: two Postgres nodes without
+//!   Redis: a move reaches the node's own connections of the user; the other node's see it in
+//!   their next `joined` and in `/v1/unread`.
 //!
 //! Negative checks wait for a later marker frame, never for a pause.
 #![allow(clippy::unwrap_used)]
@@ -193,4 +196,33 @@ async fn read_cursors_on_a_single_node() {
     // A token that lost the room no longer lists it.
     let narrowed = Claims::new("alice", &["other"]);
     assert_eq!(unread(&http, &narrowed).await, json!([]));
+}
+
+/// Postgres without Redis: no bus between the nodes. A move reaches the user's connections on
+/// the node it was made on; the other node's see the cursor at their next `joined` (and in
+/// `/v1/unread`), since it is in the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_other_nodes_see_the_cursor_at_their_next_join() {
+    scenario("read_cursors_without_redis", async {
+        let cluster = Cluster::start(2, None, &[("SEQCAST_JWT_SECRET", SECRET)]).await;
+        let (n0, n1) = (cluster.node(0).ws_url(), cluster.node(1).ws_url());
+        let alice = Claims::new("alice", &["r"]);
+        let mut a = connect(&n0, &alice).await;
+        let mut same_node = connect(&n0, &alice).await;
+        let mut elsewhere = connect(&n1, &alice).await;
+        post(&cluster.http(0), "r", 5).await;
+        mark(&mut a, "r", 3, 3).await;
+        expect_update(&mut same_node, "r", 3).await;
+        // The other node's connection answers its own (unmoving) read with the stored cursor,
+        // and got nothing else.
+        mark(&mut elsewhere, "r", 1, 3).await;
+        let frames = elsewhere.frames_until_pong().await;
+        assert!(frames.is_empty(), "no bus, yet: {frames:?}");
+        assert_eq!(elsewhere.join("r", None).await["read"], 3);
+        assert_eq!(
+            unread(&cluster.http(1), &alice).await,
+            json!([{"room": "r", "head": 5, "read": 3, "unread": 2}])
+        );
+    })
+    .await;
 }
