@@ -189,8 +189,12 @@ async fn subscriptions(
             }
             () = &mut retry, if !pending.is_empty() => {
                 // Only rooms and users that still have local sessions.
-                let open: std::collections::HashSet<Topic> = open_topics(&hub).into_iter().collect();
-                topics = std::mem::take(&mut pending).into_iter().filter(|t| open.contains(t)).collect();
+                let open: std::collections::HashSet<Topic> =
+                    open_topics(&hub).into_iter().collect();
+                topics = std::mem::take(&mut pending)
+                    .into_iter()
+                    .filter(|t| open.contains(t))
+                    .collect();
                 backoff = (backoff * 2).min(SUBSCRIBE_RETRY_MAX);
             }
         }
@@ -212,7 +216,11 @@ async fn subscriptions(
                 if was_pending {
                     tracing::debug!(?topic, error = %e, "subscribe failed; retrying");
                 } else {
-                    tracing::warn!(?topic, error = %e, "subscribe failed; retrying with backoff up to 2 s");
+                    tracing::warn!(
+                        ?topic,
+                        error = %e,
+                        "subscribe failed; retrying with backoff up to 2 s"
+                    );
                 }
                 // Each attempt may wait for the Redis timeout: the rest are tried with it later.
                 pending.insert(topic);

@@ -146,9 +146,9 @@ pub(super) fn run<'a>(
     }
 }
 
-/// Sends and reads of this connection awaiting the database. The set (two allocations, about 270 bytes)
-/// exists only while a send is pending: most connections are idle most of the time, and an idle
-/// connection should not pay for it (issue 11).
+/// Sends and reads of this connection awaiting the database. The set (two allocations, about
+/// 270 bytes) exists only while one is pending: most connections are idle most of the time, and
+/// an idle connection should not pay for it (issue 11).
 #[derive(Default)]
 struct InFlight(Option<FuturesUnordered<Pending>>);
 
