@@ -173,6 +173,18 @@ async fn read_cursors_across_nodes() {
         let mut other = connect(&n0, &bob).await;
         assert_eq!(other.join("r", None).await["read"], 0);
         assert_eq!(unread(&cluster.http(0), &bob).await, json!([]));
+        // n1 unsubscribes from alice's channel with her last connection there.
+        b.close().await;
+        c.close().await;
+        wait_until(
+            Duration::from_secs(10),
+            "alice's channel on 1 node",
+            || async {
+                let reply = redis.command(&["PUBSUB", "NUMSUB", "seqcast:user:alice"]);
+                reply.lines().last() == Some("1")
+            },
+        )
+        .await;
     })
     .await;
 }
