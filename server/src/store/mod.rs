@@ -175,8 +175,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Read cursors: raises `user`'s cursor in `room` to `seq`, capped at the room's head; a
     /// cursor never moves back. A cursor of 0 is never stored (a room never written to, or
-    /// `seq` 0): the user then has none in the room. One statement (or transaction), so two
-    /// connections of one user marking at once both end at the larger seq.
+    /// `seq` 0): the user then has none in the room. Two connections of one user marking at
+    /// once end at the larger seq, and each is answered a cursor at least as high as its own
+    /// (capped) seq, never an older one.
     async fn mark_read(&self, user: &str, room: &str, seq: u64) -> StoreResult<ReadMark>;
 
     /// [`Store::room_info`] and `user`'s read cursor in the room (0 if none), from one snapshot:

@@ -307,19 +307,32 @@ impl Store for PostgresStore {
     }
 
     async fn mark_read(&self, user: &str, room: &str, seq: u64) -> StoreResult<ReadMark> {
-        let query = sqlx::query_as::<_, (Option<i64>, Option<i64>)>(MARK_READ)
-            .bind(user)
-            .bind(room)
-            .bind(batch::to_db(seq));
         // A write: on the commit side of the pool, not a read permit.
         let deadline = self.deadline();
         let mut conn = self.conn(deadline).await?;
-        let outcome = timeout_at(deadline, query.fetch_one(&mut *conn)).await;
-        let (raised, before) = settle(conn, outcome)?;
-        let (seq, moved) = match raised {
-            Some(seq) => (seq, true),
-            None => (before.unwrap_or(0), false),
-        };
+        let outcome = timeout_at(deadline, async {
+            let raised: Option<i64> = sqlx::query_scalar(MARK_READ)
+                .bind(user)
+                .bind(room)
+                .bind(batch::to_db(seq))
+                .fetch_optional(&mut *conn)
+                .await?;
+            if let Some(seq) = raised {
+                return Ok((seq, true));
+            }
+            // Not raised: read the cursor in a statement of its own. Within the upsert's
+            // statement the snapshot may predate a concurrent mark that inserted the row (the
+            // upsert waited for it, then found nothing to raise), and would answer 0.
+            let current: Option<i64> =
+                sqlx::query_scalar("SELECT seq FROM read_cursors WHERE user_id = $1 AND room = $2")
+                    .bind(user)
+                    .bind(room)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            Ok::<_, sqlx::Error>((current.unwrap_or(0), false))
+        })
+        .await;
+        let (seq, moved) = settle(conn, outcome)?;
         Ok(ReadMark {
             seq: batch::seq_from_db(seq).map_err(classify)?,
             moved,
@@ -402,22 +415,17 @@ const DELETE_PREFIX: &str = "\
             SELECT COALESCE(min(CASE WHEN ts_ms >= $2 THEN seq END), max(seq) + 1) \
             FROM first_n))";
 
-/// [`Store::mark_read`] in one statement: raises the cursor of user `$1` in room `$2` to `$3`
-/// capped at the room's head, if that is higher than the cursor (and above 0). Answers the
-/// raised cursor (NULL when nothing moved) and the cursor as it was (NULL when there was none;
-/// the outer `SELECT` sees the snapshot from before the insert). Concurrent calls for one cursor
-/// serialize on its row, and `ON CONFLICT ... WHERE` is checked against the latest version, so
-/// the larger seq wins whatever the order.
+/// [`Store::mark_read`]: raises the cursor of user `$1` in room `$2` to `$3` capped at the
+/// room's head, if that is higher than the cursor (and above 0), and returns it; no row when
+/// nothing moved. Concurrent calls for one cursor serialize on its row, and the `ON CONFLICT
+/// ... WHERE` is checked against the row's latest version, so the larger seq wins whatever the
+/// order.
 const MARK_READ: &str = "\
-    WITH raised AS ( \
-        INSERT INTO read_cursors (user_id, room, seq) \
-        SELECT $1, $2, LEAST($3, head) FROM rooms WHERE room = $2 AND LEAST($3, head) > 0 \
-        ON CONFLICT (user_id, room) DO UPDATE SET seq = excluded.seq \
-            WHERE excluded.seq > read_cursors.seq \
-        RETURNING seq \
-    ) \
-    SELECT (SELECT seq FROM raised), \
-           (SELECT seq FROM read_cursors WHERE user_id = $1 AND room = $2)";
+    INSERT INTO read_cursors (user_id, room, seq) \
+    SELECT $1, $2, LEAST($3, head) FROM rooms WHERE room = $2 AND LEAST($3, head) > 0 \
+    ON CONFLICT (user_id, room) DO UPDATE SET seq = excluded.seq \
+        WHERE excluded.seq > read_cursors.seq \
+    RETURNING seq";
 
 /// Reads the columns `seq, id, sender, body, ts_ms` of `row`. The `UUID` travels as text
 /// (`id::text`): sqlx is built without its `uuid` feature.
