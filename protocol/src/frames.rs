@@ -88,6 +88,20 @@ pub enum ClientFrame {
         token: Token,
         reply_ref: Option<Ref>,
     },
+    /// An ephemeral frame for the room's other sessions (typing, cursors): never stored. Its
+    /// `body` is checked for Unicode like a message's, but not for size here: the signal limit
+    /// (`SEQCAST_MAX_SIGNAL_BYTES`) is the server's, applied by the session.
+    Signal {
+        room: String,
+        body: String,
+        reply_ref: Option<Ref>,
+    },
+    /// The user has read `room` up to `seq` (a read cursor).
+    Read {
+        room: String,
+        seq: u64,
+        reply_ref: Option<Ref>,
+    },
 }
 
 /// A token sent in an `auth` frame; its `Debug` output hides it, so it never reaches a log.
@@ -118,6 +132,8 @@ struct Envelope<'a> {
     idem: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     token: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    seq: Option<&'a RawValue>,
 }
 
 /// Deserializes a field that is present (even as `null`) into `Some`.
@@ -205,6 +221,31 @@ pub fn parse_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, Fr
                 room,
                 body: body.to_string(),
                 idem,
+                reply_ref,
+            })
+        }
+        "signal" => {
+            let room = room_field(env.room).map_err(|m| bad_here(&m))?;
+            let body = env.body.ok_or_else(|| bad_here("missing `body`"))?.get();
+            // Relayed as it came, like a message body: it must be text every client can parse.
+            if has_lone_surrogate(body) {
+                return Err(bad_here(LONE_SURROGATE));
+            }
+            Ok(ClientFrame::Signal {
+                room,
+                body: body.to_string(),
+                reply_ref,
+            })
+        }
+        "read" => {
+            let room = room_field(env.room).map_err(|m| bad_here(&m))?;
+            let seq = env
+                .seq
+                .and_then(|r| serde_json::from_str::<u64>(r.get()).ok())
+                .ok_or_else(|| bad_here("`seq` must be a non-negative integer"))?;
+            Ok(ClientFrame::Read {
+                room,
+                seq,
                 reply_ref,
             })
         }
@@ -364,14 +405,51 @@ fn with_ref(mut obj: String, reply_ref: Option<&Ref>) -> String {
     obj
 }
 
-pub fn joined_frame(room: &str, head: u64, first: u64, truncated: bool, r: Option<&Ref>) -> String {
-    let t = if truncated {
-        r#","truncated":true"#
-    } else {
-        ""
-    };
+/// `read`: the user's read cursor in the room (`Some(0)` when it has none); `None` leaves the
+/// field out (the `joined` a catch-up sends when retention cut its replay short).
+pub fn joined_frame(
+    room: &str,
+    head: u64,
+    first: u64,
+    truncated: bool,
+    read: Option<u64>,
+    r: Option<&Ref>,
+) -> String {
+    use std::fmt::Write as _;
+    let mut s = format!(r#"{{"type":"joined","room":"{room}","head":{head},"first":{first}"#);
+    if truncated {
+        s.push_str(r#","truncated":true"#);
+    }
+    if let Some(read) = read {
+        // Writing to a String cannot fail.
+        let _ = write!(s, r#","read":{read}"#);
+    }
+    s.push('}');
+    with_ref(s, r)
+}
+
+/// A signal as the room's other sessions receive it. Serialized once per signal (the bytes are
+/// shared by every recipient, on every node); `body` is spliced in as the client sent it.
+pub fn signal_frame(room: &str, from: &str, body: &str) -> String {
+    let mut s = String::with_capacity(48 + room.len() + from.len() + body.len());
+    s.push_str(r#"{"type":"signal","room":"#);
+    push_json_string(&mut s, room);
+    s.push_str(r#","from":"#);
+    push_json_string(&mut s, from);
+    s.push_str(r#","body":"#);
+    s.push_str(body);
+    s.push('}');
+    s
+}
+
+/// A read cursor: the reply to a `read` (with its `ref`), and, without one, what the user's
+/// other connections receive.
+pub fn read_frame(room: &str, seq: u64, r: Option<&Ref>) -> String {
     with_ref(
-        format!(r#"{{"type":"joined","room":"{room}","head":{head},"first":{first}{t}}}"#),
+        format!(
+            r#"{{"type":"read","room":{},"seq":{seq}}}"#,
+            json_string(room)
+        ),
         r,
     )
 }
@@ -538,7 +616,7 @@ mod tests {
         let r = Ref(r#""a""#.into());
         let v: Value = serde_json::from_str(&ack_frame(&m, Some(&r))).unwrap();
         assert_eq!(v["ref"], "a");
-        let v: Value = serde_json::from_str(&joined_frame("g", 3, 1, true, None)).unwrap();
+        let v: Value = serde_json::from_str(&joined_frame("g", 3, 1, true, None, None)).unwrap();
         assert_eq!(
             v,
             json!({"type":"joined","room":"g","head":3,"first":1,"truncated":true})
@@ -555,6 +633,59 @@ mod tests {
         assert_eq!(v, json!({"type":"authed","exp":1_700_000_000,"ref":"a"}));
         let v: Value = serde_json::from_str(&authed_frame(None, None)).unwrap();
         assert_eq!(v, json!({"type":"authed"}));
+    }
+
+    #[test]
+    fn signals_and_read_cursors_parse_and_are_written() {
+        assert_eq!(
+            parse(r#"{"type":"signal","room":"r","body":{"typing":true},"ref":5}"#).unwrap(),
+            ClientFrame::Signal {
+                room: "r".into(),
+                body: r#"{"typing":true}"#.into(),
+                reply_ref: Some(Ref("5".into()))
+            }
+        );
+        // The message limit (64 here) is not the signal's: the session checks that one.
+        let long = format!(
+            r#"{{"type":"signal","room":"r","body":"{}"}}"#,
+            "x".repeat(100)
+        );
+        assert!(matches!(parse(&long), Ok(ClientFrame::Signal { .. })));
+        assert_eq!(
+            parse(r#"{"type":"read","room":"r","seq":57,"ref":"x"}"#).unwrap(),
+            ClientFrame::Read {
+                room: "r".into(),
+                seq: 57,
+                reply_ref: Some(Ref(r#""x""#.into()))
+            }
+        );
+        for bad in [
+            r#"{"type":"signal","room":"r"}"#,
+            r#"{"type":"signal","room":"bad room","body":1}"#,
+            r#"{"type":"signal","room":"r","body":"\ud800"}"#,
+            r#"{"type":"read","room":"r"}"#,
+            r#"{"type":"read","room":"r","seq":-1}"#,
+            r#"{"type":"read","room":"r","seq":1.5}"#,
+            r#"{"type":"read","room":"r","seq":"3"}"#,
+            r#"{"type":"read","room":"r","seq":null}"#,
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{bad}");
+        }
+        let v: Value = serde_json::from_str(&signal_frame("r", "al\"ice", r#"{"t":1}"#)).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"signal","room":"r","from":"al\"ice","body":{"t":1}})
+        );
+        let r = Ref("6".into());
+        let v: Value = serde_json::from_str(&read_frame("r", 57, Some(&r))).unwrap();
+        assert_eq!(v, json!({"type":"read","room":"r","seq":57,"ref":6}));
+        let v: Value =
+            serde_json::from_str(&joined_frame("g", 3, 1, false, Some(0), None)).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"joined","room":"g","head":3,"first":1,"read":0})
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The HTTP API for rooms: history paging, catch-up and publishing (`/v1/rooms/...`).
+//! The HTTP API for rooms: history paging, catch-up and publishing (`/v1/rooms/...`), and a
+//! user's unread counts (`/v1/unread`).
 
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -33,6 +34,7 @@ pub fn routes() -> Router<AppState> {
             "/v1/rooms/{room}/messages",
             get(list_messages).post(post_message),
         )
+        .route("/v1/unread", get(unread))
 }
 
 /// The authenticated caller of an HTTP request (`Authorization: Bearer <JWT or server key>`).
@@ -110,6 +112,42 @@ async fn room_info(
     let info = state.store.room_info(&room).await?;
     let body = serde_json::json!({ "room": room, "head": info.head, "first": info.first });
     Ok(Json(body).into_response())
+}
+
+/// `GET /v1/unread`: every room where the caller has a read cursor, with its head, the cursor
+/// and their difference. A user's own list: the server key (no user) is refused. Rooms the
+/// caller's token no longer allows to read are left out (their heads are not the caller's to
+/// see).
+async fn unread(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+) -> Result<Response, ApiError> {
+    if caller.is_server() {
+        return Err(ApiError::forbidden(
+            "read cursors are a user's: call with a user token",
+        ));
+    }
+    let _slot = match read_slot(&state, &caller) {
+        Ok(slot) => slot,
+        Err(refused) => return Ok(refused.into_response()),
+    };
+    let rooms: Vec<serde_json::Value> = state
+        .store
+        .unread(&caller.user)
+        .await?
+        .into_iter()
+        .filter(|u| caller.can_read(&u.room))
+        .map(|u| {
+            serde_json::json!({
+                "room": u.room,
+                "head": u.head,
+                "read": u.read,
+                // A cursor is capped at the head when written, and heads only grow.
+                "unread": u.head.saturating_sub(u.read),
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "rooms": rooms })).into_response())
 }
 
 #[derive(Deserialize)]

@@ -36,6 +36,10 @@ pub struct Shared {
     pub store: Arc<dyn Store>,
     pub hub: Hub,
     pub writers: Writers,
+    /// The transport to the other nodes, for ephemeral frames (signals, read cursors; committed
+    /// messages go through `writers`). `None` on a single node and on a Postgres node without
+    /// Redis: those frames then reach this node's sessions only (see `bus`).
+    pub bus: Option<Arc<dyn Bus>>,
     /// Every WebSocket session, so a drain can wait for them.
     pub sessions: TaskTracker,
     /// Cancelled when the node starts draining: sessions close with 1012.
@@ -128,7 +132,7 @@ impl AppState {
         let writers = Writers::new(
             Arc::clone(&store),
             hub.clone(),
-            bus,
+            bus.clone(),
             config.commit_concurrency,
         );
         Ok(AppState(Arc::new(Shared {
@@ -138,6 +142,7 @@ impl AppState {
             store,
             hub,
             writers,
+            bus,
             sessions: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             metrics,

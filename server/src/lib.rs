@@ -10,6 +10,11 @@
 //!                                              └──► session::outbound (cursor per room) ──► socket
 //! ```
 //!
+//! Ephemeral frames take a shorter path, without the writer, the store's log or seq checks:
+//! `signal` (session::ephemeral) ──► hub (the room's other sessions) + bus (the room's channel),
+//! and a `read` cursor, once raised in the store, ──► hub (the user's other connections) + bus
+//! (the user's channel). At most once; see [`bus`].
+//!
 //! - [`config`]: the settings (environment variables and the flags that mirror them), their
 //!   defaults and checks, the redacting types secrets are held in.
 //! - [`auth`]: tokens, the server key, room patterns.
@@ -18,18 +23,20 @@
 //! - [`store`]: the `Store` trait with Postgres and SQLite backends.
 //! - [`writer`]: per-room commit queues, committed together across rooms (node-wide group
 //!   commit); the only way a message is committed.
-//! - [`hub`]: which local sessions are in which room; non-blocking fan-out into each session's
-//!   mailbox.
+//! - [`hub`]: which local sessions are in which room (and which connections are whose, for read
+//!   cursors); non-blocking fan-out into each session's mailbox.
 //! - [`redis`]: the node's one link to Redis (its clients, one health state with its probe, Lua
 //!   scripts), shared by the bus, the per-user rate limit and the leader election.
-//! - [`bus`]: the `Bus` trait with Redis and in-process transports between nodes.
+//! - [`bus`]: the `Bus` trait with Redis and in-process transports between nodes, for committed
+//!   messages and for ephemeral frames (signals, read cursors).
 //! - [`relay`]: bus subscriptions, messages from other nodes, and head checks against the
 //!   database that find what the bus lost (or, without Redis, carry everything); on Postgres,
 //!   the `LISTEN` connection that hears of messages an application committed with the SQL
 //!   function `seqcast_publish` (`relay/listen.rs`, migration 0003).
 //! - [`jobs`]: leader election through the Redis link and the background jobs (retention).
 //! - [`session`]: one connection; its outbound half keeps a cursor per room and reads the
-//!   database whenever it is behind the live stream (join with `since`, gaps, slow clients).
+//!   database whenever it is behind the live stream (join with `since`, gaps, slow clients);
+//!   `session::ephemeral` relays signals and read-cursor moves.
 //! - [`api`], [`ws`], [`ops`]: the HTTP handlers; [`demo`]: the demo page at `/` (static files
 //!   and the JavaScript client, embedded); [`router`] puts them together under one router;
 //!   [`app`] is the state they are all handed (it knows no handler).

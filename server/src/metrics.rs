@@ -40,6 +40,14 @@ pub const BUS_PUBLISHED: &str = "seqcast_bus_published_total";
 pub const BUS_PUBLISH_DROPPED: &str = "seqcast_bus_publish_dropped_total";
 /// Messages received from other nodes through the bus (counter).
 pub const BUS_RECEIVED: &str = "seqcast_bus_received_total";
+/// Signals accepted from this node's clients (counter).
+pub const SIGNALS: &str = "seqcast_signals_total";
+/// Ephemeral frames (signals, read cursors) dropped (counter, label `at`: `bus` when the bus
+/// was down or its queue half full, `session` when a session's queue was half full). Nothing
+/// repairs them: at most once.
+pub const EPHEMERAL_DROPPED: &str = "seqcast_ephemeral_dropped_total";
+/// Read cursors moved by `read` frames (counter).
+pub const READ_CURSORS_MOVED: &str = "seqcast_read_cursors_moved_total";
 /// The node's Redis link (gauge): 1 while it is up, 0 while it is down or still connecting (the
 /// bus then relies on database polling and the user limit counts per node). Absent on a node
 /// without Redis (SQLite, or Postgres without `REDIS_URL`): nothing there is down, and an alert
@@ -162,6 +170,12 @@ fn describe() {
         "Messages not published (bus down or queue full)"
     );
     describe_counter!(BUS_RECEIVED, "Messages received from other nodes");
+    describe_counter!(SIGNALS, "Signals accepted from this node's clients");
+    describe_counter!(
+        EPHEMERAL_DROPPED,
+        "Signals and read-cursor updates dropped (at most once)"
+    );
+    describe_counter!(READ_CURSORS_MOVED, "Read cursors moved by read frames");
     describe_gauge!(
         BUS_UP,
         "1 while the Redis link is up (absent without Redis)"

@@ -10,6 +10,9 @@
 //!   later message reveals), every `SEQCAST_POLL_INTERVAL` while it is down or absent (then this
 //!   is how messages of other nodes arrive), and at once after a subscription or a reconnect. A
 //!   room found behind is read from the database once and fed into the hub.
+//! - Ephemeral frames (signals, read cursors) from other nodes go straight to the hub's
+//!   sessions: no order, no head check, no repair. A user's channel is subscribed while the
+//!   node has a connection of that user, with the same retries as a room's.
 //! - Holes: the hub holds a room's messages back while a seq below them is missing (see `hub`);
 //!   a hole still open after [`HOLE_GRACE`] (the message was lost, or is slow, on the bus) is
 //!   read from the database once for the whole node, and the held messages follow it.
@@ -24,9 +27,9 @@ use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Bus, BusEvent, BusState};
+use crate::bus::{Bus, BusError, BusEvent, BusState, Ephemeral, Topic};
 use crate::config::Config;
-use crate::hub::{Hub, Live, RoomChange};
+use crate::hub::{Hub, Live, Notice, RoomChange};
 use crate::metrics as m;
 use crate::store::{Store, StoreResult};
 use seqcast_protocol as protocol;
@@ -153,7 +156,7 @@ const SUBSCRIBE_RETRY_MIN: std::time::Duration = std::time::Duration::from_milli
 /// Longest pause between SUBSCRIBE retries.
 const SUBSCRIBE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Keeps the bus subscriptions equal to the hub's rooms. A SUBSCRIBE that fails (a paused
+/// Keeps the bus subscriptions equal to the hub's rooms and users. A SUBSCRIBE that fails (a paused
 /// Redis, a connection being replaced) is retried with backoff until it succeeds or the room
 /// closes, whether or not the bus reports a reconnect meanwhile.
 async fn subscriptions(
@@ -164,26 +167,30 @@ async fn subscriptions(
     resubscribe: Arc<Notify>,
     stop: CancellationToken,
 ) {
-    // Rooms whose subscription failed, and when to try them again.
-    let mut pending: std::collections::BTreeSet<Arc<str>> = std::collections::BTreeSet::new();
+    // Rooms and users whose subscription failed, and when to try them again.
+    let mut pending: std::collections::BTreeSet<Topic> = std::collections::BTreeSet::new();
     let mut backoff = SUBSCRIBE_RETRY_MIN;
     let retry = tokio::time::sleep(backoff);
     tokio::pin!(retry);
     loop {
-        let mut rooms = Vec::new();
+        let mut topics = Vec::new();
         tokio::select! {
             _ = stop.cancelled() => return,
-            change = changes.recv() => match change {
-                None => return,
-                Some(RoomChange::Opened(room)) => {
-                    pending.remove(&room);
-                    rooms.push(room);
-                }
-                Some(RoomChange::Closed(room)) => {
-                    pending.remove(&room);
+            change = changes.recv() => {
+                let (topic, opened) = match change {
+                    None => return,
+                    Some(RoomChange::Opened(room)) => (Topic::Room(room), true),
+                    Some(RoomChange::Closed(room)) => (Topic::Room(room), false),
+                    Some(RoomChange::UserOpened(user)) => (Topic::User(user), true),
+                    Some(RoomChange::UserClosed(user)) => (Topic::User(user), false),
+                };
+                pending.remove(&topic);
+                if opened {
+                    topics.push(topic);
+                } else {
                     if let Some(bus) = &bus {
-                        if let Err(e) = bus.unsubscribe(&room).await {
-                            tracing::debug!(room = %room, error = %e, "unsubscribe failed");
+                        if let Err(e) = unsubscribe(bus.as_ref(), &topic).await {
+                            tracing::debug!(?topic, error = %e, "unsubscribe failed");
                         }
                     }
                     continue;
@@ -192,33 +199,46 @@ async fn subscriptions(
             _ = resubscribe.notified() => {
                 pending.clear();
                 backoff = SUBSCRIBE_RETRY_MIN;
-                rooms = hub.rooms();
+                topics = open_topics(&hub);
             }
             () = &mut retry, if !pending.is_empty() => {
-                // Only rooms that still have local sessions.
-                let open: std::collections::HashSet<Arc<str>> = hub.rooms().into_iter().collect();
-                rooms = std::mem::take(&mut pending).into_iter().filter(|r| open.contains(r)).collect();
+                // Only rooms and users that still have local sessions.
+                let open: std::collections::HashSet<Topic> =
+                    open_topics(&hub).into_iter().collect();
+                topics = std::mem::take(&mut pending)
+                    .into_iter()
+                    .filter(|t| open.contains(t))
+                    .collect();
                 backoff = (backoff * 2).min(SUBSCRIBE_RETRY_MAX);
             }
         }
+        // A user's channel carries nothing a head check could find: only a room's subscription
+        // calls for one (a reconnect storm of users must not make one per connection).
+        let rooms_touched = topics.iter().any(|t| matches!(t, Topic::Room(_)));
         let Some(bus) = &bus else {
-            check.notify_one();
+            if rooms_touched {
+                check.notify_one();
+            }
             continue;
         };
         let was_pending = !pending.is_empty();
-        let mut rooms = rooms.into_iter();
-        while let Some(room) = rooms.next() {
-            if let Err(e) = bus.subscribe(&room).await {
+        let mut topics = topics.into_iter();
+        while let Some(topic) = topics.next() {
+            if let Err(e) = subscribe(bus.as_ref(), &topic).await {
                 // Said once per run of failures (a refusal such as an ACL without the channel
                 // is an operator's to fix); the retries that follow stay quiet.
                 if was_pending {
-                    tracing::debug!(room = %room, error = %e, "subscribe failed; retrying");
+                    tracing::debug!(?topic, error = %e, "subscribe failed; retrying");
                 } else {
-                    tracing::warn!(room = %room, error = %e, "subscribe failed; retrying with backoff up to 2 s");
+                    tracing::warn!(
+                        ?topic,
+                        error = %e,
+                        "subscribe failed; retrying with backoff up to 2 s"
+                    );
                 }
                 // Each attempt may wait for the Redis timeout: the rest are tried with it later.
-                pending.insert(room);
-                pending.extend(rooms);
+                pending.insert(topic);
+                pending.extend(topics);
                 break;
             }
         }
@@ -229,7 +249,31 @@ async fn subscriptions(
         }
         // Messages committed elsewhere before a subscription took effect travelled before we
         // listened: look for them now.
-        check.notify_one();
+        if rooms_touched {
+            check.notify_one();
+        }
+    }
+}
+
+/// Every room and user this node has sessions of.
+fn open_topics(hub: &Hub) -> Vec<Topic> {
+    let rooms = hub.rooms().into_iter().map(Topic::Room);
+    rooms
+        .chain(hub.users().into_iter().map(Topic::User))
+        .collect()
+}
+
+async fn subscribe(bus: &dyn Bus, topic: &Topic) -> Result<(), BusError> {
+    match topic {
+        Topic::Room(room) => bus.subscribe(room).await,
+        Topic::User(user) => bus.subscribe_user(user).await,
+    }
+}
+
+async fn unsubscribe(bus: &dyn Bus, topic: &Topic) -> Result<(), BusError> {
+    match topic {
+        Topic::Room(room) => bus.unsubscribe(room).await,
+        Topic::User(user) => bus.unsubscribe_user(user).await,
     }
 }
 
@@ -266,6 +310,25 @@ async fn bus_events(
                     }
                 }
             }
+            // Straight to the sessions: no order, no repair (at most once).
+            BusEvent::Ephemeral(Ephemeral { topic, frame }) => match topic {
+                Topic::Room(room) => {
+                    let notice = Arc::new(Notice {
+                        room: Some(Arc::clone(&room)),
+                        except: None,
+                        frame,
+                    });
+                    hub.signal(&room, &notice);
+                }
+                Topic::User(user) => {
+                    let notice = Arc::new(Notice {
+                        room: None,
+                        except: None,
+                        frame,
+                    });
+                    hub.to_user(&user, &notice);
+                }
+            },
             BusEvent::MaybeLost => {
                 resubscribe.notify_one();
                 check.notify_one();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::Utf8Bytes;
 use seqcast::bus::local::LocalNetwork;
 use seqcast::bus::redis::RedisBus;
-use seqcast::bus::{Bus, BusEvent, BusMessage, BusState};
+use seqcast::bus::{Bus, BusEvent, BusMessage, BusState, Ephemeral, Topic};
 use seqcast::redis::RedisLink;
 use support::redis::TestRedis;
 use tokio::sync::mpsc;
@@ -183,6 +183,129 @@ async fn only_subscribed_rooms_are_delivered(mut p: Pair) {
     no_message(&mut p.b.1, Duration::from_millis(300)).await;
 }
 
+fn ephemeral(topic: Topic, n: u64) -> Ephemeral {
+    Ephemeral {
+        topic,
+        frame: Utf8Bytes::from(format!(r#"{{"type":"signal","n":{n},"body":"é"}}"#)),
+    }
+}
+
+/// The next ephemeral event, skipping everything else; panics after `within`.
+async fn next_ephemeral(events: &mut mpsc::Receiver<BusEvent>, within: Duration) -> Ephemeral {
+    let until = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(until, events.recv()).await {
+            Ok(Some(BusEvent::Ephemeral(e))) => return e,
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("bus event stream ended"),
+            Err(_) => panic!("no ephemeral frame within {within:?}"),
+        }
+    }
+}
+
+/// The `n` an [`ephemeral`] frame carries.
+fn number(e: &Ephemeral) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(e.frame.as_str()).expect("json");
+    v["n"].as_u64().expect("n")
+}
+
+/// Publishes numbered ephemeral frames on `topic` until one arrives on `to` (a fresh Redis
+/// subscription takes effect asynchronously); returns the number that arrived.
+async fn ephemeral_until_heard(
+    from: &Arc<dyn Bus>,
+    to: &mut mpsc::Receiver<BusEvent>,
+    topic: Topic,
+) -> u64 {
+    let until = Instant::now() + DEADLINE;
+    for n in 1.. {
+        from.publish_ephemeral(&ephemeral(topic.clone(), n));
+        match tokio::time::timeout(Duration::from_millis(100), next_ephemeral(to, DEADLINE)).await {
+            Ok(e) => {
+                assert_eq!(e.topic, topic);
+                return number(&e);
+            }
+            Err(_) => assert!(Instant::now() < until, "nothing heard on {topic:?}"),
+        }
+    }
+    unreachable!()
+}
+
+/// Waits for the ephemeral frame numbered `n` (earlier ones, sent while waiting for the
+/// subscription, may still be on their way) and returns it.
+async fn ephemeral_numbered(events: &mut mpsc::Receiver<BusEvent>, n: u64) -> Ephemeral {
+    loop {
+        let e = next_ephemeral(events, DEADLINE).await;
+        let got = number(&e);
+        if got == n {
+            return e;
+        }
+        assert!(got < 1000, "unexpected frame {got} while waiting for {n}");
+    }
+}
+
+/// Asserts no ephemeral frame numbered `n` arrives for a while (a negative check needs a
+/// bounded wait, as [`no_message`]).
+async fn never_numbered(events: &mut mpsc::Receiver<BusEvent>, n: u64) {
+    let until = tokio::time::Instant::now() + Duration::from_millis(300);
+    while let Ok(Some(event)) = tokio::time::timeout_at(until, events.recv()).await {
+        if let BusEvent::Ephemeral(e) = event {
+            assert_ne!(number(&e), n, "frame {n} should not have arrived");
+        }
+    }
+}
+
+/// Signals travel on their room's channel, beside its messages, and come out as ephemeral
+/// events (no seq), byte for byte; a node hears neither its own nor a room's it left.
+async fn signals_reach_the_room_subscribers_as_ephemeral(mut p: Pair) {
+    let room = Topic::Room(Arc::from("s1"));
+    p.a.0.subscribe("s1").await.expect("subscribe a");
+    p.b.0.subscribe("s1").await.expect("subscribe b");
+    ephemeral_until_heard(&p.a.0, &mut p.b.1, room.clone()).await;
+    // A message and a signal on the same channel: each comes out as what it is.
+    publish_until_heard(&p.a.0, &mut p.b.1, "s1").await;
+    let sent = ephemeral(room.clone(), 5000);
+    p.a.0.publish_ephemeral(&sent);
+    let got = ephemeral_numbered(&mut p.b.1, 5000).await;
+    assert_eq!(got.topic, room);
+    assert_eq!(
+        got.frame.as_str(),
+        sent.frame.as_str(),
+        "frame bytes unchanged"
+    );
+    // Not back to its own node (which does listen: it hears b's).
+    ephemeral_until_heard(&p.b.0, &mut p.a.1, room.clone()).await;
+    p.a.0.publish_ephemeral(&ephemeral(room.clone(), 6000));
+    never_numbered(&mut p.a.1, 6000).await;
+    p.b.0.unsubscribe("s1").await.expect("unsubscribe");
+    p.a.0.publish_ephemeral(&ephemeral(room, 7000));
+    never_numbered(&mut p.b.1, 7000).await;
+}
+
+/// Read cursors travel on a user's channel, to the nodes subscribed to that user only.
+async fn user_frames_reach_only_nodes_of_that_user(mut p: Pair) {
+    let alice = Topic::User(Arc::from("alice"));
+    p.b.0
+        .subscribe_user("alice")
+        .await
+        .expect("subscribe alice");
+    ephemeral_until_heard(&p.a.0, &mut p.b.1, alice.clone()).await;
+    // Neither another user's nor a room's of the same name reaches b.
+    p.a.0
+        .publish_ephemeral(&ephemeral(Topic::User(Arc::from("bob")), 5001));
+    p.a.0
+        .publish_ephemeral(&ephemeral(Topic::Room(Arc::from("alice")), 5002));
+    p.a.0.publish_ephemeral(&ephemeral(alice.clone(), 5003));
+    let got = ephemeral_numbered(&mut p.b.1, 5003).await;
+    assert_eq!(got.topic, alice);
+    p.b.0.unsubscribe_user("alice").await.expect("unsubscribe");
+    p.b.0
+        .unsubscribe_user("alice")
+        .await
+        .expect("unsubscribe is idempotent");
+    p.a.0.publish_ephemeral(&ephemeral(alice, 6000));
+    never_numbered(&mut p.b.1, 6000).await;
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod local {
@@ -208,6 +331,8 @@ contract!(
     delivers_to_subscribers_with_the_same_bytes,
     own_messages_do_not_come_back,
     only_subscribed_rooms_are_delivered,
+    signals_reach_the_room_subscribers_as_ephemeral,
+    user_frames_reach_only_nodes_of_that_user,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

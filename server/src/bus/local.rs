@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use super::{Bus, BusError, BusEvent, BusMessage, BusState};
+use super::{Bus, BusError, BusEvent, BusMessage, BusState, Ephemeral, Topic};
+use crate::metrics as m;
 
 /// Events buffered per node before messages are dropped.
 const EVENT_QUEUE: usize = 4096;
@@ -24,6 +25,7 @@ pub struct LocalNetwork {
 struct Node {
     id: u64,
     rooms: Mutex<HashSet<String>>,
+    users: Mutex<HashSet<String>>,
     events: mpsc::Sender<BusEvent>,
 }
 
@@ -40,6 +42,7 @@ impl LocalNetwork {
         let node = Arc::new(Node {
             id,
             rooms: Mutex::new(HashSet::new()),
+            users: Mutex::new(HashSet::new()),
             events,
         });
         nodes.push(Arc::clone(&node));
@@ -89,6 +92,39 @@ impl Bus for LocalBus {
 
     async fn unsubscribe(&self, room: &str) -> Result<(), BusError> {
         lock(&self.node.rooms).remove(room);
+        Ok(())
+    }
+
+    fn publish_ephemeral(&self, event: &Ephemeral) {
+        let nodes = lock(&self.network.nodes).clone();
+        for node in nodes.iter().filter(|n| n.id != self.node.id) {
+            let subscribed = match &event.topic {
+                Topic::Room(room) => lock(&node.rooms).contains(&**room),
+                Topic::User(user) => lock(&node.users).contains(&**user),
+            };
+            if !subscribed {
+                continue;
+            }
+            // As on Redis, ephemeral frames never take the second half of the queue, which
+            // stays for messages; dropped, they are gone (no loss notice: nothing repairs them).
+            if node.events.capacity() <= EVENT_QUEUE / 2
+                || node
+                    .events
+                    .try_send(BusEvent::Ephemeral(event.clone()))
+                    .is_err()
+            {
+                metrics::counter!(m::EPHEMERAL_DROPPED, "at" => "bus").increment(1);
+            }
+        }
+    }
+
+    async fn subscribe_user(&self, user: &str) -> Result<(), BusError> {
+        lock(&self.node.users).insert(user.to_string());
+        Ok(())
+    }
+
+    async fn unsubscribe_user(&self, user: &str) -> Result<(), BusError> {
+        lock(&self.node.users).remove(user);
         Ok(())
     }
 

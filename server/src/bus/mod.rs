@@ -6,6 +6,15 @@
 //! the database (see `relay`) to find what the bus lost. Two implementations sit behind [`Bus`]:
 //! [`redis::RedisBus`] for clusters and [`local::LocalBus`] for nodes in one process (the
 //! single node, and tests); both pass `server/tests/bus_contract.rs`.
+//!
+//! Besides committed messages it carries *ephemeral* frames ([`Ephemeral`]): signals, on their
+//! room's channel (so they reach exactly the nodes subscribed to the room), and read-cursor
+//! updates, on a channel per user that a node subscribes to while it has a connection of that
+//! user (so a node hears only about its own users, whatever the cluster's size). Ephemeral
+//! frames have no seq and are never repaired: lost on the bus, they are lost (at most once).
+//! Without a bus (no Redis, or Redis down) they reach the sessions of the node they were sent
+//! on only. (A Postgres LISTEN/NOTIFY link could carry them later: another [`Bus`] whose
+//! `publish_ephemeral` is a NOTIFY; nothing above the trait would change.)
 
 pub mod local;
 pub mod redis;
@@ -25,10 +34,27 @@ pub struct BusMessage {
     pub frame: Utf8Bytes,
 }
 
+/// Where an ephemeral frame goes: the sessions joined to a room (a signal), or the connections
+/// of a user (a read cursor).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Topic {
+    Room(Arc<str>),
+    User(Arc<str>),
+}
+
+/// A frame with no seq, no storage and no repair, serialized once by the node it came from.
+#[derive(Debug, Clone)]
+pub struct Ephemeral {
+    pub topic: Topic,
+    pub frame: Utf8Bytes,
+}
+
 #[derive(Debug)]
 pub enum BusEvent {
     /// A message committed on another node, for a room this node subscribed to.
     Message(BusMessage),
+    /// An ephemeral frame from another node, for a room or user this node subscribed to.
+    Ephemeral(Ephemeral),
     /// Messages may have been lost (a reconnect, a receiver that fell behind): every local room's
     /// head should be checked against the database.
     MaybeLost,
@@ -77,6 +103,18 @@ pub trait Bus: Send + Sync + 'static {
     /// Stops receiving messages of `room`. Idempotent.
     async fn unsubscribe(&self, room: &str) -> Result<(), BusError>;
 
+    /// Sends an ephemeral frame to the other nodes subscribed to its topic (a room's, as for
+    /// messages; a user's, see [`Bus::subscribe_user`]). Never waits, and never crowds out
+    /// messages: when the bus is down or its queue is half full, the frame is dropped (and
+    /// counted), nothing repairs it.
+    fn publish_ephemeral(&self, event: &Ephemeral);
+
+    /// Starts receiving ephemeral frames for `user` (read cursors). Idempotent.
+    async fn subscribe_user(&self, user: &str) -> Result<(), BusError>;
+
+    /// Stops receiving ephemeral frames for `user`. Idempotent.
+    async fn unsubscribe_user(&self, user: &str) -> Result<(), BusError>;
+
     fn state(&self) -> BusState;
 }
 
@@ -93,15 +131,50 @@ pub(crate) fn encode(origin: &str, message: &BusMessage) -> Bytes {
     out.freeze()
 }
 
-/// Parses what [`encode`] wrote: `(origin, seq, frame)`. `None` for anything else (a foreign
+/// The header's first word for an ephemeral frame, where a message has its seq: a node of an
+/// older version, which knows no ephemeral frames, fails to parse it as a seq and ignores the
+/// frame (a rolling upgrade needs no coordination).
+const EPHEMERAL_MARK: &str = "~";
+
+/// The wire form of an ephemeral frame: a header line `~ <origin>` then the frame.
+pub(crate) fn encode_ephemeral(origin: &str, frame: &Utf8Bytes) -> Bytes {
+    let mut out = BytesMut::with_capacity(origin.len() + 3 + frame.len());
+    out.put_slice(EPHEMERAL_MARK.as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(origin.as_bytes());
+    out.put_u8(b'\n');
+    out.put_slice(frame.as_bytes());
+    out.freeze()
+}
+
+/// What a payload on a bus channel is: a committed message (with its seq) or an ephemeral
+/// frame, and the node it came from.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Decoded {
+    Message {
+        origin: String,
+        seq: u64,
+        frame: Utf8Bytes,
+    },
+    Ephemeral {
+        origin: String,
+        frame: Utf8Bytes,
+    },
+}
+
+/// Parses what [`encode`] or [`encode_ephemeral`] wrote. `None` for anything else (a foreign
 /// publisher on our channel), which is ignored.
-pub(crate) fn decode(payload: Bytes) -> Option<(String, u64, Utf8Bytes)> {
+pub(crate) fn decode(payload: Bytes) -> Option<Decoded> {
     let newline = payload.iter().position(|&b| b == b'\n')?;
     let header = std::str::from_utf8(&payload[..newline]).ok()?;
-    let (seq, origin) = header.split_once(' ')?;
-    let seq = seq.parse().ok()?;
+    let (first, origin) = header.split_once(' ')?;
+    let origin = origin.to_string();
     let frame = Utf8Bytes::try_from(payload.slice(newline + 1..)).ok()?;
-    Some((origin.to_string(), seq, frame))
+    if first == EPHEMERAL_MARK {
+        return Some(Decoded::Ephemeral { origin, frame });
+    }
+    let seq = first.parse().ok()?;
+    Some(Decoded::Message { origin, seq, frame })
 }
 
 #[cfg(test)]
@@ -115,10 +188,21 @@ mod tests {
             seq: 42,
             frame: Utf8Bytes::from(r#"{"type":"message"}"#),
         };
-        let (origin, seq, frame) = decode(encode("node-a", &m)).unwrap();
         assert_eq!(
-            (origin.as_str(), seq, frame.as_str()),
-            ("node-a", 42, r#"{"type":"message"}"#)
+            decode(encode("node-a", &m)),
+            Some(Decoded::Message {
+                origin: "node-a".into(),
+                seq: 42,
+                frame: Utf8Bytes::from(r#"{"type":"message"}"#)
+            })
+        );
+        let signal = Utf8Bytes::from(r#"{"type":"signal"}"#);
+        assert_eq!(
+            decode(encode_ephemeral("node-b", &signal)),
+            Some(Decoded::Ephemeral {
+                origin: "node-b".into(),
+                frame: signal
+            })
         );
         assert!(decode(Bytes::from_static(b"garbage")).is_none());
         assert!(decode(Bytes::from_static(b"x y\n{}")).is_none());

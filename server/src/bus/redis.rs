@@ -1,6 +1,8 @@
-//! Redis pub/sub as the bus (fred), with a channel per room: `{prefix}room:{room}`.
+//! Redis pub/sub as the bus (fred), with a channel per room: `{prefix}room:{room}` (messages and
+//! signals), and one per user: `{prefix}user:{user}` (read cursors).
 //!
-//! A node subscribes only to rooms it has sessions in, so its Redis traffic follows its own rooms.
+//! A node subscribes only to rooms it has sessions in, and to users it has connections of, so its
+//! Redis traffic follows its own rooms and users (never one subscription per user of the cluster).
 //! Publishing never blocks a commit: messages go to a bounded queue that one task drains,
 //! issuing the queued PUBLISHes together (fred pipelines commands in flight on a connection).
 //!
@@ -19,7 +21,10 @@ use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{decode, encode, Bus, BusError, BusEvent, BusMessage, BusState};
+use super::{
+    decode, encode, encode_ephemeral, Bus, BusError, BusEvent, BusMessage, BusState, Decoded,
+    Ephemeral, Topic,
+};
 use crate::metrics as m;
 use crate::redis::{timed_out, LinkState, RedisLink};
 
@@ -30,16 +35,46 @@ const PUBLISH_BATCH: usize = 256;
 /// Events buffered for the relay.
 const EVENT_QUEUE: usize = 4096;
 
+/// A PUBLISH waiting in the queue.
+struct Outgoing {
+    channel: String,
+    payload: Bytes,
+    /// A signal or read cursor, counted apart from messages (its loss costs no repair).
+    ephemeral: bool,
+}
+
+/// Counts PUBLISHes that did not happen: messages (other nodes repair them from the database)
+/// apart from ephemeral frames (lost for good).
+fn count_dropped(ephemeral_flags: impl Iterator<Item = bool>) {
+    let (mut messages, mut ephemeral) = (0, 0);
+    for is_ephemeral in ephemeral_flags {
+        if is_ephemeral {
+            ephemeral += 1;
+        } else {
+            messages += 1;
+        }
+    }
+    if messages > 0 {
+        metrics::counter!(m::BUS_PUBLISH_DROPPED).increment(messages);
+    }
+    if ephemeral > 0 {
+        metrics::counter!(m::EPHEMERAL_DROPPED, "at" => "bus").increment(ephemeral);
+    }
+}
+
 pub struct RedisBus {
     shared: Arc<Shared>,
 }
 
 struct Shared {
+    /// Of room channels.
     prefix: String,
+    /// Of user channels.
+    user_prefix: String,
     /// Distinguishes this process's own messages when they come back from Redis.
     origin: String,
     link: RedisLink,
-    queue: mpsc::Sender<(String, Bytes)>,
+    queue: mpsc::Sender<Outgoing>,
     events: mpsc::Sender<BusEvent>,
 }
 
@@ -54,6 +89,7 @@ impl RedisBus {
         let (events, events_rx) = mpsc::channel(EVENT_QUEUE);
         let shared = Arc::new(Shared {
             prefix: format!("{}room:", link.prefix()),
+            user_prefix: format!("{}user:", link.prefix()),
             origin: uuid::Uuid::new_v4().simple().to_string(),
             link: link.clone(),
             queue,
@@ -70,9 +106,78 @@ impl Shared {
         format!("{}{}", self.prefix, room)
     }
 
+    fn user_channel(&self, user: &str) -> String {
+        format!("{}{}", self.user_prefix, user)
+    }
+
+    /// SUBSCRIBE, then learn whether Redis accepted it.
+    ///
+    /// fred answers a SUBSCRIBE as soon as it is written (its success reply is a push frame), so
+    /// a refusal, such as `-NOPERM` from an ACL user without the channel, would be dropped unseen
+    /// and never retried. A PING pipelined behind it is answered in order on the same connection:
+    /// it receives the SUBSCRIBE's error if there was one, and its own reply otherwise. fred's
+    /// connection task writes every command of a pipeline before it reads the next reply, so the
+    /// error cannot arrive before the PING waits for it. `subscribe_retry` (real Redis, real
+    /// ACL) guards this against a change in fred.
+    async fn subscribe(&self, channel: String) -> Result<(), BusError> {
+        let pipeline = Pipeline::from(self.link.subscriber().clone());
+        let confirmed = async {
+            pipeline.subscribe(channel).await?;
+            pipeline.ping::<()>(None).await?;
+            pipeline.last::<fred::types::Value>().await
+        };
+        match tokio::time::timeout(self.link.timeout(), confirmed).await {
+            Ok(Ok(_pong)) => Ok(()),
+            Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
+            Err(_) => Err(BusError::Timeout),
+        }
+    }
+
+    /// UNSUBSCRIBE, confirmed the same way (a PING behind it): once this returns, Redis has
+    /// taken the channel off, and nothing published after it arrives here.
+    async fn unsubscribe(&self, channel: String) -> Result<(), BusError> {
+        let pipeline = Pipeline::from(self.link.subscriber().clone());
+        let confirmed = async {
+            pipeline.unsubscribe(channel).await?;
+            pipeline.ping::<()>(None).await?;
+            pipeline.last::<fred::types::Value>().await
+        };
+        match tokio::time::timeout(self.link.timeout(), confirmed).await {
+            Ok(Ok(_pong)) => Ok(()),
+            Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
+            Err(_) => Err(BusError::Timeout),
+        }
+    }
+
+    /// The event a payload on `channel` makes: `None` for this node's own publications and for
+    /// anything that is not ours.
+    fn event(&self, channel: &str, payload: Bytes) -> Option<BusEvent> {
+        let topic = if let Some(room) = channel.strip_prefix(self.prefix.as_str()) {
+            Topic::Room(Arc::from(room))
+        } else {
+            Topic::User(Arc::from(channel.strip_prefix(self.user_prefix.as_str())?))
+        };
+        match (decode(payload)?, topic) {
+            (Decoded::Message { origin, .. } | Decoded::Ephemeral { origin, .. }, _)
+                if origin == self.origin =>
+            {
+                None
+            }
+            (Decoded::Message { seq, frame, .. }, Topic::Room(room)) => {
+                metrics::counter!(m::BUS_RECEIVED).increment(1);
+                Some(BusEvent::Message(BusMessage { room, seq, frame }))
+            }
+            (Decoded::Ephemeral { frame, .. }, topic) => {
+                Some(BusEvent::Ephemeral(Ephemeral { topic, frame }))
+            }
+            // A seq on a user channel: not something this version publishes.
+            (Decoded::Message { .. }, Topic::User(_)) => None,
+        }
+    }
+
     async fn publish_loop(
         self: Arc<Self>,
-        mut queued: mpsc::Receiver<(String, Bytes)>,
+        mut queued: mpsc::Receiver<Outgoing>,
         stop: CancellationToken,
     ) {
         let mut batch = Vec::with_capacity(PUBLISH_BATCH);
@@ -84,35 +189,35 @@ impl Shared {
             if n == 0 {
                 break;
             }
+            // Which PUBLISHes carry ephemeral frames, for the counts once the batch is gone.
+            let ephemeral: Vec<bool> = batch.iter().map(|item| item.ephemeral).collect();
             if !self.link.is_up() {
-                metrics::counter!(m::BUS_PUBLISH_DROPPED).increment(n as u64);
+                count_dropped(ephemeral.into_iter());
                 batch.clear();
                 continue;
             }
             // One pipeline per batch: the commands go to the connection together and come back
             // as one response, rather than a command future and a reply channel per message.
             let pipeline = self.link.commands().pipeline();
-            for (channel, payload) in batch.drain(..) {
+            for item in batch.drain(..) {
                 // Only queues the command in memory; the outcome comes from `try_all`.
-                let _: Result<(), _> = pipeline.publish(channel, payload).await;
+                let _: Result<(), _> = pipeline.publish(item.channel, item.payload).await;
             }
             let timeout = self.link.timeout();
             match tokio::time::timeout(timeout, pipeline.try_all::<i64>()).await {
                 Ok(results) => {
                     // Counted from the successes: a broken connection may answer with fewer
-                    // results than commands.
-                    let published = results.iter().filter(|r| r.is_ok()).count().min(n);
-                    let failed = n - published;
+                    // results than commands (those missing count as dropped).
+                    let ok = |i: usize| results.get(i).is_some_and(Result::is_ok);
+                    let published = (0..n).filter(|&i| !ephemeral[i] && ok(i)).count();
                     metrics::counter!(m::BUS_PUBLISHED).increment(published as u64);
-                    if failed > 0 {
-                        metrics::counter!(m::BUS_PUBLISH_DROPPED).increment(failed as u64);
-                    }
+                    count_dropped((0..n).filter(|&i| !ok(i)).map(|i| ephemeral[i]));
                     if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
                         self.link.report_outage(e);
                     }
                 }
                 Err(_) => {
-                    metrics::counter!(m::BUS_PUBLISH_DROPPED).increment(n as u64);
+                    count_dropped(ephemeral.into_iter());
                     self.link.report_outage(&timed_out(timeout));
                 }
             }
@@ -156,14 +261,9 @@ impl Shared {
                 },
                 message = messages.recv() => match message {
                     Ok(message) => {
-                        let Some(room) = message.channel.strip_prefix(self.prefix.as_str()) else { continue };
                         let Some(payload) = message.value.into_bytes() else { continue };
-                        let Some((origin, seq, frame)) = decode(payload) else { continue };
-                        if origin == self.origin {
-                            continue;
-                        }
-                        metrics::counter!(m::BUS_RECEIVED).increment(1);
-                        BusEvent::Message(BusMessage { room: Arc::from(room), seq, frame })
+                        let Some(event) = self.event(&message.channel, payload) else { continue };
+                        event
                     }
                     Err(RecvError::Lagged(n)) => {
                         tracing::warn!(lost = n, "fell behind the Redis pub/sub stream");
@@ -191,44 +291,56 @@ impl Bus for RedisBus {
             metrics::counter!(m::BUS_PUBLISH_DROPPED).increment(1);
             return;
         }
-        let item = (s.channel(&message.room), encode(&s.origin, message));
+        let item = Outgoing {
+            channel: s.channel(&message.room),
+            payload: encode(&s.origin, message),
+            ephemeral: false,
+        };
         if s.queue.try_send(item).is_err() {
             metrics::counter!(m::BUS_PUBLISH_DROPPED).increment(1);
         }
     }
 
-    /// SUBSCRIBE, then learn whether Redis accepted it.
-    ///
-    /// fred answers a SUBSCRIBE as soon as it is written (its success reply is a push frame), so
-    /// a refusal, such as `-NOPERM` from an ACL user without the channel, would be dropped unseen
-    /// and never retried. A PING pipelined behind it is answered in order on the same connection:
-    /// it receives the SUBSCRIBE's error if there was one, and its own reply otherwise. fred's
-    /// connection task writes every command of a pipeline before it reads the next reply, so the
-    /// error cannot arrive before the PING waits for it. `subscribe_retry` (real Redis, real
-    /// ACL) guards this against a change in fred.
+    /// See `Shared::subscribe` for how a refusal is noticed.
     async fn subscribe(&self, room: &str) -> Result<(), BusError> {
-        let s = &self.shared;
-        let pipeline = Pipeline::from(s.link.subscriber().clone());
-        let confirmed = async {
-            pipeline.subscribe(s.channel(room)).await?;
-            pipeline.ping::<()>(None).await?;
-            pipeline.last::<fred::types::Value>().await
-        };
-        match tokio::time::timeout(s.link.timeout(), confirmed).await {
-            Ok(Ok(_pong)) => Ok(()),
-            Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
-            Err(_) => Err(BusError::Timeout),
-        }
+        self.shared.subscribe(self.shared.channel(room)).await
     }
 
     async fn unsubscribe(&self, room: &str) -> Result<(), BusError> {
+        self.shared.unsubscribe(self.shared.channel(room)).await
+    }
+
+    fn publish_ephemeral(&self, event: &Ephemeral) {
         let s = &self.shared;
-        let unsubscribe = s.link.subscriber().unsubscribe(s.channel(room));
-        match tokio::time::timeout(s.link.timeout(), unsubscribe).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
-            Err(_) => Err(BusError::Timeout),
+        // The second half of the queue is kept for messages: a burst of signals may delay
+        // nothing that is committed (messages dropped here would cost other nodes a database
+        // read each, signals cost nothing: at most once).
+        if !s.link.is_up() || s.queue.capacity() <= PUBLISH_QUEUE / 2 {
+            metrics::counter!(m::EPHEMERAL_DROPPED, "at" => "bus").increment(1);
+            return;
         }
+        let channel = match &event.topic {
+            Topic::Room(room) => s.channel(room),
+            Topic::User(user) => s.user_channel(user),
+        };
+        let item = Outgoing {
+            channel,
+            payload: encode_ephemeral(&s.origin, &event.frame),
+            ephemeral: true,
+        };
+        if s.queue.try_send(item).is_err() {
+            metrics::counter!(m::EPHEMERAL_DROPPED, "at" => "bus").increment(1);
+        }
+    }
+
+    async fn subscribe_user(&self, user: &str) -> Result<(), BusError> {
+        self.shared.subscribe(self.shared.user_channel(user)).await
+    }
+
+    async fn unsubscribe_user(&self, user: &str) -> Result<(), BusError> {
+        self.shared
+            .unsubscribe(self.shared.user_channel(user))
+            .await
     }
 
     fn state(&self) -> BusState {

@@ -49,6 +49,9 @@ pub struct Config {
     pub node_id: String,
     /// `SEQCAST_MAX_MESSAGE_BYTES`: largest serialized `body`, default 65536.
     pub max_message_bytes: usize,
+    /// `SEQCAST_MAX_SIGNAL_BYTES`: largest serialized `signal` body, default 4096. Signals are
+    /// relayed to every joined session on every node and never stored: small by design.
+    pub max_signal_bytes: usize,
     /// `SEQCAST_WRITE_TIMEOUT`: close a connection (4008) that accepts no bytes this long.
     pub write_timeout: Duration,
     /// `SEQCAST_SHUTDOWN_TIMEOUT`: how long a SIGTERM drain may take before the process exits.
@@ -160,6 +163,7 @@ impl Default for Config {
             api_key: None,
             node_id: host_name(),
             max_message_bytes: crate::store::DEFAULT_MAX_MESSAGE_BYTES,
+            max_signal_bytes: 4096,
             write_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(10),
             drain_delay: Duration::from_secs(2),
@@ -232,6 +236,9 @@ impl Config {
         }
         if let Some(v) = get("SEQCAST_MAX_MESSAGE_BYTES") {
             c.max_message_bytes = parse_count("SEQCAST_MAX_MESSAGE_BYTES", &v)?;
+        }
+        if let Some(v) = get("SEQCAST_MAX_SIGNAL_BYTES") {
+            c.max_signal_bytes = parse_count("SEQCAST_MAX_SIGNAL_BYTES", &v)?;
         }
         if let Some(v) = get("SEQCAST_OUTBOUND_QUEUE") {
             c.outbound_queue = parse_count("SEQCAST_OUTBOUND_QUEUE", &v)?;

@@ -55,6 +55,10 @@ pub const SETTINGS: &[Setting] = &[
     },
     setting("SEQCAST_MAX_MESSAGE_BYTES", "Largest serialized message body"),
     setting(
+        "SEQCAST_MAX_SIGNAL_BYTES",
+        "Largest serialized signal body (ephemeral, never stored)",
+    ),
+    setting(
         "SEQCAST_WRITE_TIMEOUT",
         "Close a connection (4008) that accepts no bytes for this long",
     ),
@@ -206,6 +210,7 @@ impl Config {
             "SEQCAST_API_KEY" => text(&self.api_key),
             "SEQCAST_NODE_ID" => self.node_id.clone(),
             "SEQCAST_MAX_MESSAGE_BYTES" => self.max_message_bytes.to_string(),
+            "SEQCAST_MAX_SIGNAL_BYTES" => self.max_signal_bytes.to_string(),
             "SEQCAST_WRITE_TIMEOUT" => d(self.write_timeout),
             "SEQCAST_SHUTDOWN_TIMEOUT" => d(self.shutdown_timeout),
             "SEQCAST_DRAIN_DELAY" => d(self.drain_delay),

@@ -5,6 +5,10 @@
 //! it lagged; the session then reads what it missed from the database. The dropped-frame signal
 //! and the frames share one lock and one waker, so a session is woken once for either.
 //!
+//! Ephemeral frames ([`Notice`]: signals, read cursors) share the queue but never its second
+//! half: one is dropped (not counted as a lag: nothing repairs it) while the queue is half full,
+//! so a burst of signals can never make a session drop a message and read the database.
+//!
 //! Not a tokio channel: an mpsc channel allocated its shared state and a first block of slots
 //! (about 0.8 KiB) for every connection, idle or not. This is a `VecDeque` that allocates when
 //! the first frame arrives, and an `AtomicWaker` (the session's one task is the only reader).
@@ -16,13 +20,15 @@ use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
 
-use super::Live;
+use super::{Live, Notice};
 
 /// What the outbound half takes from its mailbox.
 #[derive(Debug)]
 pub enum Delivery {
     /// The next live frame.
     Live(Arc<Live>),
+    /// An ephemeral frame (signal, read cursor).
+    Notice(Arc<Notice>),
     /// Frames were dropped since the last take (the mailbox was full): read the database.
     Lagged,
     /// The node is draining: close the connection (1012). Reported from then on, before
@@ -40,9 +46,16 @@ pub struct Mailbox {
     capacity: usize,
 }
 
+/// A queued frame.
+#[derive(Debug)]
+enum Queued {
+    Live(Arc<Live>),
+    Notice(Arc<Notice>),
+}
+
 #[derive(Debug, Default)]
 struct Inner {
-    frames: VecDeque<Arc<Live>>,
+    frames: VecDeque<Queued>,
     lagged: bool,
     closing: bool,
 }
@@ -63,7 +76,7 @@ impl Mailbox {
         let queued = {
             let mut inner = self.lock();
             if inner.frames.len() < self.capacity {
-                inner.frames.push_back(Arc::clone(live));
+                inner.frames.push_back(Queued::Live(Arc::clone(live)));
                 true
             } else {
                 inner.lagged = true;
@@ -71,6 +84,24 @@ impl Mailbox {
             }
         };
         self.reader.wake();
+        queued
+    }
+
+    /// Queues `notice` while the queue is less than half full, else drops it (the session is
+    /// not told: at most once). Never waits. True if it was queued.
+    pub fn push_notice(&self, notice: &Arc<Notice>) -> bool {
+        let queued = {
+            let mut inner = self.lock();
+            if inner.frames.len() < self.capacity.div_ceil(2) {
+                inner.frames.push_back(Queued::Notice(Arc::clone(notice)));
+                true
+            } else {
+                false
+            }
+        };
+        if queued {
+            self.reader.wake();
+        }
         queued
     }
 
@@ -89,11 +120,14 @@ impl Mailbox {
         if std::mem::take(&mut inner.lagged) {
             return Some(Delivery::Lagged);
         }
-        let live = inner.frames.pop_front()?;
+        let next = inner.frames.pop_front()?;
         if inner.frames.is_empty() && inner.frames.capacity() > KEEP_CAPACITY {
             inner.frames = VecDeque::new();
         }
-        Some(Delivery::Live(live))
+        Some(match next {
+            Queued::Live(live) => Delivery::Live(live),
+            Queued::Notice(notice) => Delivery::Notice(notice),
+        })
     }
 
     /// Waits for the next delivery. One reader at a time.
@@ -149,6 +183,25 @@ mod tests {
             mailbox.try_recv().is_none(),
             "3 was dropped, the lag reported once"
         );
+    }
+
+    #[test]
+    fn notices_never_take_the_second_half_and_are_not_a_lag() {
+        let mailbox = Mailbox::new(4);
+        let notice = Arc::new(Notice {
+            room: None,
+            except: None,
+            frame: Utf8Bytes::from("n"),
+        });
+        assert!(mailbox.push_notice(&notice));
+        assert!(mailbox.push_notice(&notice));
+        assert!(!mailbox.push_notice(&notice), "half full: dropped");
+        assert!(mailbox.push(&live(1)), "messages still fit");
+        assert!(mailbox.push(&live(2)));
+        assert!(matches!(mailbox.try_recv(), Some(Delivery::Notice(_))));
+        assert!(matches!(mailbox.try_recv(), Some(Delivery::Notice(_))));
+        assert_eq!(seq(mailbox.try_recv()), Some(1), "no lag reported");
+        assert_eq!(seq(mailbox.try_recv()), Some(2));
     }
 
     #[test]

@@ -15,6 +15,11 @@
 //! until the hole fills, from the bus or, if it stays open, from one database read by the relay
 //! (`relay::fill_holes`), and duplicates go no further. Sessions' cursors still repair anything
 //! that gets past (a full buffer, a failed read), so delivery never depends on this.
+//!
+//! Ephemeral frames ([`Notice`]: signals, read cursors) take none of that path: no seq, no
+//! order, no repair. A signal goes to the room's sessions (but the sender's), a read cursor to
+//! the user's connections (but the one it came from), each into the session's mailbox only while
+//! it is less than half full (see `mailbox`): at most once, and never at a message's expense.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,8 +31,10 @@ use dashmap::DashMap;
 use tokio::sync::mpsc;
 
 pub use self::mailbox::{Delivery, Mailbox};
+pub use self::notices::Notice;
 
 mod mailbox;
+mod notices;
 
 /// A committed message on its way to sessions.
 #[derive(Debug)]
@@ -76,11 +83,14 @@ struct Order {
     held: BTreeMap<u64, Arc<Live>>,
 }
 
-/// A room gained its first or lost its last local session: the bus subscription follows.
+/// A room gained its first or lost its last local session, or a user their first or last local
+/// connection: the bus subscription follows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RoomChange {
     Opened(Arc<str>),
     Closed(Arc<str>),
+    UserOpened(Arc<str>),
+    UserClosed(Arc<str>),
 }
 
 /// The node's room registry. Cheap to clone.
@@ -92,6 +102,9 @@ pub struct Hub {
     /// into one list and out again for every live delivery, touching other sessions' memory:
     /// a visible share of a fan-out's CPU.)
     sessions: Arc<DashMap<SessionId, Subscriber>>,
+    /// The local connections of each user (not the server key's): where read cursors go. An
+    /// entry goes with its user's last connection.
+    users: Arc<DashMap<Arc<str>, HashMap<SessionId, Subscriber>>>,
     /// Set by [`Hub::close_sessions`]: a session registered later is closed at once.
     closing: Arc<AtomicBool>,
     /// Where room openings and closings are reported (the relay), if anywhere.

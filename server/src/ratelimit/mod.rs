@@ -3,15 +3,15 @@
 //! Both limits are token buckets that refill at their rate and hold [`BURST_FACTOR`] x the rate,
 //! so a client may burst after a quiet spell; a rate of `0` turns a limit off.
 //!
-//! - **Per connection** (`SEQCAST_SEND_RATE`, default 50/s): every `join`, `auth` and `send`,
-//!   and every malformed frame (one that fails to parse, binary frames included) costs a token
+//! - **Per connection** (`SEQCAST_SEND_RATE`, default 50/s): every `join`, `auth`, `send`,
+//!   `signal` and `read`, and every malformed frame (one that fails to parse, binary frames included) costs a token
 //!   of the connection's bucket, which is plain state of the session's inbound half (no lock, no
 //!   shared memory). `leave`, `ping` and other valid frames are free. A frame without a token is
 //!   answered with `rate_limited` under its `ref` and not executed; the connection stays open
 //!   unless it keeps exceeding its rate tenfold ([`AbuseWatch`] says exactly when), which closes
 //!   it with 1008 `rate limit`.
-//! - **Per user** (`SEQCAST_USER_SEND_RATE`, default 100/s): every WebSocket `send` and every
-//!   HTTP POST of one `sub`, on every node together, counted by a bucket in Redis (one atomic Lua
+//! - **Per user** (`SEQCAST_USER_SEND_RATE`, default 100/s): every WebSocket `send` and
+//!   `signal` and every HTTP POST of one `sub`, on every node together, counted by a bucket in Redis (one atomic Lua
 //!   script, key `{SEQCAST_REDIS_PREFIX}rate:{user}`); by a bucket per node while Redis is absent,
 //!   down or slow. [`UserLimiter`] explains how a send avoids waiting for Redis.
 //!

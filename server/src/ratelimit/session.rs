@@ -46,15 +46,23 @@ impl SessionLimits {
         SessionLimits { connection, user }
     }
 
-    /// Charges a parsed client frame before it is executed: `join`, `send` and parse failures
-    /// cost a token of the connection, a `send` one of the user too. `Err` = do not execute it.
+    /// Charges a parsed client frame before it is executed: `join`, `send`, `signal`, `read`
+    /// and parse failures cost a token of the connection, a `send` or `signal` one of the user
+    /// too. `Err` = do not execute it.
     pub async fn admit(&mut self, parsed: &Result<ClientFrame, FrameError>) -> Result<(), Refusal> {
         let (reply_ref, send) = match parsed {
-            Ok(ClientFrame::Send { reply_ref, .. }) => (reply_ref.as_ref(), true),
-            // An `auth` costs a signature check (an RSA one is about a join's worth of CPU).
-            Ok(ClientFrame::Join { reply_ref, .. } | ClientFrame::Auth { reply_ref, .. }) => {
-                (reply_ref.as_ref(), false)
+            // A signal is relayed to every session of its room on every node, like a message
+            // (minus the commit): it counts as one, so a typing flood is held to the same rates.
+            Ok(ClientFrame::Send { reply_ref, .. } | ClientFrame::Signal { reply_ref, .. }) => {
+                (reply_ref.as_ref(), true)
             }
+            // An `auth` costs a signature check (an RSA one is about a join's worth of CPU); a
+            // `read` a database write.
+            Ok(
+                ClientFrame::Join { reply_ref, .. }
+                | ClientFrame::Auth { reply_ref, .. }
+                | ClientFrame::Read { reply_ref, .. },
+            ) => (reply_ref.as_ref(), false),
             Err(e) => (e.reply_ref.as_ref(), false),
             Ok(_) => return Ok(()),
         };

@@ -148,6 +148,13 @@ impl Bus for FlakyBus {
     async fn unsubscribe(&self, _room: &str) -> Result<(), crate::bus::BusError> {
         Ok(())
     }
+    fn publish_ephemeral(&self, _event: &crate::bus::Ephemeral) {}
+    async fn subscribe_user(&self, _user: &str) -> Result<(), crate::bus::BusError> {
+        Ok(())
+    }
+    async fn unsubscribe_user(&self, _user: &str) -> Result<(), crate::bus::BusError> {
+        Ok(())
+    }
     fn state(&self) -> BusState {
         BusState::Up
     }

@@ -165,6 +165,8 @@ fn frame_ref(frame: ClientFrame) -> Option<Ref> {
         | ClientFrame::Leave { reply_ref, .. }
         | ClientFrame::Send { reply_ref, .. }
         | ClientFrame::Ping { reply_ref }
-        | ClientFrame::Auth { reply_ref, .. } => reply_ref,
+        | ClientFrame::Auth { reply_ref, .. }
+        | ClientFrame::Signal { reply_ref, .. }
+        | ClientFrame::Read { reply_ref, .. } => reply_ref,
     }
 }

@@ -9,16 +9,18 @@ use futures_util::StreamExt;
 use tokio::time::Instant;
 
 use super::control::ControlQueue;
-use super::{close, Control, JoinRequest, LeaveRequest};
+use super::{close, ephemeral, Control, JoinRequest, LeaveRequest};
 use crate::app::AppState;
 use crate::auth::{Identity, RefreshError};
+use crate::hub::SessionId;
 use crate::ratelimit::{Refusal, SessionLimits};
 use crate::store::NewMessage;
 use crate::writer::{CommitError, CommitResult};
 use seqcast_protocol::{self as protocol, ClientFrame, ErrorCode, Ref};
 
-/// Sends of one connection awaiting their commit. Past this the session stops reading the
-/// client's frames until one completes: pipelining is allowed, unbounded buffering is not.
+/// Sends (and `read`s) of one connection awaiting the database. Past this the session stops
+/// reading the client's frames until one completes: pipelining is allowed, unbounded buffering
+/// is not.
 const MAX_SENDS_IN_FLIGHT: usize = 256;
 
 /// Client frames handled in one turn of the session's task before it yields to the others.
@@ -33,7 +35,8 @@ const FRAMES_PER_TURN: u32 = 8;
 /// How long a closed connection waits for the client's close reply.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
-type PendingAck = Pin<Box<dyn Future<Output = (Option<Ref>, CommitResult)> + Send>>;
+/// A frame waiting on the database (a `send`'s commit, a `read`'s cursor): its reply.
+type Pending = Pin<Box<dyn Future<Output = String> + Send>>;
 
 /// Not an `async fn`: an async fn moves its arguments into locals, so the future kept both
 /// (the identity twice); an `async move` block uses what it captured in place.
@@ -44,6 +47,7 @@ type PendingAck = Pin<Box<dyn Future<Output = (Option<Ref>, CommitResult)> + Sen
 pub(super) fn run<'a>(
     mut stream: SplitStream<WebSocket>,
     state: &'a AppState,
+    id: SessionId,
     mut identity: Identity,
     control: &'a ControlQueue,
 ) -> impl Future<Output = ()> + Send + 'a {
@@ -75,9 +79,7 @@ pub(super) fn run<'a>(
             let next = tokio::select! {
                 biased;
                 () = control.outbound_closed() => return drain_until_closed(&mut stream).await,
-                Some((reply_ref, outcome)) = in_flight.next(), if in_flight.len() > 0 => {
-                    Control::Reply(ack_or_error(outcome, reply_ref.as_ref()))
-                }
+                Some(reply) = in_flight.next(), if in_flight.len() > 0 => Control::Reply(reply),
                 frame = stream.next(), if read => {
                     excess_permit = false;
                     last_received = Instant::now();
@@ -85,12 +87,13 @@ pub(super) fn run<'a>(
                         Some(Ok(Message::Text(text))) => {
                             // Boxed: handling a frame takes a few hundred bytes, which inline
                             // would be room in every idle connection's task.
-                            match Box::pin(handle_text(text.as_str(), state, &mut identity, &mut limits)).await {
+                            match Box::pin(handle_text(text.as_str(), state, id, &mut identity, &mut limits)).await {
                                 Handled::Control(c) => c,
-                                Handled::Commit(fut) => {
+                                Handled::Pending(fut) => {
                                     in_flight.push(fut);
                                     continue;
                                 }
+                                Handled::Done => continue,
                             }
                         }
                         Some(Ok(Message::Binary(_))) => match limits.admit_malformed() {
@@ -143,24 +146,26 @@ pub(super) fn run<'a>(
     }
 }
 
-/// Sends of this connection awaiting their commit. The set (two allocations, about 270 bytes)
-/// exists only while a send is pending: most connections are idle most of the time, and an idle
-/// connection should not pay for it (issue 11).
+/// Sends and reads of this connection awaiting the database. The set (two allocations, about
+/// 270 bytes) exists only while one is pending: most connections are idle most of the time, and
+/// an idle connection should not pay for it (issue 11).
 #[derive(Default)]
-struct InFlight(Option<FuturesUnordered<PendingAck>>);
+struct InFlight(Option<FuturesUnordered<Pending>>);
 
 impl InFlight {
     fn len(&self) -> usize {
         self.0.as_ref().map_or(0, FuturesUnordered::len)
     }
 
-    fn push(&mut self, ack: PendingAck) {
-        self.0.get_or_insert_with(FuturesUnordered::new).push(ack);
+    fn push(&mut self, pending: Pending) {
+        self.0
+            .get_or_insert_with(FuturesUnordered::new)
+            .push(pending);
     }
 
     /// The next send to complete; `None` at once when none is pending (so guard its use with
     /// [`InFlight::len`]). The set is freed when its last send completes.
-    async fn next(&mut self) -> Option<(Option<Ref>, CommitResult)> {
+    async fn next(&mut self) -> Option<String> {
         let set = self.0.as_mut()?;
         let done = set.next().await;
         if set.is_empty() {
@@ -172,12 +177,16 @@ impl InFlight {
 
 enum Handled {
     Control(Control),
-    Commit(PendingAck),
+    /// Answered once the database has done its part.
+    Pending(Pending),
+    /// Nothing to answer (a signal that was relayed).
+    Done,
 }
 
 async fn handle_text(
     text: &str,
     state: &AppState,
+    id: SessionId,
     identity: &mut Identity,
     limits: &mut SessionLimits,
 ) -> Handled {
@@ -236,12 +245,60 @@ async fn handle_text(
                 idem,
             };
             let outcome = state.writers.submit(&room, message);
-            Handled::Commit(Box::pin(async move {
+            Handled::Pending(Box::pin(async move {
                 // A dropped reply means the commit task died: the outcome is unknown to us, and
                 // `internal` tells the client to retry with its `idem`.
                 let result = outcome.await.unwrap_or(Err(CommitError::Internal));
-                (reply_ref, result)
+                ack_or_error(result, reply_ref.as_ref())
             }))
+        }
+        ClientFrame::Signal {
+            room,
+            body,
+            reply_ref,
+        } => {
+            if !identity.can_send(&room) {
+                return forbidden(&room, "signal in", reply_ref.as_ref());
+            }
+            let limit = state.config.max_signal_bytes;
+            if body.len() > limit {
+                return Handled::Control(Control::Reply(protocol::error_frame(
+                    ErrorCode::TooLarge,
+                    &format!(
+                        "signal body is {} bytes; the limit is {limit} (SEQCAST_MAX_SIGNAL_BYTES)",
+                        body.len()
+                    ),
+                    reply_ref.as_ref(),
+                )));
+            }
+            ephemeral::signal(state, id, &identity.user, &room, &body);
+            Handled::Done
+        }
+        ClientFrame::Read {
+            room,
+            seq,
+            reply_ref,
+        } => {
+            // Read cursors are a user's; the server key (every room, no user) keeps none.
+            if identity.is_server() {
+                return Handled::Control(Control::Reply(protocol::error_frame(
+                    ErrorCode::Forbidden,
+                    "the server key has no read cursors; use a user token",
+                    reply_ref.as_ref(),
+                )));
+            }
+            if !identity.can_read(&room) {
+                return forbidden(&room, "read", reply_ref.as_ref());
+            }
+            let user = identity.user.clone();
+            Handled::Pending(Box::pin(ephemeral::mark_read(
+                state.clone(),
+                id,
+                user,
+                room,
+                seq,
+                reply_ref,
+            )))
         }
         ClientFrame::Ping { reply_ref } => {
             Handled::Control(Control::Reply(protocol::pong_frame(reply_ref.as_ref())))

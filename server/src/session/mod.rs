@@ -19,6 +19,7 @@
 
 mod control;
 pub mod cursor;
+mod ephemeral;
 mod first_auth;
 mod halves;
 mod inbound;
@@ -39,7 +40,8 @@ use crate::auth::{AuthError, Identity};
 use crate::hub::{Mailbox, SessionId};
 use crate::listener::WriteProgress;
 use crate::metrics as m;
-use seqcast_protocol::Ref;
+use crate::store::StoreError;
+use seqcast_protocol::{self as protocol, ErrorCode, Ref};
 
 /// WebSocket close codes used by seqcast (see the protocol contract).
 pub mod close {
@@ -197,7 +199,7 @@ async fn serve(parts: Box<Parts>) {
     // Combinators, not async blocks (which would keep what they move into a half next to the
     // half), pinned where they are made, not moved into `join` (see there).
     let inbound =
-        pin!(inbound::run(stream, &state, identity, &control).map(|()| control.inbound_gone()));
+        pin!(inbound::run(stream, &state, id, identity, &control).map(|()| control.inbound_gone()));
     let outbound = pin!(
         outbound::Outbound::new(&state, id, exp, reader, sink, progress, mailbox)
             .run(&control)
@@ -234,4 +236,19 @@ fn unbox<T>(b: Box<T>) -> T {
 
 async fn refuse(mut socket: WebSocket, e: AuthError) {
     first_auth::Failure::refused(&e).send(&mut socket).await;
+}
+
+/// The reply to a frame whose database operation failed.
+pub(super) fn store_error_frame(e: &StoreError, r: Option<&Ref>) -> String {
+    match e {
+        StoreError::Unavailable(_) => protocol::error_frame(
+            ErrorCode::Unavailable,
+            "the database is unavailable; retry",
+            r,
+        ),
+        _ => {
+            tracing::error!(error = %e, "store error");
+            protocol::error_frame(ErrorCode::Internal, "internal error", r)
+        }
+    }
 }

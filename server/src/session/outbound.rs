@@ -28,14 +28,13 @@ use tokio::time::{Instant, Sleep};
 use super::control::{self, ControlQueue};
 use super::cursor::{self, Cursor};
 use super::rooms::Rooms;
-use super::{close, Control, JoinRequest, LeaveRequest};
+use super::{close, store_error_frame, Control, JoinRequest, LeaveRequest};
 use crate::app::AppState;
 use crate::auth::Identity;
-use crate::hub::{Delivery, Live, Mailbox, SessionId};
+use crate::hub::{Delivery, Live, Mailbox, Notice, SessionId};
 use crate::listener::WriteProgress;
 use crate::metrics as m;
 use crate::reads::ReadPermit;
-use crate::store::StoreError;
 use seqcast_protocol::{self as protocol, ErrorCode, Ref};
 
 /// Messages read from the database per catch-up step.
@@ -101,6 +100,10 @@ impl<'a> Outbound<'a> {
     ) -> Self {
         // Deregistered on drop.
         state.hub.register(id, Arc::clone(&mailbox));
+        // Where the user's read cursors reach this connection (the server key has none).
+        if let Some(user) = &reader {
+            state.hub.register_user(user, id, Arc::clone(&mailbox));
+        }
         Outbound {
             state,
             id,
@@ -241,9 +244,18 @@ impl<'a> Outbound<'a> {
             }
         };
         let slot = self.read_slot().await;
-        let info = self.state.store.room_info(&room).await;
+        // With the user's read cursor (the server key has none: 0).
+        let info = match &self.reader {
+            Some(user) => self.state.store.room_info_with_read(&room, user).await,
+            None => self
+                .state
+                .store
+                .room_info(&room)
+                .await
+                .map(|info| (info, 0)),
+        };
         drop(slot);
-        let info = match info {
+        let (info, read) = match info {
             Ok(info) => info,
             Err(e) => {
                 if !rejoin {
@@ -269,7 +281,14 @@ impl<'a> Outbound<'a> {
         if !rejoin {
             metrics::gauge!(m::SESSIONS_JOINED).increment(1.0);
         }
-        let frame = protocol::joined_frame(&room, info.head, info.first, truncated, r.as_ref());
+        let frame = protocol::joined_frame(
+            &room,
+            info.head,
+            info.first,
+            truncated,
+            Some(read),
+            r.as_ref(),
+        );
         self.write(vec![Message::Text(frame.into())]).await
     }
 
@@ -361,10 +380,17 @@ impl<'a> Outbound<'a> {
     /// next for their room go out in one flush; a lag makes every room catch up to the hub.
     async fn deliveries(&mut self, first: Delivery) -> Result<(), Stop> {
         let mut frames = Vec::new();
+        let mut notices = 0;
         let mut next = Some(first);
         while let Some(delivery) = next.take() {
             match delivery {
                 Delivery::Live(item) => self.live(&item, &mut frames),
+                Delivery::Notice(notice) => {
+                    if self.wants(&notice) {
+                        frames.push(Message::Text(notice.frame.clone()));
+                        notices += 1;
+                    }
+                }
                 Delivery::Lagged => self.lagged(),
                 // Whatever is queued is not written: the client rejoins with `since`.
                 Delivery::Closing => return Err(Stop::Draining),
@@ -373,10 +399,21 @@ impl<'a> Outbound<'a> {
                 next = self.mailbox.try_recv();
             }
         }
-        let n = frames.len() as u64;
+        let n = (frames.len() - notices) as u64;
         self.write(frames).await?;
         m::messages_delivered().increment(n);
         Ok(())
+    }
+
+    /// Whether `notice` is for this session: a signal only while its room is joined (it may
+    /// have been queued before a `leave`); a read cursor always. (The hub already skipped the
+    /// session it came from.)
+    fn wants(&self, notice: &Notice) -> bool {
+        notice.except != Some(self.id)
+            && notice
+                .room
+                .as_ref()
+                .is_none_or(|room| self.rooms.key(room).is_some())
     }
 
     /// Adds `item` to `frames` if it is its room's next seq; the cursor turns anything else into
@@ -456,7 +493,7 @@ impl<'a> Outbound<'a> {
         let truncated = first_stored > cursor.sent() + 1;
         let mut frames = Vec::with_capacity(page.len() + 1);
         if truncated {
-            let joined = protocol::joined_frame(&room, upto, first_stored, true, None);
+            let joined = protocol::joined_frame(&room, upto, first_stored, true, None, None);
             frames.push(Message::Text(joined.into()));
         }
         frames.extend(
@@ -553,6 +590,9 @@ impl<'a> Outbound<'a> {
 impl Drop for Outbound<'_> {
     fn drop(&mut self) {
         self.state.hub.deregister(self.id);
+        if let Some(user) = &self.reader {
+            self.state.hub.deregister_user(user, self.id);
+        }
         for room in self.rooms.keys() {
             self.state.hub.unsubscribe(room, self.id);
         }
@@ -578,20 +618,6 @@ fn expiry_deadline(state: &AppState, exp: Option<u64>) -> Instant {
 /// `None` when pings are off.
 fn first_ping(period: Duration) -> Option<Instant> {
     (!period.is_zero()).then(|| Instant::now() + period)
-}
-
-fn store_error_frame(e: &StoreError, r: Option<&Ref>) -> String {
-    match e {
-        StoreError::Unavailable(_) => protocol::error_frame(
-            ErrorCode::Unavailable,
-            "the database is unavailable; retry",
-            r,
-        ),
-        _ => {
-            tracing::error!(error = %e, "store error");
-            protocol::error_frame(ErrorCode::Internal, "internal error", r)
-        }
-    }
 }
 
 /// Awaits one socket write step (a feed or a flush) until it completes: [`Stop::Slow`] once the

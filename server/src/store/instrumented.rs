@@ -7,7 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use super::{Appended, NewMessage, RoomInfo, SqliteStore, Store, StoreResult, StoredMessage};
+use super::{
+    Appended, NewMessage, ReadMark, RoomInfo, SqliteStore, Store, StoreResult, StoredMessage,
+    Unread,
+};
 
 /// Runs once while `room_heads` is in flight (after the query, before it answers).
 pub type Hook = Box<dyn FnOnce() + Send>;
@@ -105,6 +108,15 @@ impl Store for Instrumented {
     }
     async fn delete_before(&self, ts_ms: i64, limit: usize) -> StoreResult<u64> {
         self.inner.delete_before(ts_ms, limit).await
+    }
+    async fn mark_read(&self, user: &str, room: &str, seq: u64) -> StoreResult<ReadMark> {
+        self.inner.mark_read(user, room, seq).await
+    }
+    async fn room_info_with_read(&self, room: &str, user: &str) -> StoreResult<(RoomInfo, u64)> {
+        self.inner.room_info_with_read(room, user).await
+    }
+    async fn unread(&self, user: &str) -> StoreResult<Vec<Unread>> {
+        self.inner.unread(user).await
     }
     async fn ping(&self) -> StoreResult<()> {
         self.inner.ping().await

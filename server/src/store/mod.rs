@@ -64,6 +64,23 @@ pub struct RoomInfo {
     pub first: u64,
 }
 
+/// A user's read cursor after [`Store::mark_read`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadMark {
+    /// The cursor now (0: the user has none in the room).
+    pub seq: u64,
+    /// Whether this call raised it.
+    pub moved: bool,
+}
+
+/// One room of a user's read cursors, as `GET /v1/unread` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unread {
+    pub room: String,
+    pub head: u64,
+    pub read: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or cannot commit right now; nothing was stored. (One
@@ -190,6 +207,20 @@ pub trait Store: Send + Sync + 'static {
     async fn held_rooms(&self, _rooms: &[&str]) -> StoreResult<HeldRooms> {
         Ok(HeldRooms::default())
     }
+
+    /// Read cursors: raises `user`'s cursor in `room` to `seq`, capped at the room's head; a
+    /// cursor never moves back. A cursor of 0 is never stored (a room never written to, or
+    /// `seq` 0): the user then has none in the room. Two connections of one user marking at
+    /// once end at the larger seq, and each is answered a cursor at least as high as its own
+    /// (capped) seq, never an older one.
+    async fn mark_read(&self, user: &str, room: &str, seq: u64) -> StoreResult<ReadMark>;
+
+    /// [`Store::room_info`] and `user`'s read cursor in the room (0 if none), from one snapshot:
+    /// what a `joined` carries.
+    async fn room_info_with_read(&self, room: &str, user: &str) -> StoreResult<(RoomInfo, u64)>;
+
+    /// Every room where `user` has a read cursor, with the room's head, ordered by room name.
+    async fn unread(&self, user: &str) -> StoreResult<Vec<Unread>>;
 
     /// Cheap liveness check used by `/ready`.
     async fn ping(&self) -> StoreResult<()>;

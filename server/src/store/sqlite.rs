@@ -14,7 +14,9 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, SqliteConnection};
 
 use super::batch::{self, KeyedMessage};
-use super::{Appended, NewMessage, RoomInfo, Store, StoreError, StoreResult, StoredMessage};
+use super::{
+    Appended, NewMessage, ReadMark, RoomInfo, Store, StoreError, StoreResult, StoredMessage, Unread,
+};
 
 /// Read connections. WAL mode lets readers run alongside the writer and each other.
 const READ_CONNECTIONS: u32 = 4;
@@ -281,6 +283,86 @@ impl Store for SqliteStore {
         .map_err(classify)
     }
 
+    async fn mark_read(&self, user: &str, room: &str, seq: u64) -> StoreResult<ReadMark> {
+        // On the writer, in one transaction: the upsert raises the cursor only if the capped seq
+        // is higher (its RETURNING then gives it), else the cursor as it stands is read.
+        let mut tx = self
+            .writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(classify)?;
+        let raised: Option<i64> = sqlx::query_scalar(MARK_READ)
+            .bind(user)
+            .bind(room)
+            .bind(batch::to_db(seq))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(classify)?;
+        let mark = match raised {
+            Some(seq) => ReadMark {
+                seq: batch::seq_from_db(seq).map_err(classify)?,
+                moved: true,
+            },
+            None => {
+                let seq: Option<i64> = sqlx::query_scalar(
+                    "SELECT seq FROM read_cursors WHERE user_id = ?1 AND room = ?2",
+                )
+                .bind(user)
+                .bind(room)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(classify)?;
+                ReadMark {
+                    seq: batch::seq_from_db(seq.unwrap_or(0)).map_err(classify)?,
+                    moved: false,
+                }
+            }
+        };
+        tx.commit().await.map_err(classify)?;
+        Ok(mark)
+    }
+
+    async fn room_info_with_read(&self, room: &str, user: &str) -> StoreResult<(RoomInfo, u64)> {
+        // One statement, so the three numbers come from the same snapshot.
+        let (head, first, read): (i64, Option<i64>, i64) = sqlx::query_as(
+            "SELECT COALESCE((SELECT head FROM rooms WHERE room = ?1), 0), \
+                    (SELECT min(seq) FROM messages WHERE room = ?1), \
+                    COALESCE((SELECT seq FROM read_cursors WHERE user_id = ?2 AND room = ?1), 0)",
+        )
+        .bind(room)
+        .bind(user)
+        .fetch_one(&self.readers)
+        .await
+        .map_err(classify)?;
+        let head = batch::seq_from_db(head).map_err(classify)?;
+        let first = match first {
+            Some(first) => batch::seq_from_db(first).map_err(classify)?,
+            None => head + 1,
+        };
+        let read = batch::seq_from_db(read).map_err(classify)?;
+        Ok((RoomInfo { head, first }, read))
+    }
+
+    async fn unread(&self, user: &str) -> StoreResult<Vec<Unread>> {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT c.room, r.head, c.seq FROM read_cursors c \
+             JOIN rooms r ON r.room = c.room WHERE c.user_id = ?1 ORDER BY c.room",
+        )
+        .bind(user)
+        .fetch_all(&self.readers)
+        .await
+        .map_err(classify)?;
+        rows.into_iter()
+            .map(|(room, head, read)| {
+                Ok(Unread {
+                    room,
+                    head: batch::seq_from_db(head).map_err(classify)?,
+                    read: batch::seq_from_db(read).map_err(classify)?,
+                })
+            })
+            .collect()
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1")
             .execute(&self.readers)
@@ -312,6 +394,17 @@ const DELETE_PREFIX: &str = "\
         SELECT seq FROM first_n WHERE seq < ( \
             SELECT COALESCE(min(CASE WHEN ts_ms >= ?2 THEN seq END), max(seq) + 1) \
             FROM first_n))";
+
+/// [`Store::mark_read`]: raises the cursor of user `?1` in room `?2` to `?3` capped at the
+/// room's head, if that is higher than the cursor (and above 0), and returns it; no row when
+/// nothing moved. (The `WHERE` of the `SELECT` also keeps SQLite's parser from reading the
+/// `ON CONFLICT` as part of a join.)
+const MARK_READ: &str = "\
+    INSERT INTO read_cursors (user_id, room, seq) \
+    SELECT ?1, ?2, min(?3, head) FROM rooms WHERE room = ?2 AND min(?3, head) > 0 \
+    ON CONFLICT (user_id, room) DO UPDATE SET seq = excluded.seq \
+        WHERE excluded.seq > read_cursors.seq \
+    RETURNING seq";
 
 /// Reads the columns `seq, id, sender, body, ts_ms` of `row`.
 fn message_from_row(room: &str, row: &SqliteRow) -> Result<StoredMessage, sqlx::Error> {

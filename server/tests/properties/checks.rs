@@ -67,7 +67,7 @@ fn check_accepted(text: &str, frame: &ClientFrame, max_body: usize) {
         } => {
             room_ok(room);
             check_reply(
-                &protocol::joined_frame(room, 7, 1, false, reply_ref.as_ref()),
+                &protocol::joined_frame(room, 7, 1, false, Some(3), reply_ref.as_ref()),
                 "joined",
                 reply_ref.as_ref(),
                 text,
@@ -139,6 +139,27 @@ fn check_accepted(text: &str, frame: &ClientFrame, max_body: usize) {
                 reply_ref.as_ref(),
                 text,
             );
+        }
+        ClientFrame::Read {
+            room,
+            seq,
+            reply_ref,
+        } => {
+            room_ok(room);
+            check_reply(
+                &protocol::read_frame(room, *seq, reply_ref.as_ref()),
+                "read",
+                reply_ref.as_ref(),
+                text,
+            );
+        }
+        ClientFrame::Signal { room, body, .. } => {
+            room_ok(room);
+            // Relayed as it came: it must stay one JSON value in the `signal` frame.
+            let frame = protocol::signal_frame(room, "u\"ser", body);
+            let fields: HashMap<String, &RawValue> = serde_json::from_str(&frame)
+                .unwrap_or_else(|e| panic!("signal frame {frame:?} is not JSON ({e}): {text:?}"));
+            assert_eq!(fields.get("body").map(|b| b.get()), Some(body.as_str()));
         }
         ClientFrame::Ping { reply_ref } => check_reply(
             &protocol::pong_frame(reply_ref.as_ref()),

@@ -50,6 +50,7 @@ macro_rules! contract {
 
 mod appends;
 mod collation;
+mod cursors;
 mod failures;
 mod groups;
 mod idem;

@@ -17,8 +17,8 @@ mod append;
 
 use super::batch;
 use super::{
-    Appended, HeldRooms, NewMessage, RoomInfo, Store, StoreError, StoreOptions, StoreResult,
-    StoredMessage,
+    Appended, HeldRooms, NewMessage, ReadMark, RoomInfo, Store, StoreError, StoreOptions,
+    StoreResult, StoredMessage, Unread,
 };
 use crate::metrics as m;
 
@@ -346,6 +346,80 @@ impl Store for PostgresStore {
         })
     }
 
+    async fn mark_read(&self, user: &str, room: &str, seq: u64) -> StoreResult<ReadMark> {
+        // A write: on the commit side of the pool, not a read permit.
+        let deadline = self.deadline();
+        let mut conn = self.conn(deadline).await?;
+        let outcome = timeout_at(deadline, async {
+            let raised: Option<i64> = sqlx::query_scalar(MARK_READ)
+                .bind(user)
+                .bind(room)
+                .bind(batch::to_db(seq))
+                .fetch_optional(&mut *conn)
+                .await?;
+            if let Some(seq) = raised {
+                return Ok((seq, true));
+            }
+            // Not raised: read the cursor in a statement of its own. Within the upsert's
+            // statement the snapshot may predate a concurrent mark that inserted the row (the
+            // upsert waited for it, then found nothing to raise), and would answer 0.
+            let current: Option<i64> =
+                sqlx::query_scalar("SELECT seq FROM read_cursors WHERE user_id = $1 AND room = $2")
+                    .bind(user)
+                    .bind(room)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            Ok::<_, sqlx::Error>((current.unwrap_or(0), false))
+        })
+        .await;
+        let (seq, moved) = settle(conn, outcome)?;
+        Ok(ReadMark {
+            seq: batch::seq_from_db(seq).map_err(classify)?,
+            moved,
+        })
+    }
+
+    async fn room_info_with_read(&self, room: &str, user: &str) -> StoreResult<(RoomInfo, u64)> {
+        // One statement, so the three numbers come from the same snapshot.
+        let query = sqlx::query_as::<_, (i64, Option<i64>, i64)>(
+            "SELECT COALESCE((SELECT head FROM rooms WHERE room = $1), 0), \
+                    (SELECT min(seq) FROM messages WHERE room = $1), \
+                    COALESCE((SELECT seq FROM read_cursors WHERE user_id = $2 AND room = $1), 0)",
+        )
+        .bind(room)
+        .bind(user);
+        let (_permit, mut conn, deadline) = self.read_conn().await?;
+        let outcome = timeout_at(deadline, query.fetch_one(&mut *conn)).await;
+        let (head, first, read) = settle(conn, outcome)?;
+        let head = batch::seq_from_db(head).map_err(classify)?;
+        let first = match first {
+            Some(first) => batch::seq_from_db(first).map_err(classify)?,
+            None => head + 1,
+        };
+        let read = batch::seq_from_db(read).map_err(classify)?;
+        Ok((RoomInfo { head, first }, read))
+    }
+
+    async fn unread(&self, user: &str) -> StoreResult<Vec<Unread>> {
+        let query = sqlx::query_as::<_, (String, i64, i64)>(
+            "SELECT c.room, r.head, c.seq FROM read_cursors c \
+             JOIN rooms r ON r.room = c.room WHERE c.user_id = $1 ORDER BY c.room",
+        )
+        .bind(user);
+        let (_permit, mut conn, deadline) = self.read_conn().await?;
+        let outcome = timeout_at(deadline, query.fetch_all(&mut *conn)).await;
+        let rows = settle(conn, outcome)?;
+        rows.into_iter()
+            .map(|(room, head, read)| {
+                Ok(Unread {
+                    room,
+                    head: batch::seq_from_db(head).map_err(classify)?,
+                    read: batch::seq_from_db(read).map_err(classify)?,
+                })
+            })
+            .collect()
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         let deadline = self.deadline();
         let mut conn = self.conn(deadline).await?;
@@ -405,6 +479,18 @@ const DELETE_PREFIX: &str = "\
         SELECT seq FROM first_n WHERE seq < ( \
             SELECT COALESCE(min(CASE WHEN ts_ms >= $2 THEN seq END), max(seq) + 1) \
             FROM first_n))";
+
+/// [`Store::mark_read`]: raises the cursor of user `$1` in room `$2` to `$3` capped at the
+/// room's head, if that is higher than the cursor (and above 0), and returns it; no row when
+/// nothing moved. Concurrent calls for one cursor serialize on its row, and the `ON CONFLICT
+/// ... WHERE` is checked against the row's latest version, so the larger seq wins whatever the
+/// order.
+const MARK_READ: &str = "\
+    INSERT INTO read_cursors (user_id, room, seq) \
+    SELECT $1, $2, LEAST($3, head) FROM rooms WHERE room = $2 AND LEAST($3, head) > 0 \
+    ON CONFLICT (user_id, room) DO UPDATE SET seq = excluded.seq \
+        WHERE excluded.seq > read_cursors.seq \
+    RETURNING seq";
 
 /// Reads the columns `seq, id, sender, body, ts_ms` of `row`. The `UUID` travels as text
 /// (`id::text`): sqlx is built without its `uuid` feature.
