@@ -43,8 +43,9 @@ pub struct Joined {
 pub enum State {
     /// The first connection is being opened.
     Connecting,
-    /// Connected and authenticated: frames flow; rooms are being rejoined.
-    Open,
+    /// Connected and authenticated to `url` (one of [`crate::Options::url`] and its
+    /// `fallback_urls`): frames flow; rooms are being rejoined.
+    Open { url: String },
     /// The connection was lost (`code`: its close code, `None` when it broke or never opened);
     /// the next attempt starts after `delay`.
     Reconnecting {

@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use seqcast_client::{Client, Event, Options};
+use seqcast_client::{Client, Event, Options, State};
 use serde_json::{json, Value};
 use support::{next_matching, wait_for};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 type Log = Arc<Mutex<Vec<(usize, Value)>>>;
@@ -165,5 +166,49 @@ async fn a_missing_pong_reconnects_and_rejoins() {
         },
     )
     .await;
+    c.close().await;
+}
+
+/// The address of the next connection that opens.
+async fn opened(events: &mut mpsc::UnboundedReceiver<Event>) -> String {
+    next_matching(
+        events,
+        Duration::from_secs(5),
+        "an open connection",
+        |e| match e {
+            Event::State(State::Open { url }) => Some(url),
+            _ => None,
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn connections_go_to_the_fallback_urls_in_turn() {
+    let (a, _) = fake(|_, _| vec![]).await;
+    let (b, _) = fake(|_, _| vec![]).await;
+    // A port nobody listens on any more: refused.
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("ws://{}/v1/ws", listener.local_addr().unwrap())
+    };
+    let opts = Options::new(dead)
+        .fallback_url(a.clone())
+        .fallback_url(b.clone())
+        .backoff(Duration::from_millis(10), Duration::from_millis(50));
+    let (c, mut events) = Client::new(opts);
+    assert_eq!(
+        opened(&mut events).await,
+        a,
+        "the dead first address, then a"
+    );
+    c.reconnect();
+    assert_eq!(opened(&mut events).await, b, "reconnect() moves on");
+    c.reconnect();
+    assert_eq!(
+        opened(&mut events).await,
+        a,
+        "round robin, past the dead one"
+    );
     c.close().await;
 }
