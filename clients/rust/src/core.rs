@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::options::{Options, TokenSource};
 use crate::room::{Room, Verdict};
-use crate::types::{Ack, Error, Event, Joined, Message, State};
+use crate::types::{Ack, Error, Event, Joined, Message, State, Stats};
 
 /// Error codes after which a send is retried (same idem) rather than failed.
 const RETRYABLE: [&str; 3] = ["unavailable", "rate_limited", "internal"];
@@ -46,6 +46,13 @@ pub(crate) enum Command {
     PendingSends {
         reply: oneshot::Sender<usize>,
     },
+    Stats {
+        reply: oneshot::Sender<Stats>,
+    },
+    /// An application `ping`, answered once its `pong` arrives (or failed when offline).
+    Ping {
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
     Reconnect,
     Close {
         done: oneshot::Sender<()>,
@@ -65,7 +72,12 @@ pub(crate) enum Flow {
 enum Pending {
     Auth,
     Ping,
-    Join { room: String, epoch: u64 },
+    /// [`Command::Ping`]: dropped with the connection, which fails it.
+    AppPing(oneshot::Sender<Result<(), Error>>),
+    Join {
+        room: String,
+        epoch: u64,
+    },
     Leave(oneshot::Sender<()>),
     Send(u64),
 }
@@ -146,6 +158,7 @@ pub(crate) struct Core {
     /// Consecutive 1008 closes.
     pub auth_failures: u32,
     join_retries: Vec<(Instant, String, u64)>,
+    stats: Stats,
     next_ping: Option<Instant>,
     pong_deadline: Option<Instant>,
     /// Since when the socket is not read because the application's bounded event channel is
@@ -171,6 +184,7 @@ impl Core {
             attempt: 0,
             auth_failures: 0,
             join_retries: Vec::new(),
+            stats: Stats::default(),
             next_ping: None,
             pong_deadline: None,
             paused_since: None,
@@ -255,6 +269,14 @@ impl Core {
                 answer(reply, self.rooms.get(&room).and_then(|r| r.last));
             }
             Command::PendingSends { reply } => answer(reply, self.sends.len()),
+            Command::Stats { reply } => answer(reply, self.stats),
+            Command::Ping { reply } => {
+                if self.online {
+                    self.request(json!({"type": "ping"}), Pending::AppPing(reply));
+                } else {
+                    answer(reply, Err(Error::Connection("not connected".to_owned())));
+                }
+            }
             Command::Reconnect => {
                 self.attempt = 0;
                 return Flow::Reconnect;
@@ -504,7 +526,10 @@ impl Core {
                 }
             }
             Frame::Authed { exp } => self.schedule_refresh(exp),
-            Frame::Pong => self.pong_deadline = None,
+            Frame::Pong => match pending {
+                Some(Pending::AppPing(reply)) => answer(reply, Ok(())),
+                _ => self.pong_deadline = None,
+            },
             Frame::Left { room, reason } => match pending {
                 Some(Pending::Leave(reply)) => answer(reply, ()),
                 _ if reason.as_deref() == Some("forbidden") => {
@@ -534,9 +559,14 @@ impl Core {
         };
         match r.on_message(m.seq) {
             Verdict::Deliver => self.emit(Event::Message(m)),
-            Verdict::Drop => {}
+            Verdict::Drop => {
+                if r.joined {
+                    self.stats.duplicates += 1;
+                }
+            }
             Verdict::Rejoin => {
                 if !r.rejoining && self.online {
+                    self.stats.gaps += 1;
                     r.rejoining = true;
                     self.send_join(&m.room);
                 }
@@ -626,6 +656,7 @@ impl Core {
             Some(Pending::Leave(reply)) => answer(reply, ()),
             // A refused refresh leaves the old token in force until it expires; a refused first
             // auth is followed by close 1008. No pending: e.g. unauthorized before a close.
+            Some(Pending::AppPing(reply)) => answer(reply, Err(err)),
             Some(Pending::Auth | Pending::Ping) | None => self.emit(Event::Error(err)),
         }
     }

@@ -44,7 +44,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::core::{Command, Core};
 use crate::driver::{Driver, EventSink, TokenSlot};
 pub use crate::options::{Backoff, Options, TokenFuture, TokenSource};
-pub use crate::types::{Ack, Error, Event, HistoryQuery, Joined, Message, Page, State};
+pub use crate::types::{Ack, Error, Event, HistoryQuery, Joined, Message, Page, State, Stats};
 
 /// The handle to a client. Cloning it is cheap (all clones talk to the same connection); the
 /// client closes when [`Client::close`] is called or the last clone is dropped.
@@ -227,6 +227,25 @@ impl Client {
             return 0;
         }
         rx.await.unwrap_or(0)
+    }
+
+    /// Duplicates dropped and gaps repaired so far (see [`Stats`]).
+    pub async fn stats(&self) -> Stats {
+        let (reply, rx) = oneshot::channel();
+        if self.command(Command::Stats { reply }).is_err() {
+            return Stats::default();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// An application `ping` on the open connection, resolved by its `pong`: every frame the
+    /// server sent before the pong has been handled by then. Fails when not connected or when
+    /// the connection is lost first.
+    pub async fn ping(&self) -> Result<(), Error> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Ping { reply })?;
+        rx.await
+            .unwrap_or_else(|_| Err(Error::Connection("connection lost".to_owned())))
     }
 
     /// Drops the current connection and reconnects at once, without backoff: for when the

@@ -78,6 +78,18 @@ pub enum Event {
     Error(Error),
 }
 
+/// What the client dropped or repaired on the server's behalf: both stay 0 against a server
+/// that keeps the protocol's guarantees ([`crate::Client::stats`]); tests and monitoring read
+/// them, since the application never sees either.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Messages of a joined room with a seq already delivered (dropped).
+    pub duplicates: u64,
+    /// Messages that skipped past the next seq on a connection (the client rejoined with
+    /// `since` to fill the gap).
+    pub gaps: u64,
+}
+
 /// A page of stored messages ([`crate::Client::history`]).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Page {

@@ -124,6 +124,7 @@ async fn a_gap_makes_the_client_rejoin_with_since() {
         seqs.push(m);
     }
     assert_eq!(seqs, [1, 2, 3]);
+    assert_eq!(c.stats().await.gaps, 1, "the gap is counted");
     let joins = frames_of(&log, "join");
     assert_eq!(joins.len(), 2);
     assert_eq!(joins[1].1["since"], 1);
@@ -211,4 +212,31 @@ async fn connections_go_to_the_fallback_urls_in_turn() {
         "round robin, past the dead one"
     );
     c.close().await;
+}
+
+#[tokio::test]
+async fn a_duplicate_is_dropped_and_counted_and_ping_waits_for_the_frames_before_its_pong() {
+    let (url, _log) = fake(|_, f| match f["type"].as_str() {
+        Some("join") => vec![
+            json!({"type": "joined", "room": "r", "head": 0, "first": 1, "ref": f["ref"]}),
+            msg(1),
+        ],
+        // The duplicate comes just before the pong: ping() returns once it is handled.
+        Some("ping") => vec![msg(1), json!({"type": "pong", "ref": f["ref"]})],
+        _ => vec![],
+    })
+    .await;
+    let (c, mut events) = Client::new(Options::new(url));
+    c.join("r", None).await.unwrap();
+    c.ping().await.unwrap();
+    let first = next_matching(&mut events, Duration::from_secs(5), "seq 1", |e| match e {
+        Event::Message(m) => Some(m.seq),
+        _ => None,
+    })
+    .await;
+    assert_eq!(first, 1);
+    let stats = c.stats().await;
+    assert_eq!((stats.duplicates, stats.gaps), (1, 0));
+    c.close().await;
+    assert!(c.ping().await.is_err(), "no ping once closed");
 }
