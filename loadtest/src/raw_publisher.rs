@@ -1,73 +1,25 @@
-//! A publisher: one WebSocket connection sending numbered messages round-robin to its rooms,
-//! with at most `window` unacknowledged, either as fast as the acks allow or paced to a rate.
-//!
-//! It records the ack latency of every send and the seq of every ack per room, which the
-//! scenario checks against the room heads (every acknowledged message is committed, and no two
-//! acks of a room share a seq). Pacing keeps the long-run rate exact: a late tick is made up by
-//! sending the missed messages at once rather than dropping them.
+//! The keyless publisher (`--no-idem`): raw `send` frames without an `idem` key, over one
+//! WebSocket, for measuring the server's keyless path. The client library always sends a key
+//! (a resend without one could be stored twice), so this one speaks the frames itself; it does
+//! not reconnect: a lost connection ends it with an error. Round-robin rooms, `window`, pacing
+//! and the records are those of [`crate::publisher`].
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::client::{self, Auth, Incoming, Node, Ws};
-use crate::stats::Latency;
+use crate::client::{self, Auth, Incoming, Ws};
+use crate::publisher::{PublisherOutcome, PublisherSpec};
 
-/// What a publisher sends, where and when.
-#[derive(Debug, Clone)]
-pub struct PublisherSpec {
-    /// Carried in every body as `p`.
-    pub id: u32,
-    pub node: Node,
-    /// `(room index, room name)`, sent to in turn.
-    pub rooms: Vec<(usize, Arc<str>)>,
-    /// Unacknowledged sends allowed.
-    pub window: usize,
-    /// Time between two sends; `None` = as fast as the window allows.
-    pub interval: Option<Duration>,
-    /// Delay before the first paced send, so that publishers started together spread their
-    /// sends over the interval instead of all sending at the same instants.
-    pub start_offset: Duration,
-    /// Shared count of sends left to all publishers of a run; `None` = until `stop_at`.
-    pub budget: Option<Arc<AtomicU64>>,
-    /// Padding appended to every body.
-    pub pad: Arc<str>,
-    /// Whether every send carries an `idem` key.
-    pub idem: bool,
-}
-
-/// What a publisher did.
-#[derive(Debug, Default)]
-pub struct PublisherOutcome {
-    pub sent: u64,
-    pub acked: u64,
-    pub ack_latency: Latency,
-    /// Acknowledged seqs per room index.
-    pub acked_seqs: HashMap<usize, Vec<u64>>,
-    pub last_ack: Option<Instant>,
-    pub error_count: u64,
-    pub errors: Vec<String>,
-}
-
-impl PublisherOutcome {
-    fn error(&mut self, text: String) {
-        self.error_count += 1;
-        if self.errors.len() < 5 {
-            self.errors.push(text);
-        }
-    }
-}
-
-pub struct Publisher {
+pub struct RawPublisher {
     spec: PublisherSpec,
     ws: Ws,
 }
 
-impl Publisher {
+impl RawPublisher {
     pub async fn connect(
         spec: PublisherSpec,
         auth: &Auth,
@@ -77,7 +29,7 @@ impl Publisher {
         let config = client::ws_config(64 * 1024).write_buffer_size(64 * 1024);
         let sub = format!("loadtest-pub-{}", spec.id);
         let ws = client::connect(&spec.node, auth, &sub, None, config, timeout).await?;
-        Ok(Publisher { spec, ws })
+        Ok(RawPublisher { spec, ws })
     }
 
     /// Sends until `stop_at` (or until the budget is spent), then waits up to `drain` for the
@@ -118,8 +70,7 @@ impl Publisher {
                     }
                     let (index, room) = &spec.rooms[cursor];
                     cursor = (cursor + 1) % spec.rooms.len();
-                    let frame =
-                        client::send_frame(room, spec.id, out.sent, next_ref, &spec.pad, spec.idem);
+                    let frame = client::send_frame(room, spec.id, out.sent, next_ref, &spec.pad);
                     if let Err(e) = self.ws.feed(Message::text(frame)).await {
                         out.error(format!("publisher {}: send failed: {e}", spec.id));
                         return out;
