@@ -13,14 +13,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::core::{Command, Core, Flow};
@@ -28,6 +28,9 @@ use crate::options::{Options, TokenSource};
 use crate::types::{Error, Event, State};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Frames read, or commands taken, at most in one go before what they call for is written.
+const BATCH: usize = 256;
 
 /// The token the connection uses now, shared with the handles for `history`. A plain mutex:
 /// held only to copy a string in or out, never across an `.await`.
@@ -213,27 +216,49 @@ impl Driver {
                 deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
             tokio::select! {
                 () = room_for_events(&self.events), if !reading => {}
-                msg = ws.next(), if reading => match msg {
-                    Some(Ok(WsMessage::Text(text))) => self.core.on_text(text.as_str()),
-                    Some(Ok(WsMessage::Close(frame))) => {
-                        let code = frame.as_ref().map(|f| u16::from(f.code));
-                        let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
-                        return End::Lost(Lost { code: code.or(Some(1005)), reason });
+                msg = ws.next(), if reading => {
+                    // This frame and those already received, while the application has room
+                    // for their events: what they call for is then written in one go.
+                    let mut msg = msg;
+                    let mut left = BATCH;
+                    loop {
+                        if let Some(end) = self.on_frame(msg) {
+                            return end;
+                        }
+                        left -= 1;
+                        if left == 0 || !self.flush_events() {
+                            break;
+                        }
+                        match ws.next().now_or_never() {
+                            Some(next) => msg = next,
+                            None => break,
+                        }
                     }
-                    // tungstenite answers pings itself; seqcast sends no binary frames.
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return End::Lost(lost(None, &e.to_string())),
-                    None => return End::Lost(lost(None, "connection ended")),
-                },
+                }
                 cmd = self.commands.recv() => {
-                    let end = match cmd.map(|c| self.core.command(c)) {
-                        Some(Flow::Continue) => continue,
-                        None => End::Close(None),
-                        Some(Flow::Reconnect) => End::Reconnect,
-                        Some(Flow::Close(done)) => End::Close(Some(done)),
+                    // This command and those already queued (a burst of sends becomes one
+                    // write, not one per send).
+                    let mut cmd = cmd;
+                    let mut left = BATCH;
+                    let end = loop {
+                        match cmd.map(|c| self.core.command(c)) {
+                            Some(Flow::Continue) => {}
+                            None => break Some(End::Close(None)),
+                            Some(Flow::Reconnect) => break Some(End::Reconnect),
+                            Some(Flow::Close(done)) => break Some(End::Close(Some(done))),
+                        }
+                        left -= 1;
+                        match self.commands.try_recv() {
+                            _ if left == 0 => break None,
+                            Ok(next) => cmd = Some(next),
+                            Err(mpsc::error::TryRecvError::Empty) => break None,
+                            Err(mpsc::error::TryRecvError::Disconnected) => cmd = None,
+                        }
                     };
-                    close_politely(&mut ws).await;
-                    return end;
+                    if let Some(end) = end {
+                        close_politely(&mut ws).await;
+                        return end;
+                    }
                 }
                 () = tokio::time::sleep_until(sleep_until), if deadline.is_some() => {
                     let due = self.core.on_timers(Instant::now());
@@ -260,6 +285,26 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// One read from the socket; `Some` when the connection ended.
+    fn on_frame(&mut self, msg: Option<Result<WsMessage, WsError>>) -> Option<End> {
+        match msg {
+            Some(Ok(WsMessage::Text(text))) => self.core.on_text(text.as_str()),
+            Some(Ok(WsMessage::Close(frame))) => {
+                let code = frame.as_ref().map(|f| u16::from(f.code));
+                let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
+                return Some(End::Lost(Lost {
+                    code: code.or(Some(1005)),
+                    reason,
+                }));
+            }
+            // tungstenite answers pings itself; seqcast sends no binary frames.
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Some(End::Lost(lost(None, &e.to_string()))),
+            None => return Some(End::Lost(lost(None, "connection ended"))),
+        }
+        None
     }
 
     /// Starts fetching a fresh token in a task of its own, so the connection keeps being served.
