@@ -23,9 +23,10 @@
 #
 # Binaries are built into ${CARGO_TARGET_DIR:-target}. BENCH_SEQCAST_BIN=PATH runs the nodes
 # from another seqcast binary (e.g. one built from an older commit, for a before/after
-# comparison). BENCH_KEEP=1 keeps the work directory (logs, pgbench scripts, every loadtest
-# output) for a look afterwards. BENCH_ONLY=a,b runs only the named steps (pgbench runs and
-# scenarios, e.g. BENCH_ONLY=pgbench,fanout) and writes no document.
+# comparison), BENCH_LOADTEST_BIN=PATH the scenarios with another load generator. BENCH_KEEP=1
+# keeps the work directory (logs, pgbench scripts, every loadtest output) for a look afterwards.
+# BENCH_ONLY=a,b runs only the named steps (pgbench runs and scenarios, e.g.
+# BENCH_ONLY=pgbench,fanout) and writes no document.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
@@ -36,7 +37,7 @@ case "${1:-}" in
     --smoke) MODE=smoke ;;
     --cluster) MODE=cluster ;;
     -h | --help)
-        sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     *)
@@ -340,7 +341,7 @@ scenario() {
     "${PSQL[@]}" -d seqcast -c "VACUUM ANALYZE" -c "CHECKPOINT" >/dev/null 2>&1 ||
         log "scenario $name: VACUUM/CHECKPOINT failed; measuring anyway"
     # loadtest bounds itself; `timeout` is a backstop.
-    timeout -k 10 900 "$BIN/loadtest" --label "$name" "$@" \
+    timeout -k 10 900 "${BENCH_LOADTEST_BIN:-$BIN/loadtest}" --label "$name" "$@" \
         --watch-pid "postgres=$PG_PID" --watch-pid "redis=$REDIS_PID" \
         >"$WORK/$name.out" 2>"$WORK/$name.err"
     local status=$?
@@ -358,8 +359,9 @@ scenario() {
 BOTH="${NODE_URLS[0]},${NODE_URLS[1]}"
 BOTH_PIDS="${NODE_PIDS[0]},${NODE_PIDS[1]}"
 if [ "$MODE" = full ]; then
-    # Every send carries an `idem` key, as real clients' sends do; each keyed run is followed by
-    # the same run without keys (`-no-idem`), so the two paths are compared back to back.
+    # Every send carries an `idem` key, as real clients' sends do (the publishers are the client
+    # library); each keyed run is followed by the same run without keys (`-no-idem`, raw
+    # publishers), so the two paths are compared back to back.
     scenario throughput-100-rooms throughput --nodes "$BOTH" --server-pid "$BOTH_PIDS" \
         --rooms 100 --publishers 100 --window 256 --subscribers 1 --duration 10s
     scenario throughput-100-rooms-no-idem throughput --nodes "$BOTH" --server-pid "$BOTH_PIDS" \
@@ -613,8 +615,12 @@ write_doc() {
         echo "  deliveries/s: messages received by all subscribers per second from the first send to"
         echo "  the last delivery; end-to-end: receive time minus the send time carried in the body;"
         echo "  ack: send to ack on the sender's connection."
-        echo "- Every send carries an \`idem\` key (36 characters, one per send), as a real client's"
-        echo "  does; the \`-no-idem\` runs are the same runs without keys (\`loadtest --no-idem\`)."
+        echo "- Publishers are the Rust client library (\`clients/rust\`): every send carries an"
+        echo "  \`idem\` key (36 characters, one per send), and a lost connection would be reopened"
+        echo "  and the unacknowledged sends resent with the same key (counted as errors: none may"
+        echo "  happen); ack latency is from the library call to its resolved ack. The \`-no-idem\`"
+        echo "  runs are the same runs without keys (\`loadtest --no-idem\`), which the library never"
+        echo "  sends, so their publishers write raw frames. Subscribers read raw frames."
         echo "- throughput runs: one subscriber per room checks every commit is delivered. catchup: the"
         echo "  commits are the filling (4 publishers into one room); deliveries/s is the replay."
         echo "  connections: connect, join and hold; every connection must answer a ping afterwards."

@@ -75,6 +75,10 @@ pub struct Common {
     /// twice); this flag measures the keyless path for comparison.
     #[arg(long, global = true)]
     pub no_idem: bool,
+    /// Subscribers (fanout, throughput) are the client library (`clients/rust`: bounded events,
+    /// small read buffers) instead of raw frames, to measure what the library costs.
+    #[arg(long, global = true)]
+    pub library_subscribers: bool,
 }
 
 #[derive(Debug, Subcommand)]

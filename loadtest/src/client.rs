@@ -186,33 +186,23 @@ impl<'a> Incoming<'a> {
     }
 }
 
-/// A `send` frame; the body carries the send time so any receiver can compute the end-to-end
-/// latency. Room names are `[A-Za-z0-9_.:-]`, so no escaping is needed.
-///
-/// With `idem`, the frame carries a key as a real client's would: 36 characters, the size of
-/// the UUID a client library generates, unique per publisher and send (rooms are fresh per run,
-/// and keys are scoped to the room and sender).
-pub fn send_frame(
-    room: &str,
-    publisher: u32,
-    counter: u64,
-    reference: u64,
-    pad: &str,
-    idem: bool,
-) -> String {
+/// The `idem` key of a publisher's send: 36 characters, the size of the UUID the client library
+/// generates by default, unique per publisher and send (rooms are fresh per run, and keys are
+/// scoped to the room and sender).
+pub fn idem_key(publisher: u32, counter: u64) -> String {
+    format!("{publisher:08x}-0000-4000-8000-{counter:012x}")
+}
+
+/// A keyless `send` frame (`--no-idem`); the body carries the send time so any receiver can
+/// compute the end-to-end latency. Room names are `[A-Za-z0-9_.:-]`, so no escaping is needed.
+pub fn send_frame(room: &str, publisher: u32, counter: u64, reference: u64, pad: &str) -> String {
     let t = unix_nanos();
     let body = if pad.is_empty() {
         format!(r#"{{"t":{t},"p":{publisher},"n":{counter}}}"#)
     } else {
         format!(r#"{{"t":{t},"p":{publisher},"n":{counter},"x":"{pad}"}}"#)
     };
-    if idem {
-        format!(
-            r#"{{"type":"send","room":"{room}","body":{body},"idem":"{publisher:08x}-0000-4000-8000-{counter:012x}","ref":{reference}}}"#
-        )
-    } else {
-        format!(r#"{{"type":"send","room":"{room}","body":{body},"ref":{reference}}}"#)
-    }
+    format!(r#"{{"type":"send","room":"{room}","body":{body},"ref":{reference}}}"#)
 }
 
 /// A `join` frame, replaying from `since` when given.
@@ -308,7 +298,7 @@ mod tests {
 
     #[test]
     fn frames_round_trip() {
-        let frame = send_frame("r-1", 7, 42, 9, "", false);
+        let frame = send_frame("r-1", 7, 42, 9, "");
         let value: serde_json::Value = serde_json::from_str(&frame).expect("send frame is JSON");
         assert_eq!(value["type"], "send");
         assert_eq!(value["room"], "r-1");
@@ -318,17 +308,13 @@ mod tests {
         assert!(value["body"]["t"].as_u64().is_some_and(|t| t > 0));
 
         assert!(value.get("idem").is_none());
-        let padded = send_frame("r", 1, 1, 1, "xxxx", false);
+        let padded = send_frame("r", 1, 1, 1, "xxxx");
         let value: serde_json::Value = serde_json::from_str(&padded).expect("send frame is JSON");
         assert_eq!(value["body"]["x"], "xxxx");
 
-        let keyed = send_frame("r", 7, 42, 1, "", true);
-        let value: serde_json::Value = serde_json::from_str(&keyed).expect("send frame is JSON");
-        assert_eq!(value["idem"], "00000007-0000-4000-8000-00000000002a");
-        assert_eq!(value["body"]["n"], 42);
-        let other = send_frame("r", 7, 43, 2, "", true);
-        let other: serde_json::Value = serde_json::from_str(&other).expect("send frame is JSON");
-        assert_ne!(other["idem"], value["idem"], "one key per send");
+        assert_eq!(idem_key(7, 42), "00000007-0000-4000-8000-00000000002a");
+        assert_eq!(idem_key(7, 42).len(), 36, "the length of a UUID");
+        assert_ne!(idem_key(7, 43), idem_key(7, 42), "one key per send");
 
         let message = r#"{"type":"message","room":"r-1","seq":5,"id":"u","from":"a","body":{"t":12,"p":3,"n":4},"ts":"x"}"#;
         let parsed = Incoming::parse(message).expect("a message frame parses");

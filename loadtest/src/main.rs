@@ -3,7 +3,9 @@
 //! Layout:
 //! - [`cli`]: the subcommands (one per scenario) and shared options;
 //! - [`client`]: tokens, WebSocket connections, the frames sent and read, the HTTP head query;
-//! - [`publisher`] and [`subscriber`]: the two kinds of connection the message scenarios run;
+//! - [`publisher`] and [`subscriber`]: the two kinds of connection the message scenarios run
+//!   (publishers are the client library, `clients/rust`; [`raw_publisher`] sends keyless frames
+//!   for `--no-idem`);
 //! - [`verify`]: the per-subscriber seq check (lost, duplicate, out of order);
 //! - [`stats`]: latency histograms, CPU and memory readings from `/proc`;
 //! - [`scenarios`]: `fanout`, `throughput`, `connections`, `catchup`;
@@ -16,6 +18,7 @@
 mod cli;
 mod client;
 mod publisher;
+mod raw_publisher;
 mod report;
 mod scenarios;
 mod stats;

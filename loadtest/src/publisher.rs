@@ -1,20 +1,31 @@
-//! A publisher: one WebSocket connection sending numbered messages round-robin to its rooms,
-//! with at most `window` unacknowledged, either as fast as the acks allow or paced to a rate.
+//! A publisher: one client sending numbered messages round-robin to its rooms, with at most
+//! `window` unacknowledged, either as fast as the acks allow or paced to a rate.
 //!
-//! It records the ack latency of every send and the seq of every ack per room, which the
-//! scenario checks against the room heads (every acknowledged message is committed, and no two
-//! acks of a room share a seq). Pacing keeps the long-run rate exact: a late tick is made up by
-//! sending the missed messages at once rather than dropping them.
+//! It is the Rust client library (`clients/rust`), as an application uses it: every send carries
+//! an `idem` key, and after a lost connection the library reconnects and resends what was not
+//! acknowledged, with the same key. (`--no-idem` runs use [`crate::raw_publisher`] instead: the
+//! library never sends without a key.)
+//!
+//! It records the ack latency of every send (from the call to the resolved ack, as the
+//! application sees it) and the seq of every ack per room, which the scenario checks against the
+//! room heads (every acknowledged message is committed, and no two acks of a room share a seq).
+//! Pacing keeps the long-run rate exact: a late tick is made up by sending the missed messages
+//! at once rather than dropping them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::Message;
+use anyhow::anyhow;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use seqcast_client::{Client, Event, Options, State};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::task::JoinHandle;
 
-use crate::client::{self, Auth, Incoming, Node, Ws};
+use crate::client::{self, Auth, Node};
+use crate::raw_publisher::RawPublisher;
 use crate::stats::Latency;
 
 /// What a publisher sends, where and when.
@@ -36,7 +47,8 @@ pub struct PublisherSpec {
     pub budget: Option<Arc<AtomicU64>>,
     /// Padding appended to every body.
     pub pad: Arc<str>,
-    /// Whether every send carries an `idem` key.
+    /// Whether every send carries an `idem` key (the client library); `false`: the raw,
+    /// keyless publisher.
     pub idem: bool,
 }
 
@@ -49,12 +61,14 @@ pub struct PublisherOutcome {
     /// Acknowledged seqs per room index.
     pub acked_seqs: HashMap<usize, Vec<u64>>,
     pub last_ack: Option<Instant>,
+    /// Connections the client library lost (and reconnected, resending what was unacked).
+    pub reconnects: u64,
     pub error_count: u64,
     pub errors: Vec<String>,
 }
 
 impl PublisherOutcome {
-    fn error(&mut self, text: String) {
+    pub(crate) fn error(&mut self, text: String) {
         self.error_count += 1;
         if self.errors.len() < 5 {
             self.errors.push(text);
@@ -62,9 +76,9 @@ impl PublisherOutcome {
     }
 }
 
-pub struct Publisher {
-    spec: PublisherSpec,
-    ws: Ws,
+pub enum Publisher {
+    Library(LibraryPublisher),
+    Raw(Box<RawPublisher>),
 }
 
 impl Publisher {
@@ -73,37 +87,105 @@ impl Publisher {
         auth: &Auth,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
-        // A write buffer, so a burst of sends becomes one write; `run` flushes after each burst.
-        let config = client::ws_config(64 * 1024).write_buffer_size(64 * 1024);
-        let sub = format!("loadtest-pub-{}", spec.id);
-        let ws = client::connect(&spec.node, auth, &sub, None, config, timeout).await?;
-        Ok(Publisher { spec, ws })
+        if spec.idem {
+            Ok(Publisher::Library(
+                LibraryPublisher::connect(spec, auth, timeout).await?,
+            ))
+        } else {
+            let raw = RawPublisher::connect(spec, auth, timeout).await?;
+            Ok(Publisher::Raw(Box::new(raw)))
+        }
     }
 
     /// Sends until `stop_at` (or until the budget is spent), then waits up to `drain` for the
-    /// outstanding acks. A wait of `io_timeout` without any frame while acks are due is an error.
+    /// outstanding acks. A wait of `io_timeout` without any ack while acks are due is an error.
     pub async fn run(
-        mut self,
+        self,
+        stop_at: Instant,
+        drain: Duration,
+        io_timeout: Duration,
+    ) -> PublisherOutcome {
+        match self {
+            Publisher::Library(p) => p.run(stop_at, drain, io_timeout).await,
+            Publisher::Raw(p) => (*p).run(stop_at, drain, io_timeout).await,
+        }
+    }
+}
+
+pub struct LibraryPublisher {
+    spec: PublisherSpec,
+    client: Client,
+    /// Counts the connections lost, until the client closes.
+    watcher: JoinHandle<(u64, Vec<String>)>,
+}
+
+impl LibraryPublisher {
+    /// Starts the client and waits, up to `timeout`, for its connection to open.
+    async fn connect(spec: PublisherSpec, auth: &Auth, timeout: Duration) -> anyhow::Result<Self> {
+        let sub = format!("loadtest-pub-{}", spec.id);
+        // A JWT of its own, or in development mode a `dev:` name: a stable identity, which the
+        // scope of its `idem` keys needs across reconnects.
+        let token = auth.token(&sub)?.unwrap_or_else(|| format!("dev:{sub}"));
+        // Pings and reconnect delays as a real client's; the publisher reads only acks.
+        let options = Options::new(spec.node.ws.clone())
+            .token(token)
+            .read_buffer_size(64 * 1024)
+            .connect_timeout(timeout);
+        let (client, mut events) = Client::new(options);
+        let opened = tokio::time::timeout(timeout, async {
+            while let Some(event) = events.recv().await {
+                match event {
+                    Event::State(State::Open { .. }) => return Ok(()),
+                    Event::State(State::Closed { .. }) => break,
+                    Event::Error(e) => return Err(anyhow!("publisher {}: {e}", spec.id)),
+                    _ => {}
+                }
+            }
+            Err(anyhow!("publisher {}: the client closed", spec.id))
+        })
+        .await;
+        match opened {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                client.close().await;
+                return Err(e);
+            }
+            Err(_) => {
+                client.close().await;
+                return Err(anyhow!(
+                    "connecting to {} took over {timeout:?}",
+                    spec.node.ws
+                ));
+            }
+        }
+        let watcher = tokio::spawn(watch(events));
+        Ok(LibraryPublisher {
+            spec,
+            client,
+            watcher,
+        })
+    }
+
+    async fn run(
+        self,
         stop_at: Instant,
         drain: Duration,
         io_timeout: Duration,
     ) -> PublisherOutcome {
         let spec = &self.spec;
         let mut out = PublisherOutcome::default();
-        // ref -> (room index, sent at)
-        let mut inflight: HashMap<u64, (usize, Instant)> = HashMap::with_capacity(spec.window);
-        let mut next_ref: u64 = 1;
+        let mut in_flight = FuturesUnordered::new();
         let mut cursor = 0usize;
         let mut next_send = Instant::now() + spec.start_offset;
         let mut budget_spent = false;
-        let mut last_frame = Instant::now();
+        let mut last_ack = Instant::now();
         let ack_deadline = stop_at + drain;
         loop {
             let now = Instant::now();
             let sending = now < stop_at && !budget_spent;
             if sending {
-                let mut fed = false;
-                while inflight.len() < spec.window && spec.interval.is_none_or(|_| next_send <= now)
+                while in_flight.len() < spec.window
+                    && spec.interval.is_none_or(|_| next_send <= now)
                 {
                     if let Some(budget) = &spec.budget {
                         let took = budget
@@ -118,132 +200,102 @@ impl Publisher {
                     }
                     let (index, room) = &spec.rooms[cursor];
                     cursor = (cursor + 1) % spec.rooms.len();
-                    let frame =
-                        client::send_frame(room, spec.id, out.sent, next_ref, &spec.pad, spec.idem);
-                    if let Err(e) = self.ws.feed(Message::text(frame)).await {
-                        out.error(format!("publisher {}: send failed: {e}", spec.id));
-                        return out;
-                    }
-                    inflight.insert(next_ref, (*index, Instant::now()));
-                    next_ref += 1;
+                    let send = self.client.send(
+                        room,
+                        body(spec.id, out.sent, &spec.pad),
+                        Some(client::idem_key(spec.id, out.sent)),
+                    );
+                    let (index, sent_at) = (*index, Instant::now());
+                    in_flight.push(async move { (index, sent_at, send.await) });
                     out.sent += 1;
-                    fed = true;
                     if let Some(interval) = spec.interval {
                         next_send += interval;
                     }
                 }
-                if fed {
-                    if let Err(e) = self.ws.flush().await {
-                        out.error(format!("publisher {}: send failed: {e}", spec.id));
-                        return out;
-                    }
-                }
-            } else if inflight.is_empty() {
+            } else if in_flight.is_empty() {
                 break;
             }
             if !sending && now >= ack_deadline {
                 out.error(format!(
                     "publisher {}: {} acks missing {drain:?} after the end of sending",
                     spec.id,
-                    inflight.len()
+                    in_flight.len()
                 ));
                 break;
             }
-            if !inflight.is_empty() && now.duration_since(last_frame) > io_timeout {
+            if !in_flight.is_empty() && now.duration_since(last_ack) > io_timeout {
                 out.error(format!(
-                    "publisher {}: no frame for {io_timeout:?} with {} acks due",
+                    "publisher {}: no ack for {io_timeout:?} with {} due",
                     spec.id,
-                    inflight.len()
+                    in_flight.len()
                 ));
                 break;
             }
             let mut wake = if sending { stop_at } else { ack_deadline };
-            if sending && spec.interval.is_some() && inflight.len() < spec.window {
+            if sending && spec.interval.is_some() && in_flight.len() < spec.window {
                 wake = wake.min(next_send);
             }
-            if !inflight.is_empty() {
-                wake = wake.min(last_frame + io_timeout + Duration::from_millis(1));
+            if !in_flight.is_empty() {
+                wake = wake.min(last_ack + io_timeout + Duration::from_millis(1));
             }
             let first = tokio::select! {
-                frame = self.ws.next() => frame,
+                Some(done) = in_flight.next() => done,
                 () = tokio::time::sleep_until(wake.into()) => continue,
             };
-            last_frame = Instant::now();
-            // Handle this frame and every one already buffered before sending again.
+            // This ack and every one already resolved, before sending again.
             let mut next = Some(first);
-            while let Some(frame) = next {
-                match frame {
-                    Some(Ok(Message::Text(text))) => {
-                        handle(spec.id, &text, &mut inflight, &mut out)
+            while let Some((room, sent_at, ack)) = next {
+                last_ack = Instant::now();
+                match ack {
+                    Ok(ack) => {
+                        out.ack_latency.record(last_ack - sent_at);
+                        out.acked += 1;
+                        out.last_ack = Some(last_ack);
+                        out.acked_seqs.entry(room).or_default().push(ack.seq);
                     }
-                    Some(Ok(Message::Close(close))) => {
-                        out.error(format!(
-                            "publisher {}: closed by the server: {close:?}",
-                            spec.id
-                        ));
-                        return out;
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => {
-                        out.error(format!("publisher {}: connection failed: {e}", spec.id));
-                        return out;
-                    }
-                    None => {
-                        out.error(format!("publisher {}: connection ended", spec.id));
-                        return out;
-                    }
+                    Err(e) => out.error(format!("publisher {}: send failed: {e}", spec.id)),
                 }
-                next = self.ws.next().now_or_never();
+                next = futures_util::FutureExt::now_or_never(in_flight.next()).flatten();
             }
         }
-        // Best effort: the run's figures are complete, a failing close changes nothing.
-        if tokio::time::timeout(Duration::from_secs(1), self.ws.close(None))
-            .await
-            .is_err()
-        {
-            out.error(format!("publisher {}: close timed out", spec.id));
+        // Unacked sends are failed by the close (after a deadline error); the figures are taken.
+        self.client.close().await;
+        match self.watcher.await {
+            Ok((reconnects, lost)) => {
+                out.reconnects = reconnects;
+                for why in lost {
+                    // Nothing in the benchmark should cost a connection: say so, even though
+                    // the library made up for it.
+                    out.error(format!("publisher {}: connection lost: {why}", spec.id));
+                }
+            }
+            Err(e) => out.error(format!("publisher {}: event task failed: {e}", spec.id)),
         }
         out
     }
 }
 
-/// One frame for a publisher: an `ack` or an `error` settles a send.
-fn handle(
-    id: u32,
-    text: &str,
-    inflight: &mut HashMap<u64, (usize, Instant)>,
-    out: &mut PublisherOutcome,
-) {
-    let frame = match Incoming::parse(text) {
-        Ok(frame) => frame,
-        Err(e) => {
-            out.error(format!("publisher {id}: {e}"));
-            return;
-        }
-    };
-    match frame.kind.as_ref() {
-        "ack" => {
-            let settled = frame.reference.and_then(|r| inflight.remove(&r));
-            match (settled, frame.seq) {
-                (Some((room, sent_at)), Some(seq)) => {
-                    let now = Instant::now();
-                    out.ack_latency.record(now - sent_at);
-                    out.acked += 1;
-                    out.last_ack = Some(now);
-                    out.acked_seqs.entry(room).or_default().push(seq);
-                }
-                _ => out.error(format!("publisher {id}: unexpected ack {text}")),
+/// Reads a publisher client's events until it closes: the connections it lost, and why.
+async fn watch(mut events: UnboundedReceiver<Event>) -> (u64, Vec<String>) {
+    let mut lost = Vec::new();
+    let mut count = 0;
+    while let Some(event) = events.recv().await {
+        if let Event::State(State::Reconnecting { code, reason, .. }) = event {
+            count += 1;
+            if lost.len() < 5 {
+                lost.push(format!("close {code:?} {reason}"));
             }
         }
-        "error" => {
-            if let Some(r) = frame.reference {
-                inflight.remove(&r);
-            }
-            out.error(format!(
-                "publisher {id}: error reply {}",
-                frame.error_text()
-            ));
-        }
-        _ => {}
     }
+    (count, lost)
+}
+
+/// A body `{"t":..,"p":..,"n":..}` (plus `"x": pad`): the send time in ns since the Unix epoch,
+/// the publisher and its counter.
+fn body(publisher: u32, counter: u64, pad: &str) -> Value {
+    let mut body = json!({"t": client::unix_nanos(), "p": publisher, "n": counter});
+    if !pad.is_empty() {
+        body["x"] = Value::from(pad);
+    }
+    body
 }

@@ -4,13 +4,19 @@
 //!
 //! The final heads are only known once the publishers have finished, so they arrive through a
 //! `watch` channel together with the deadline for reaching them.
+//!
+//! Subscribers read raw frames by default. `--library-subscribers` makes them the client library
+//! (`clients/rust`, a bounded event channel, a small read buffer) instead, to measure what it
+//! costs at thousands of connections: the library checks and orders seqs itself, so what it
+//! dropped or repaired (its `stats()`) is counted as duplicates and out-of-order here.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::watch;
+use seqcast_client::{Client, Event, Options, State};
+use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{self, Auth, Incoming, Node, Ws};
@@ -26,8 +32,58 @@ pub struct Finals {
 
 pub type FinalsRx = watch::Receiver<Option<Finals>>;
 
+/// Events a library subscriber may hold before it stops reading its socket.
+const LIBRARY_EVENTS: usize = 64;
+
+/// Where a subscriber's messages come from. Not boxed: one per subscriber, never moved in the
+/// hot loop, and the large variant is the common one.
+#[allow(clippy::large_enum_variant)]
+enum Source {
+    Raw(Ws),
+    Library {
+        client: Client,
+        events: mpsc::Receiver<Event>,
+    },
+}
+
+/// The next thing a source produced.
+enum Item {
+    Text(String),
+    /// A message delivered by the library: its seq and body send time.
+    Message(u64, u64),
+    /// Nothing of interest.
+    Skip,
+    /// Worth an error; the subscriber goes on (the library reconnects).
+    Note(String),
+    /// The connection is gone.
+    End(String),
+}
+
+async fn next_item(source: &mut Source) -> Item {
+    match source {
+        Source::Raw(ws) => match ws.next().await {
+            Some(Ok(Message::Text(text))) => Item::Text(text.to_string()),
+            Some(Ok(Message::Close(close))) => {
+                Item::End(format!("closed by the server: {close:?}"))
+            }
+            Some(Ok(_)) => Item::Skip,
+            Some(Err(e)) => Item::End(format!("connection failed: {e}")),
+            None => Item::End("connection ended".to_owned()),
+        },
+        Source::Library { events, .. } => match events.recv().await {
+            Some(Event::Message(m)) => Item::Message(m.seq, m.body["t"].as_u64().unwrap_or(0)),
+            Some(Event::State(State::Reconnecting { code, reason, .. })) => {
+                Item::Note(format!("connection lost ({code:?} {reason}), reconnecting"))
+            }
+            Some(Event::Error(e)) => Item::Note(e.to_string()),
+            Some(_) => Item::Skip,
+            None => Item::End("the client closed".to_owned()),
+        },
+    }
+}
+
 pub struct Subscriber {
-    ws: Ws,
+    source: Source,
     pub slot: usize,
     room: Arc<str>,
     tracker: SeqTracker,
@@ -72,7 +128,34 @@ impl Subscriber {
         since: Option<u64>,
         read_buffer: usize,
         timeout: Duration,
+        library: bool,
     ) -> Result<Subscriber> {
+        if library {
+            let token = auth.token(sub)?.unwrap_or_else(|| format!("dev:{sub}"));
+            let options = Options::new(node.ws.clone())
+                .token(token)
+                .read_buffer_size(read_buffer)
+                .connect_timeout(timeout);
+            let (client, events) = Client::bounded(options, LIBRARY_EVENTS);
+            let joined = tokio::time::timeout(timeout, client.join(&room, since)).await;
+            let base = match joined {
+                Ok(Ok(joined)) => since.unwrap_or(joined.head),
+                Ok(Err(e)) => {
+                    client.close().await;
+                    bail!("join refused: {e}");
+                }
+                Err(_) => {
+                    client.close().await;
+                    bail!("no `joined` for room {room} within {timeout:?}");
+                }
+            };
+            return Ok(Subscriber {
+                source: Source::Library { client, events },
+                slot,
+                room,
+                tracker: SeqTracker::new(base),
+            });
+        }
         let ws = client::connect(
             node,
             auth,
@@ -100,16 +183,19 @@ impl Subscriber {
             .map_err(|_| anyhow!("no `joined` for room {room} within {timeout:?}"))??;
         let base = since.unwrap_or(head);
         Ok(Subscriber {
-            ws,
+            source: Source::Raw(ws),
             slot,
             room,
             tracker: SeqTracker::new(base),
         })
     }
 
-    /// The connection, for a scenario that only needed the join.
-    pub fn into_ws(self) -> Ws {
-        self.ws
+    /// The connection, for a scenario that only needed the join (a raw subscriber's).
+    pub fn into_ws(self) -> Option<Ws> {
+        match self.source {
+            Source::Raw(ws) => Some(ws),
+            Source::Library { .. } => None,
+        }
     }
 
     /// Reads until everything up to the final head of its room has arrived, or the finals'
@@ -150,19 +236,13 @@ impl Subscriber {
             }
             tokio::select! {
                 biased;
-                frame = self.ws.next() => match frame {
-                    Some(Ok(Message::Text(text))) => self.handle(&text, &mut out),
-                    Some(Ok(Message::Close(close))) => {
-                        out.error(format!("subscriber of {}: closed by the server: {close:?}", self.room));
-                        break;
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => {
-                        out.error(format!("subscriber of {}: connection failed: {e}", self.room));
-                        break;
-                    }
-                    None => {
-                        out.error(format!("subscriber of {}: connection ended", self.room));
+                item = next_item(&mut self.source) => match item {
+                    Item::Text(text) => self.handle(&text, &mut out),
+                    Item::Message(seq, sent) => self.delivered(seq, sent, &mut out),
+                    Item::Skip => {}
+                    Item::Note(e) => out.error(format!("subscriber of {}: {e}", self.room)),
+                    Item::End(e) => {
+                        out.error(format!("subscriber of {}: {e}", self.room));
                         break;
                     }
                 },
@@ -192,9 +272,44 @@ impl Subscriber {
         }
         out.duplicates = self.tracker.duplicates;
         out.out_of_order = self.tracker.out_of_order;
-        // Best effort: the figures are complete.
-        let _closed = tokio::time::timeout(Duration::from_millis(200), self.ws.close(None)).await;
+        match self.source {
+            Source::Raw(mut ws) => {
+                // Best effort: the figures are complete.
+                let _closed =
+                    tokio::time::timeout(Duration::from_millis(200), ws.close(None)).await;
+            }
+            Source::Library { client, .. } => {
+                // What the library dropped or repaired never reached the tracker.
+                let stats = client.stats().await;
+                out.duplicates += stats.duplicates;
+                out.out_of_order += stats.gaps;
+                client.close().await;
+            }
+        }
         out
+    }
+
+    fn delivered(&mut self, seq: u64, sent: u64, out: &mut SubscriberOutcome) {
+        self.delivered_at(seq, sent, client::unix_nanos(), Instant::now(), out);
+    }
+
+    /// Message `seq`, sent at `sent` (ns since the epoch; 0 = unknown), arrived now.
+    fn delivered_at(
+        &mut self,
+        seq: u64,
+        sent: u64,
+        now_nanos: u64,
+        now: Instant,
+        out: &mut SubscriberOutcome,
+    ) {
+        self.tracker.record(seq);
+        out.delivered += 1;
+        if sent > 0 {
+            out.latency
+                .record_micros(now_nanos.saturating_sub(sent) / 1000);
+        }
+        out.first_delivery.get_or_insert(now);
+        out.last_delivery = Some(now);
     }
 
     fn handle(&mut self, text: &str, out: &mut SubscriberOutcome) {
@@ -223,14 +338,8 @@ impl Subscriber {
                     ));
                     return;
                 };
-                self.tracker.record(seq);
-                out.delivered += 1;
-                if let Some(body) = &frame.body {
-                    out.latency
-                        .record_micros(now_nanos.saturating_sub(body.t) / 1000);
-                }
-                out.first_delivery.get_or_insert(now);
-                out.last_delivery = Some(now);
+                let sent = frame.body.as_ref().map_or(0, |b| b.t);
+                self.delivered_at(seq, sent, now_nanos, now, out);
             }
             "error" => out.error(format!(
                 "subscriber of {}: error {}",

@@ -49,7 +49,6 @@ async fn message_sent_on_one_node_reaches_sessions_on_the_others() {
         let one = join_senders(vec![spawn_sender(
             one,
             vec![cluster.ws(0)],
-            false,
             Pacing::pipelined(1),
             until,
             Arc::clone(&progress),
@@ -65,7 +64,6 @@ async fn message_sent_on_one_node_reaches_sessions_on_the_others() {
         let paced = join_senders(vec![spawn_sender(
             paced,
             vec![cluster.ws(0)],
-            false,
             Pacing::paced(4, Duration::from_millis(10)),
             until,
             progress,
@@ -125,7 +123,6 @@ async fn concurrent_senders_on_every_node_deliver_every_seq_once_in_order() {
                 handles.push(spawn_sender(
                     sender,
                     vec![cluster.ws(node)],
-                    false,
                     Pacing::pipelined(8),
                     until,
                     Arc::clone(&progress),
@@ -184,7 +181,6 @@ async fn reconnecting_to_another_node_with_since_loses_nothing() {
                 spawn_sender(
                     Sender::new(format!("n{node}"), ROOM, PER_SENDER),
                     vec![cluster.ws(node)],
-                    false,
                     Pacing::paced(4, Duration::from_millis(4)),
                     until,
                     Arc::clone(&progress),
@@ -217,9 +213,10 @@ async fn reconnecting_to_another_node_with_since_loses_nothing() {
     .await;
 }
 
-/// 6. A node killed (SIGKILL) while its clients are joined and one of its clients is sending with
-/// `idem`: the subscribers rejoin elsewhere with `since` and lose nothing; the sender retries
-/// what was not acknowledged on another node with the same `idem`, which stores nothing twice.
+/// 6. A node killed (SIGKILL) while its clients are joined and one of its clients is sending:
+/// the subscribers' client library rejoins elsewhere with `since` and they lose nothing; the
+/// sender's resends what was not acknowledged on another node with the same `idem`, which
+/// stores nothing twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_node_clients_fail_over_without_loss_or_duplicate() {
     scenario("killed_node_fail_over", async {
@@ -245,15 +242,13 @@ async fn killed_node_clients_fail_over_without_loss_or_duplicate() {
             spawn_sender(
                 Sender::new("plain", ROOM, PLAIN),
                 vec![cluster.ws(0)],
-                false,
                 Pacing::paced(8, Duration::from_millis(5)),
                 until,
                 Arc::clone(&progress),
             ),
             spawn_sender(
-                Sender::new("idem", ROOM, IDEM).with_idem(),
+                Sender::new("idem", ROOM, IDEM),
                 vec![cluster.ws(2), cluster.ws(1)],
-                true,
                 Pacing::paced(8, Duration::from_millis(5)),
                 until,
                 Arc::clone(&progress),
@@ -303,13 +298,15 @@ async fn killed_node_clients_fail_over_without_loss_or_duplicate() {
             }
         }
         assert_eq!(stored, PLAIN + IDEM, "messages stored in the room");
-        for index in 0..IDEM {
-            let key = senders[1].idem_key(index);
-            assert_eq!(
-                seen.get(&key).copied().unwrap_or(0),
-                1,
-                "idem {key} stored once"
-            );
+        for sender in &senders {
+            for index in 0..sender.count() {
+                let key = sender.idem_key(index);
+                assert_eq!(
+                    seen.get(&key).copied().unwrap_or(0),
+                    1,
+                    "idem {key} stored once"
+                );
+            }
         }
     })
     .await;

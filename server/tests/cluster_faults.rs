@@ -48,7 +48,6 @@ async fn redis_paused_then_killed_and_restarted_loses_nothing() {
         let sending = spawn_sender(
             Sender::new("n0", ROOM, COUNT),
             vec![cluster.ws(0)],
-            false,
             Pacing::paced(32, Duration::from_millis(20)),
             until,
             Arc::clone(&progress),
@@ -139,7 +138,6 @@ async fn killed_pubsub_connections_are_repaired() {
         let sending = spawn_sender(
             Sender::new("n0", ROOM, COUNT),
             vec![cluster.ws(0)],
-            false,
             Pacing::paced(16, Duration::from_millis(2)),
             until,
             Arc::clone(&progress),
@@ -207,7 +205,6 @@ async fn subscription_dropped_by_output_buffer_limit_is_repaired() {
             join_senders(vec![spawn_sender(
                 Sender::new("first", ROOM, 1),
                 vec![cluster.ws(0)],
-                false,
                 Pacing::pipelined(1),
                 until,
                 Arc::clone(&progress),
@@ -228,7 +225,6 @@ async fn subscription_dropped_by_output_buffer_limit_is_repaired() {
                 join_senders(vec![spawn_sender(
                     batch,
                     vec![cluster.ws(0)],
-                    false,
                     Pacing::pipelined(16),
                     until,
                     Arc::clone(&progress),
@@ -259,7 +255,6 @@ async fn subscription_dropped_by_output_buffer_limit_is_repaired() {
             join_senders(vec![spawn_sender(
                 Sender::new("after-drop", ROOM, BATCH),
                 vec![cluster.ws(0)],
-                false,
                 Pacing::pipelined(16),
                 until,
                 Arc::clone(&progress),
@@ -307,7 +302,6 @@ async fn without_redis_nodes_deliver_across_nodes_by_polling() {
         let senders = join_senders(vec![spawn_sender(
             Sender::new("n0", ROOM, COUNT),
             vec![cluster.ws(0)],
-            false,
             Pacing::paced(8, Duration::from_millis(10)),
             until,
             progress,
@@ -358,7 +352,6 @@ async fn redis_down_at_runtime_keeps_ready_and_delivery() {
             spawn_sender(
                 Sender::new(label, ROOM, PHASE),
                 vec![n0.clone()],
-                false,
                 Pacing::paced(8, Duration::from_millis(10)),
                 until,
                 Arc::clone(&progress),
@@ -477,7 +470,6 @@ async fn redis_fault_schedule_keeps_delivery_within_bounds() {
                 spawn_sender(
                     Sender::new(format!("n{node}"), ROOM, per_sender),
                     vec![cluster.ws(node)],
-                    false,
                     Pacing::paced(8, SCHEDULE_PACE),
                     until,
                     Arc::clone(&progress),

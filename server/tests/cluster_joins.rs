@@ -42,7 +42,6 @@ async fn concurrent_first_joins_get_every_message() {
             let sending = spawn_sender(
                 Sender::new(format!("r{round}"), &room, MESSAGES),
                 vec![cluster.ws(0)],
-                false,
                 Pacing::paced(2, Duration::from_millis(2)),
                 until,
                 Arc::clone(&progress),

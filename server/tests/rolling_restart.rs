@@ -189,7 +189,7 @@ impl Moves {
                 self.lost.push(now);
                 *lost_at = Some(now);
             }
-            State::Open => {
+            State::Open { .. } => {
                 if let Some(at) = lost_at.take() {
                     self.away.push(at.elapsed());
                 }

@@ -6,18 +6,18 @@
 //! (with their `idem`). Everything tied to one connection (`refs`, timers, `online`) is reset by
 //! [`Core::teardown`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::options::{Options, TokenSource};
 use crate::room::{Room, Verdict};
-use crate::types::{Ack, Error, Event, Joined, Message, State};
+use crate::types::{Ack, Error, Event, Joined, Message, State, Stats};
 
 /// Error codes after which a send is retried (same idem) rather than failed.
 const RETRYABLE: [&str; 3] = ["unavailable", "rate_limited", "internal"];
@@ -46,6 +46,13 @@ pub(crate) enum Command {
     PendingSends {
         reply: oneshot::Sender<usize>,
     },
+    Stats {
+        reply: oneshot::Sender<Stats>,
+    },
+    /// An application `ping`, answered once its `pong` arrives (or failed when offline).
+    Ping {
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
     Reconnect,
     Close {
         done: oneshot::Sender<()>,
@@ -65,7 +72,12 @@ pub(crate) enum Flow {
 enum Pending {
     Auth,
     Ping,
-    Join { room: String, epoch: u64 },
+    /// [`Command::Ping`]: dropped with the connection, which fails it.
+    AppPing(oneshot::Sender<Result<(), Error>>),
+    Join {
+        room: String,
+        epoch: u64,
+    },
     Leave(oneshot::Sender<()>),
     Send(u64),
 }
@@ -127,7 +139,9 @@ pub(crate) struct Due {
 
 pub(crate) struct Core {
     pub opts: Arc<Options>,
-    events: mpsc::UnboundedSender<Event>,
+    /// Events not handed to the application yet, in order; the driver moves them to the
+    /// application's channel (and stops reading the socket while a bounded one is full).
+    pub events: VecDeque<Event>,
     rooms: HashMap<String, Room>,
     /// Unacked sends in submission order (their ids only grow).
     sends: BTreeMap<u64, PendingSend>,
@@ -144,17 +158,21 @@ pub(crate) struct Core {
     /// Consecutive 1008 closes.
     pub auth_failures: u32,
     join_retries: Vec<(Instant, String, u64)>,
+    stats: Stats,
     next_ping: Option<Instant>,
     pong_deadline: Option<Instant>,
+    /// Since when the socket is not read because the application's bounded event channel is
+    /// full: no pong can arrive meanwhile, so the pong deadline waits too.
+    paused_since: Option<Instant>,
     refresh_at: Option<Instant>,
     state: State,
 }
 
 impl Core {
-    pub fn new(opts: Arc<Options>, events: mpsc::UnboundedSender<Event>) -> Core {
+    pub fn new(opts: Arc<Options>) -> Core {
         Core {
             opts,
-            events,
+            events: VecDeque::new(),
             rooms: HashMap::new(),
             sends: BTreeMap::new(),
             refs: HashMap::new(),
@@ -166,19 +184,17 @@ impl Core {
             attempt: 0,
             auth_failures: 0,
             join_retries: Vec::new(),
+            stats: Stats::default(),
             next_ping: None,
             pong_deadline: None,
+            paused_since: None,
             refresh_at: None,
             state: State::Connecting,
         }
     }
 
-    pub fn emit(&self, event: Event) {
-        // The application dropped its receiver: it does not want events any more, and the
-        // requests' replies still work.
-        if self.events.send(event).is_err() {
-            tracing::trace!("event receiver dropped");
-        }
+    pub fn emit(&mut self, event: Event) {
+        self.events.push_back(event);
     }
 
     pub fn set_state(&mut self, state: State) {
@@ -253,6 +269,14 @@ impl Core {
                 answer(reply, self.rooms.get(&room).and_then(|r| r.last));
             }
             Command::PendingSends { reply } => answer(reply, self.sends.len()),
+            Command::Stats { reply } => answer(reply, self.stats),
+            Command::Ping { reply } => {
+                if self.online {
+                    self.request(json!({"type": "ping"}), Pending::AppPing(reply));
+                } else {
+                    answer(reply, Err(Error::Connection("not connected".to_owned())));
+                }
+            }
             Command::Reconnect => {
                 self.attempt = 0;
                 return Flow::Reconnect;
@@ -266,12 +290,14 @@ impl Core {
 
     /// The connection is authenticated (`exp`: the token's expiry, if any): rejoin every room
     /// with `since = last`, then resend what is unacked, in submission order.
-    pub fn on_authed(&mut self, exp: Option<u64>) {
+    pub fn on_authed(&mut self, url: &str, exp: Option<u64>) {
         self.online = true;
         self.auth_failures = 0;
         self.schedule_refresh(exp);
         self.next_ping = self.opts.ping_interval.map(|i| Instant::now() + i);
-        self.set_state(State::Open);
+        self.set_state(State::Open {
+            url: url.to_owned(),
+        });
         if self.rooms.is_empty() {
             self.attempt = 0;
         }
@@ -306,7 +332,22 @@ impl Core {
         self.join_retries.clear();
         self.next_ping = None;
         self.pong_deadline = None;
+        self.paused_since = None;
         self.refresh_at = None;
+    }
+
+    /// The driver stops reading the socket: the application has not taken its events yet.
+    pub fn pause_reading(&mut self, now: Instant) {
+        self.paused_since.get_or_insert(now);
+    }
+
+    /// The driver reads again: the pong deadline moves by the time reading was paused.
+    pub fn resume_reading(&mut self, now: Instant) {
+        if let Some(since) = self.paused_since.take() {
+            if let Some(deadline) = &mut self.pong_deadline {
+                *deadline += now.saturating_duration_since(since);
+            }
+        }
     }
 
     /// Fails every pending request: the client is closed for good.
@@ -363,7 +404,8 @@ impl Core {
     pub fn next_deadline(&self) -> Option<Instant> {
         let sends = self.sends.values().filter_map(|s| s.retry_at);
         let joins = self.join_retries.iter().map(|(t, _, _)| *t);
-        [self.next_ping, self.pong_deadline, self.refresh_at]
+        let pong = self.pong_deadline.filter(|_| self.paused_since.is_none());
+        [self.next_ping, pong, self.refresh_at]
             .into_iter()
             .flatten()
             .chain(sends)
@@ -373,7 +415,7 @@ impl Core {
 
     pub fn on_timers(&mut self, now: Instant) -> Due {
         let mut due = Due::default();
-        if self.pong_deadline.is_some_and(|t| t <= now) {
+        if self.paused_since.is_none() && self.pong_deadline.is_some_and(|t| t <= now) {
             due.dead = true;
             return due;
         }
@@ -484,7 +526,10 @@ impl Core {
                 }
             }
             Frame::Authed { exp } => self.schedule_refresh(exp),
-            Frame::Pong => self.pong_deadline = None,
+            Frame::Pong => match pending {
+                Some(Pending::AppPing(reply)) => answer(reply, Ok(())),
+                _ => self.pong_deadline = None,
+            },
             Frame::Left { room, reason } => match pending {
                 Some(Pending::Leave(reply)) => answer(reply, ()),
                 _ if reason.as_deref() == Some("forbidden") => {
@@ -514,9 +559,14 @@ impl Core {
         };
         match r.on_message(m.seq) {
             Verdict::Deliver => self.emit(Event::Message(m)),
-            Verdict::Drop => {}
+            Verdict::Drop => {
+                if r.joined {
+                    self.stats.duplicates += 1;
+                }
+            }
             Verdict::Rejoin => {
                 if !r.rejoining && self.online {
+                    self.stats.gaps += 1;
                     r.rejoining = true;
                     self.send_join(&m.room);
                 }
@@ -606,6 +656,7 @@ impl Core {
             Some(Pending::Leave(reply)) => answer(reply, ()),
             // A refused refresh leaves the old token in force until it expires; a refused first
             // auth is followed by close 1008. No pending: e.g. unauthorized before a close.
+            Some(Pending::AppPing(reply)) => answer(reply, Err(err)),
             Some(Pending::Auth | Pending::Ping) | None => self.emit(Event::Error(err)),
         }
     }

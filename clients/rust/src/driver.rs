@@ -3,18 +3,24 @@
 //! WebSocket, first-frame `auth`), and the open connection, where one `select!` reads frames,
 //! takes commands, runs the timers (ping, pong deadline, token refresh, retries) and receives a
 //! refreshed token. The state and its rules live in [`Core`]; this file only does I/O.
+//!
+//! Events reach the application through [`EventSink`]. With a bounded channel that is full, the
+//! open connection stops reading the socket until the application takes an event: TCP then
+//! pushes back to the server, which feeds a slow reader from its database once it catches up
+//! (and cuts one that accepts nothing for its write timeout: the client reconnects and rejoins
+//! with `since`). Memory stays bounded by the channel's capacity either way.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::core::{Command, Core, Flow};
@@ -23,9 +29,19 @@ use crate::types::{Error, Event, State};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// Frames read, or commands taken, at most in one go before what they call for is written.
+const BATCH: usize = 256;
+
 /// The token the connection uses now, shared with the handles for `history`. A plain mutex:
 /// held only to copy a string in or out, never across an `.await`.
 pub(crate) type TokenSlot = Arc<Mutex<Option<String>>>;
+
+/// Where events go: the application's channel.
+pub(crate) enum EventSink {
+    Unbounded(mpsc::UnboundedSender<Event>),
+    /// At most its capacity waiting; when full, the socket is not read.
+    Bounded(mpsc::Sender<Event>),
+}
 
 /// How a connection (or an attempt at one) ended.
 struct Lost {
@@ -46,16 +62,26 @@ enum End {
 pub(crate) struct Driver {
     core: Core,
     commands: mpsc::UnboundedReceiver<Command>,
+    events: EventSink,
+    /// Connection attempts so far: attempt `n` goes to `opts.endpoint(n)`.
+    attempts: usize,
     token: TokenSlot,
     /// A token being fetched for a refresh on the open connection.
     refresh: Option<oneshot::Receiver<Result<String, String>>>,
 }
 
 impl Driver {
-    pub fn new(core: Core, commands: mpsc::UnboundedReceiver<Command>, token: TokenSlot) -> Driver {
+    pub fn new(
+        core: Core,
+        commands: mpsc::UnboundedReceiver<Command>,
+        events: EventSink,
+        token: TokenSlot,
+    ) -> Driver {
         Driver {
             core,
             commands,
+            events,
+            attempts: 0,
             token,
             refresh: None,
         }
@@ -69,7 +95,7 @@ impl Driver {
             if let Some(delay) = delay.take() {
                 if let Some(end) = self.wait(delay).await {
                     match end {
-                        End::Close(done) => return self.finish(done),
+                        End::Close(done) => return self.finish(done).await,
                         End::Reconnect | End::Lost(_) => {}
                     }
                 }
@@ -79,7 +105,7 @@ impl Driver {
                 Err(end) => end,
             };
             match end {
-                End::Close(done) => return self.finish(done),
+                End::Close(done) => return self.finish(done).await,
                 End::Reconnect => {
                     self.core.teardown();
                     self.refresh = None;
@@ -91,7 +117,7 @@ impl Driver {
                 }
                 End::Lost(lost) => match self.after_close(lost) {
                     Some(d) => delay = Some(d),
-                    None => return,
+                    None => return self.deliver_the_rest().await,
                 },
             }
         }
@@ -102,8 +128,10 @@ impl Driver {
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
         loop {
+            let queued = !self.flush_events();
             tokio::select! {
                 () = &mut sleep => return None,
+                () = room_for_events(&self.events), if queued => {}
                 cmd = self.commands.recv() => match self.offline_command(cmd) {
                     Some(End::Reconnect) => return None,
                     Some(end) => return Some(end),
@@ -127,17 +155,24 @@ impl Driver {
     async fn open(&mut self) -> Result<Ws, End> {
         let opts = Arc::clone(&self.core.opts);
         let slot = Arc::clone(&self.token);
-        let attempt = tokio::time::timeout(opts.connect_timeout, connect(opts.clone(), slot));
+        let url = opts.endpoint(self.attempts).to_owned();
+        self.attempts += 1;
+        let attempt = tokio::time::timeout(
+            opts.connect_timeout,
+            connect(opts.clone(), url.clone(), slot),
+        );
         tokio::pin!(attempt);
         loop {
+            let queued = !self.flush_events();
             tokio::select! {
+                () = room_for_events(&self.events), if queued => {}
                 res = &mut attempt => {
                     let res = res.unwrap_or_else(|_| {
                         Err((lost(None, "connect timeout"), Some(Error::Timeout("connect timeout".into()))))
                     });
                     return match res {
                         Ok((ws, exp)) => {
-                            self.core.on_authed(exp);
+                            self.core.on_authed(&url, exp);
                             Ok(ws)
                         }
                         Err((lost, err)) => {
@@ -168,32 +203,62 @@ impl Driver {
             if let Err(e) = ws.flush().await {
                 return End::Lost(lost(None, &format!("write failed: {e}")));
             }
+            // Read the socket only once the application has room for what it brings.
+            let reading = self.flush_events();
+            if reading {
+                self.core.resume_reading(Instant::now());
+            } else {
+                self.core.pause_reading(Instant::now());
+            }
             let deadline = self.core.next_deadline();
             // Far enough never to fire; the branch is disabled anyway without a deadline.
             let sleep_until =
                 deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
             tokio::select! {
-                msg = ws.next() => match msg {
-                    Some(Ok(WsMessage::Text(text))) => self.core.on_text(text.as_str()),
-                    Some(Ok(WsMessage::Close(frame))) => {
-                        let code = frame.as_ref().map(|f| u16::from(f.code));
-                        let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
-                        return End::Lost(Lost { code: code.or(Some(1005)), reason });
+                () = room_for_events(&self.events), if !reading => {}
+                msg = ws.next(), if reading => {
+                    // This frame and those already received, while the application has room
+                    // for their events: what they call for is then written in one go.
+                    let mut msg = msg;
+                    let mut left = BATCH;
+                    loop {
+                        if let Some(end) = self.on_frame(msg) {
+                            return end;
+                        }
+                        left -= 1;
+                        if left == 0 || !self.flush_events() {
+                            break;
+                        }
+                        match ws.next().now_or_never() {
+                            Some(next) => msg = next,
+                            None => break,
+                        }
                     }
-                    // tungstenite answers pings itself; seqcast sends no binary frames.
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return End::Lost(lost(None, &e.to_string())),
-                    None => return End::Lost(lost(None, "connection ended")),
-                },
+                }
                 cmd = self.commands.recv() => {
-                    let end = match cmd.map(|c| self.core.command(c)) {
-                        Some(Flow::Continue) => continue,
-                        None => End::Close(None),
-                        Some(Flow::Reconnect) => End::Reconnect,
-                        Some(Flow::Close(done)) => End::Close(Some(done)),
+                    // This command and those already queued (a burst of sends becomes one
+                    // write, not one per send).
+                    let mut cmd = cmd;
+                    let mut left = BATCH;
+                    let end = loop {
+                        match cmd.map(|c| self.core.command(c)) {
+                            Some(Flow::Continue) => {}
+                            None => break Some(End::Close(None)),
+                            Some(Flow::Reconnect) => break Some(End::Reconnect),
+                            Some(Flow::Close(done)) => break Some(End::Close(Some(done))),
+                        }
+                        left -= 1;
+                        match self.commands.try_recv() {
+                            _ if left == 0 => break None,
+                            Ok(next) => cmd = Some(next),
+                            Err(mpsc::error::TryRecvError::Empty) => break None,
+                            Err(mpsc::error::TryRecvError::Disconnected) => cmd = None,
+                        }
                     };
-                    close_politely(&mut ws).await;
-                    return end;
+                    if let Some(end) = end {
+                        close_politely(&mut ws).await;
+                        return end;
+                    }
                 }
                 () = tokio::time::sleep_until(sleep_until), if deadline.is_some() => {
                     let due = self.core.on_timers(Instant::now());
@@ -220,6 +285,26 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// One read from the socket; `Some` when the connection ended.
+    fn on_frame(&mut self, msg: Option<Result<WsMessage, WsError>>) -> Option<End> {
+        match msg {
+            Some(Ok(WsMessage::Text(text))) => self.core.on_text(text.as_str()),
+            Some(Ok(WsMessage::Close(frame))) => {
+                let code = frame.as_ref().map(|f| u16::from(f.code));
+                let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
+                return Some(End::Lost(Lost {
+                    code: code.or(Some(1005)),
+                    reason,
+                }));
+            }
+            // tungstenite answers pings itself; seqcast sends no binary frames.
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Some(End::Lost(lost(None, &e.to_string()))),
+            None => return Some(End::Lost(lost(None, "connection ended"))),
+        }
+        None
     }
 
     /// Starts fetching a fresh token in a task of its own, so the connection keeps being served.
@@ -277,7 +362,7 @@ impl Driver {
     }
 
     /// Closed for good: fail what is pending and say so.
-    fn finish(mut self, done: Option<oneshot::Sender<()>>) {
+    async fn finish(mut self, done: Option<oneshot::Sender<()>>) {
         self.core.teardown();
         self.core.fail(&Error::Closed);
         self.core.set_state(State::Closed { code: Some(1000) });
@@ -286,6 +371,50 @@ impl Driver {
                 tracing::trace!("close() caller stopped waiting");
             }
         }
+        self.deliver_the_rest().await;
+    }
+
+    /// Hands the application every queued event that fits now; `true` when none is left. An
+    /// application that dropped its receiver does not want events any more (the requests'
+    /// replies still work): they are dropped.
+    fn flush_events(&mut self) -> bool {
+        while let Some(event) = self.core.events.pop_front() {
+            let gone = match &self.events {
+                EventSink::Unbounded(tx) => tx.send(event).is_err(),
+                EventSink::Bounded(tx) => match tx.try_send(event) {
+                    Ok(()) => false,
+                    Err(mpsc::error::TrySendError::Full(event)) => {
+                        self.core.events.push_front(event);
+                        return false;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => true,
+                },
+            };
+            if gone {
+                tracing::trace!("event receiver dropped");
+                self.core.events.clear();
+            }
+        }
+        true
+    }
+
+    /// The last events (the final state), once the application takes them or drops its
+    /// receiver; `close()` has been answered already, so nobody waits on this task.
+    async fn deliver_the_rest(mut self) {
+        while !self.flush_events() {
+            room_for_events(&self.events).await;
+        }
+    }
+}
+
+/// Resolves once a bounded event channel has room (or its receiver is gone); never for an
+/// unbounded one, which always has room.
+async fn room_for_events(sink: &EventSink) {
+    match sink {
+        // The permit goes back at once: the next flush takes the free slot (the driver is the
+        // only sender).
+        EventSink::Bounded(tx) => drop(tx.reserve().await),
+        EventSink::Unbounded(_) => std::future::pending().await,
     }
 }
 
@@ -332,6 +461,7 @@ async fn close_politely(ws: &mut Ws) {
 /// error to report.
 async fn connect(
     opts: Arc<Options>,
+    url: String,
     slot: TokenSlot,
 ) -> Result<(Ws, Option<u64>), (Lost, Option<Error>)> {
     let token = match &opts.token {
@@ -345,14 +475,16 @@ async fn connect(
     if let Some(t) = &token {
         store_token(&slot, t);
     }
-    let (mut ws, _) = tokio_tungstenite::connect_async(opts.url.as_str())
-        .await
-        .map_err(|e| {
-            (
-                lost(None, &e.to_string()),
-                Some(Error::Connection(e.to_string())),
-            )
-        })?;
+    let config = WebSocketConfig::default().read_buffer_size(opts.read_buffer_size);
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), false)
+            .await
+            .map_err(|e| {
+                (
+                    lost(None, &e.to_string()),
+                    Some(Error::Connection(e.to_string())),
+                )
+            })?;
     let Some(token) = token else {
         return Ok((ws, None));
     };

@@ -42,9 +42,9 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::core::{Command, Core};
-use crate::driver::{Driver, TokenSlot};
+use crate::driver::{Driver, EventSink, TokenSlot};
 pub use crate::options::{Backoff, Options, TokenFuture, TokenSource};
-pub use crate::types::{Ack, Error, Event, HistoryQuery, Joined, Message, Page, State};
+pub use crate::types::{Ack, Error, Event, HistoryQuery, Joined, Message, Page, State, Stats};
 
 /// The handle to a client. Cloning it is cheap (all clones talk to the same connection); the
 /// client closes when [`Client::close`] is called or the last clone is dropped.
@@ -63,10 +63,33 @@ struct Http {
 
 impl Client {
     /// Starts the client (it connects in the background at once) and returns its handle and its
-    /// events. Events are unbounded: read them promptly. Must be called within a Tokio runtime.
+    /// events. Events are unbounded: read them promptly (or see [`Client::bounded`]). Must be
+    /// called within a Tokio runtime.
     pub fn new(options: Options) -> (Client, mpsc::UnboundedReceiver<Event>) {
-        let opts = Arc::new(options);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        (
+            Client::start(options, EventSink::Unbounded(events_tx)),
+            events_rx,
+        )
+    }
+
+    /// Like [`Client::new`], with at most `capacity` events waiting for the application
+    /// (`capacity` >= 1). While the channel is full the client does not read its socket, so a
+    /// slow application holds a bounded amount of memory and the server sees a slow reader: it
+    /// keeps the messages in its database and sends them once the client reads again (or, past
+    /// its write timeout, closes the connection; the client then reconnects and rejoins with
+    /// `since`). Either way every message still arrives once and in order. Requests (`join`,
+    /// `send`, ...) are still served meanwhile, but their replies wait for the socket to be read.
+    pub fn bounded(options: Options, capacity: usize) -> (Client, mpsc::Receiver<Event>) {
+        let (events_tx, events_rx) = mpsc::channel(capacity.max(1));
+        (
+            Client::start(options, EventSink::Bounded(events_tx)),
+            events_rx,
+        )
+    }
+
+    fn start(options: Options, events: EventSink) -> Client {
+        let opts = Arc::new(options);
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let token: TokenSlot = Arc::new(Mutex::new(None));
         let http = Http {
@@ -75,13 +98,12 @@ impl Client {
             source: opts.token.clone(),
             client: reqwest::Client::new(),
         };
-        let core = Core::new(Arc::clone(&opts), events_tx);
-        tokio::spawn(Driver::new(core, commands_rx, token).run());
-        let client = Client {
+        let core = Core::new(Arc::clone(&opts));
+        tokio::spawn(Driver::new(core, commands_rx, events, token).run());
+        Client {
             commands,
             http: Arc::new(http),
-        };
-        (client, events_rx)
+        }
     }
 
     /// Subscribes to `room`; resolves with the first `joined`. `since`: replay every message
@@ -205,6 +227,25 @@ impl Client {
             return 0;
         }
         rx.await.unwrap_or(0)
+    }
+
+    /// Duplicates dropped and gaps repaired so far (see [`Stats`]).
+    pub async fn stats(&self) -> Stats {
+        let (reply, rx) = oneshot::channel();
+        if self.command(Command::Stats { reply }).is_err() {
+            return Stats::default();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// An application `ping` on the open connection, resolved by its `pong`: every frame the
+    /// server sent before the pong has been handled by then. Fails when not connected or when
+    /// the connection is lost first.
+    pub async fn ping(&self) -> Result<(), Error> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Ping { reply })?;
+        rx.await
+            .unwrap_or_else(|_| Err(Error::Connection("connection lost".to_owned())))
     }
 
     /// Drops the current connection and reconnects at once, without backoff: for when the

@@ -56,6 +56,10 @@ impl Backoff {
 pub struct Options {
     /// `ws://host/v1/ws` (or `wss://`). Never put a token in it.
     pub url: String,
+    /// Other addresses of the same service (other nodes), tried in turn after `url`: every
+    /// connection attempt after a lost or failed one, and after `reconnect()`, goes to the next
+    /// address of `[url, fallback_urls..]`, round robin. Empty by default (always `url`).
+    pub fallback_urls: Vec<String>,
     /// Base of the HTTP API for `history`; default: derived from `url` (`ws://h/v1/ws` ->
     /// `http://h`).
     pub http_url: Option<String>,
@@ -79,12 +83,16 @@ pub struct Options {
     /// Delay before resending a send answered `unavailable`, `rate_limited` or `internal`:
     /// `base + random(0, min(cap, base * 2^retries))`; base 500 ms, cap 10 s.
     pub retry_delay: Backoff,
+    /// The WebSocket's read buffer, allocated per connection; 128 KiB (tungstenite's default).
+    /// A client holding thousands of connections that each receive little can use a few KiB.
+    pub read_buffer_size: usize,
 }
 
 impl Options {
     pub fn new(url: impl Into<String>) -> Options {
         Options {
             url: url.into(),
+            fallback_urls: Vec::new(),
             http_url: None,
             token: TokenSource::None,
             backoff: Backoff {
@@ -101,7 +109,14 @@ impl Options {
                 base: Duration::from_millis(500),
                 cap: Duration::from_secs(10),
             },
+            read_buffer_size: 128 * 1024,
         }
+    }
+
+    /// Adds an address tried after `url` (and the ones added before) when a connection is lost.
+    pub fn fallback_url(mut self, url: impl Into<String>) -> Options {
+        self.fallback_urls.push(url.into());
+        self
     }
 
     /// A fixed token (JWT, server key, or `dev:NAME` in development mode).
@@ -165,6 +180,19 @@ impl Options {
         self
     }
 
+    pub fn read_buffer_size(mut self, bytes: usize) -> Options {
+        self.read_buffer_size = bytes;
+        self
+    }
+
+    /// The address of connection attempt `n` (0 for the first): `[url, fallback_urls..]` in turn.
+    pub(crate) fn endpoint(&self, n: usize) -> &str {
+        match n % (1 + self.fallback_urls.len()) {
+            0 => &self.url,
+            i => &self.fallback_urls[i - 1],
+        }
+    }
+
     /// The HTTP base URL: `http_url`, or `url` with `ws` -> `http` and the path dropped.
     pub(crate) fn http_base(&self) -> String {
         if let Some(url) = &self.http_url {
@@ -195,6 +223,28 @@ mod tests {
             assert!(b.delay(3) <= Duration::from_secs(4));
             assert!(b.delay(40) <= Duration::from_secs(30));
         }
+    }
+
+    #[test]
+    fn endpoints_in_turn() {
+        let single = Options::new("ws://a/v1/ws");
+        assert_eq!(
+            (single.endpoint(0), single.endpoint(3)),
+            ("ws://a/v1/ws", "ws://a/v1/ws")
+        );
+        let opts = Options::new("ws://a/v1/ws")
+            .fallback_url("ws://b/v1/ws")
+            .fallback_url("ws://c/v1/ws");
+        let seen: Vec<&str> = (0..4).map(|n| opts.endpoint(n)).collect();
+        assert_eq!(
+            seen,
+            [
+                "ws://a/v1/ws",
+                "ws://b/v1/ws",
+                "ws://c/v1/ws",
+                "ws://a/v1/ws"
+            ]
+        );
     }
 
     #[test]

@@ -43,8 +43,9 @@ pub struct Joined {
 pub enum State {
     /// The first connection is being opened.
     Connecting,
-    /// Connected and authenticated: frames flow; rooms are being rejoined.
-    Open,
+    /// Connected and authenticated to `url` (one of [`crate::Options::url`] and its
+    /// `fallback_urls`): frames flow; rooms are being rejoined.
+    Open { url: String },
     /// The connection was lost (`code`: its close code, `None` when it broke or never opened);
     /// the next attempt starts after `delay`.
     Reconnecting {
@@ -75,6 +76,18 @@ pub enum Event {
     /// Something no request reports: a dead connection (`timeout`), the token callback failing
     /// (`token`), a refused token refresh, a rejoin refused, giving up after 1008.
     Error(Error),
+}
+
+/// What the client dropped or repaired on the server's behalf: both stay 0 against a server
+/// that keeps the protocol's guarantees ([`crate::Client::stats`]); tests and monitoring read
+/// them, since the application never sees either.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Messages of a joined room with a seq already delivered (dropped).
+    pub duplicates: u64,
+    /// Messages that skipped past the next seq on a connection (the client rejoined with
+    /// `since` to fill the gap).
+    pub gaps: u64,
 }
 
 /// A page of stored messages ([`crate::Client::history`]).

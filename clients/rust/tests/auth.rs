@@ -55,7 +55,12 @@ async fn a_token_refreshed_before_exp_keeps_the_connection_past_exp() {
     .await;
     assert_eq!(m.from, "alice", "the token got there");
     // One connection all along, and no error.
-    let expected = [Event::State(State::Connecting), Event::State(State::Open)];
+    let expected = [
+        Event::State(State::Connecting),
+        Event::State(State::Open {
+            url: node.ws.clone(),
+        }),
+    ];
     assert_eq!(others, expected);
     c.close().await;
     let calls = calls.load(Ordering::SeqCst);

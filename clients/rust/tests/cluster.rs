@@ -204,7 +204,7 @@ async fn scenario(cluster: &Cluster, room: &str, action: &'static str) -> Vec<us
             .unwrap_or_else(|| panic!("the {} lost its connection", d.who));
         let open_at = states
             .iter()
-            .find(|(t, s)| *t >= closed_at && *s == State::Open)
+            .find(|(t, s)| *t >= closed_at && matches!(s, State::Open { .. }))
             .map(|(t, _)| *t)
             .unwrap_or_else(|| panic!("the {} reconnected", d.who));
         let resumed = times

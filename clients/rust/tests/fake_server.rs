@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use seqcast_client::{Client, Event, Options};
+use seqcast_client::{Client, Event, Options, State};
 use serde_json::{json, Value};
 use support::{next_matching, wait_for};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 type Log = Arc<Mutex<Vec<(usize, Value)>>>;
@@ -123,6 +124,7 @@ async fn a_gap_makes_the_client_rejoin_with_since() {
         seqs.push(m);
     }
     assert_eq!(seqs, [1, 2, 3]);
+    assert_eq!(c.stats().await.gaps, 1, "the gap is counted");
     let joins = frames_of(&log, "join");
     assert_eq!(joins.len(), 2);
     assert_eq!(joins[1].1["since"], 1);
@@ -166,4 +168,75 @@ async fn a_missing_pong_reconnects_and_rejoins() {
     )
     .await;
     c.close().await;
+}
+
+/// The address of the next connection that opens.
+async fn opened(events: &mut mpsc::UnboundedReceiver<Event>) -> String {
+    next_matching(
+        events,
+        Duration::from_secs(5),
+        "an open connection",
+        |e| match e {
+            Event::State(State::Open { url }) => Some(url),
+            _ => None,
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn connections_go_to_the_fallback_urls_in_turn() {
+    let (a, _) = fake(|_, _| vec![]).await;
+    let (b, _) = fake(|_, _| vec![]).await;
+    // A port nobody listens on any more: refused.
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("ws://{}/v1/ws", listener.local_addr().unwrap())
+    };
+    let opts = Options::new(dead)
+        .fallback_url(a.clone())
+        .fallback_url(b.clone())
+        .backoff(Duration::from_millis(10), Duration::from_millis(50));
+    let (c, mut events) = Client::new(opts);
+    assert_eq!(
+        opened(&mut events).await,
+        a,
+        "the dead first address, then a"
+    );
+    c.reconnect();
+    assert_eq!(opened(&mut events).await, b, "reconnect() moves on");
+    c.reconnect();
+    assert_eq!(
+        opened(&mut events).await,
+        a,
+        "round robin, past the dead one"
+    );
+    c.close().await;
+}
+
+#[tokio::test]
+async fn a_duplicate_is_dropped_and_counted_and_ping_waits_for_the_frames_before_its_pong() {
+    let (url, _log) = fake(|_, f| match f["type"].as_str() {
+        Some("join") => vec![
+            json!({"type": "joined", "room": "r", "head": 0, "first": 1, "ref": f["ref"]}),
+            msg(1),
+        ],
+        // The duplicate comes just before the pong: ping() returns once it is handled.
+        Some("ping") => vec![msg(1), json!({"type": "pong", "ref": f["ref"]})],
+        _ => vec![],
+    })
+    .await;
+    let (c, mut events) = Client::new(Options::new(url));
+    c.join("r", None).await.unwrap();
+    c.ping().await.unwrap();
+    let first = next_matching(&mut events, Duration::from_secs(5), "seq 1", |e| match e {
+        Event::Message(m) => Some(m.seq),
+        _ => None,
+    })
+    .await;
+    assert_eq!(first, 1);
+    let stats = c.stats().await;
+    assert_eq!((stats.duplicates, stats.gaps), (1, 0));
+    c.close().await;
+    assert!(c.ping().await.is_err(), "no ping once closed");
 }

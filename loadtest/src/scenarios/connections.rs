@@ -94,7 +94,9 @@ pub async fn run(ctx: &Ctx, args: &Connections) -> Result<Report> {
             )
             .await?;
             let joined = Subscriber::join_on(ws, 0, room, None, ctx.io_timeout).await?;
-            anyhow::Ok(joined.into_ws())
+            joined
+                .into_ws()
+                .ok_or_else(|| anyhow::anyhow!("join_on gives a raw subscriber"))
         })
         .buffer_unordered(ctx.connect_concurrency)
         .collect()

@@ -40,6 +40,8 @@ pub struct Ctx {
     pub run_prefix: String,
     /// Whether sends carry an `idem` key (not `--no-idem`).
     pub idem: bool,
+    /// `--library-subscribers`: subscribers are the client library, not raw frames.
+    pub library_subscribers: bool,
 }
 
 impl Ctx {
@@ -66,6 +68,7 @@ impl Ctx {
             connect_concurrency: common.connect_concurrency.max(1),
             run_prefix: format!("{}-{started}-{}", common.room_prefix, std::process::id()),
             idem: !common.no_idem,
+            library_subscribers: common.library_subscribers,
         })
     }
 

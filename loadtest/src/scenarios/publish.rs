@@ -119,6 +119,7 @@ async fn connect_subscribers(
                 Some(0),
                 SUBSCRIBER_READ_BUFFER,
                 ctx.io_timeout,
+                ctx.library_subscribers,
             )
             .await
         })
@@ -283,7 +284,7 @@ pub async fn settle_heads(
 }
 
 /// Adds the publishers' figures to `report`: sends, commits and their rate over the sending
-/// phase (start to last ack), ack latency.
+/// phase (start to last ack), ack latency, connections the client library had to reopen.
 pub fn add_publishers(
     report: &mut Report,
     published: &[PublisherOutcome],
@@ -291,7 +292,9 @@ pub fn add_publishers(
     send_end: Instant,
 ) {
     let mut ack_latency = Latency::new();
+    let mut reconnects = 0;
     for p in published {
+        reconnects += p.reconnects;
         report.sent += p.sent;
         report.commits += p.acked;
         ack_latency.merge(&p.ack_latency);
@@ -301,6 +304,7 @@ pub fn add_publishers(
     report.measured_secs = secs;
     report.commits_per_sec = report.commits as f64 / secs;
     report.ack_latency = ack_latency.summary();
+    report.extra("publisher_reconnects", reconnects);
 }
 
 /// Adds the subscribers' figures to `report`: deliveries and their rate (start to last

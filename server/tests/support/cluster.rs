@@ -4,37 +4,43 @@
 //! - [`Cluster`] starts the nodes (`n0`, `n1`, ...) on a fresh database of the shared test
 //!   Postgres, all with the server key [`API_KEY`] (so a sender can keep one identity, and thus
 //!   its `idem` scope, across nodes).
+//! - [`Sender`] and [`listen`] play the application: they use the client library
+//!   (`clients/rust`), which reconnects, rejoins with `since` and resends unacknowledged sends
+//!   with the same `idem`, as any application's client does. What they check is the server's
+//!   side, from outside: the acks and deliveries, and the library's counts of duplicates it
+//!   dropped and gaps it repaired (both must stay 0). Tests of the wire protocol itself use the
+//!   raw frames of `ws.rs` instead.
 //! - [`Sender`] sends numbered messages whose body carries the send time, pipelined and
-//!   optionally paced, records every ack, and can fail over to another node, retrying what was
-//!   not acknowledged with the same `idem`.
-//! - [`listen`] runs a subscriber in a task: it records every `message` with its delivery delay
-//!   until the room's final head is reached, reconnecting (with `since`) when its node dies or
-//!   when told to hop between nodes.
+//!   optionally paced, records every ack, and fails over to the other nodes of its route.
+//! - [`listen`] runs a subscriber in a task: it records every message with its delivery delay
+//!   until the room's final head is reached, failing over when its node dies, or hopping
+//!   between nodes when told to.
 //! - [`Ledger`] gathers the acks of all senders; [`check_stream`] holds what a subscriber got
 //!   against it: every seq once, in order, with the acknowledged id and body.
 #![allow(dead_code)]
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use seqcast_client::{Client, Event, Options, State};
 use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::Message;
 
 use super::check::assert_contiguous;
 use super::http::Http;
 use super::postgres::TestPostgres;
 use super::redis::TestRedis;
 use super::server::{ServerOptions, StoreKind, TestServer};
-use super::ws::{Auth, Event, WsClient};
 
 /// The server key of every node.
 pub const API_KEY: &str = "cluster-test-api-key";
 
-/// Pause between attempts at reconnecting to a node.
+/// Reconnect delay of the clients (the backoff's base; its cap is ten times this).
 const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
 
 /// Nodes sharing one database and, optionally, one Redis.
@@ -171,25 +177,48 @@ pub struct Ack {
     pub id: String,
 }
 
-/// A client sending `count` numbered messages to one room. Bodies are
-/// `{"w": label, "n": node, "i": index, "t": send time in µs, "idem"?: key, "pad"?: "xx.."}`,
-/// made at the first attempt and reused by retries.
+/// Client options shared by the senders and subscribers: the Rust client library
+/// (`seqcast-client`) as an application uses it, with `dev:{label}` as its identity (so that
+/// its `idem` keys keep their scope across reconnects) and `route[1..]` as the nodes to fail
+/// over to, in turn. Reconnect delays are short: the tests measure the server, not the backoff.
+fn client_options(label: &str, route: &[(usize, String)]) -> Options {
+    let mut options = Options::new(route[0].1.clone())
+        .token(format!("dev:{label}"))
+        .backoff(RECONNECT_PAUSE, RECONNECT_PAUSE * 10)
+        .drain_jitter(RECONNECT_PAUSE);
+    for (_, url) in &route[1..] {
+        options = options.fallback_url(url.clone());
+    }
+    options
+}
+
+/// The node of `route` at `url`.
+fn node_of(route: &[(usize, String)], url: &str) -> usize {
+    route
+        .iter()
+        .find(|(_, u)| u == url)
+        .map(|(node, _)| *node)
+        .unwrap_or_else(|| panic!("{url} is not on the route {route:?}"))
+}
+
+/// A client sending `count` numbered messages to one room through the client library. Bodies
+/// are `{"w": label, "n": node, "i": index, "t": send time in µs, "idem": key, "pad"?: "xx.."}`;
+/// the library resends what was not acknowledged, with the same `idem` `{label}-{index}`, after
+/// any reconnect.
 pub struct Sender {
     pub label: String,
     pub room: String,
-    /// Send `idem` keys `{label}-{index}`, and allow failing over to another node.
-    idem: bool,
     /// Length of the `pad` string in each body.
     pad: usize,
     bodies: Vec<Option<Value>>,
     acks: Vec<Option<Ack>>,
     /// Longest time from a send to its ack.
     pub worst_ack_delay: Duration,
-    /// When each broken connection was noticed (the sender then failed over).
+    /// When each connection was lost (the library then failed over).
     pub failovers: Vec<Instant>,
 }
 
-/// How a [`Sender`] sends: at most `window` unacknowledged, at most one frame per `pace`.
+/// How a [`Sender`] sends: at most `window` unacknowledged, at most one send per `pace`.
 #[derive(Debug, Clone, Copy)]
 pub struct Pacing {
     pub window: usize,
@@ -202,7 +231,7 @@ impl Pacing {
         Pacing { window, pace: None }
     }
 
-    /// One frame per `pace` at most.
+    /// One send per `pace` at most.
     pub fn paced(window: usize, pace: Duration) -> Pacing {
         Pacing {
             window,
@@ -216,18 +245,12 @@ impl Sender {
         Sender {
             label: label.into(),
             room: room.to_owned(),
-            idem: false,
             pad: 0,
             bodies: vec![None; count],
             acks: vec![None; count],
             worst_ack_delay: Duration::ZERO,
             failovers: Vec::new(),
         }
-    }
-
-    pub fn with_idem(mut self) -> Sender {
-        self.idem = true;
-        self
     }
 
     pub fn with_pad(mut self, bytes: usize) -> Sender {
@@ -255,164 +278,108 @@ impl Sender {
         self.acks.iter().filter(|ack| ack.is_some()).count()
     }
 
-    /// Connects to `route[0]` (a `(node index, ws url)`) and sends everything; when the
-    /// connection breaks, a sender with `idem` reconnects to the next node of `route` and sends
-    /// again whatever was not acknowledged. `progress` counts acks. Panics past `until`.
+    /// Sends everything through a client connected to `route[0]` (a `(node index, ws url)`)
+    /// that fails over to the rest of `route`; with a single node, a lost connection is a
+    /// failure. `progress` counts acks. Panics past `until`.
     pub async fn run(
         &mut self,
         route: &[(usize, String)],
-        auth: Auth<'_>,
         pacing: Pacing,
         until: Instant,
         progress: &AtomicUsize,
     ) {
-        let mut hop = 0;
-        loop {
-            let (node, url) = &route[hop % route.len()];
-            let mut client = match WsClient::try_connect(url, auth).await {
-                Ok(client) => client,
-                Err(e) => {
-                    assert!(
-                        Instant::now() < until,
-                        "{}: cannot connect to n{node} ({e}) and the deadline passed",
-                        self.label
-                    );
-                    hop += 1;
-                    tokio::time::sleep(RECONNECT_PAUSE).await;
-                    continue;
-                }
-            };
-            match self
-                .send_unacked(&mut client, *node, pacing, until, progress)
-                .await
-            {
-                Ok(()) => {
-                    client.close().await;
-                    return;
-                }
-                Err(broken) => {
-                    assert!(
-                        self.idem && route.len() > 1,
-                        "{}: the connection to n{node} broke ({broken}) after {} of {} acks",
-                        self.label,
-                        self.acked_count(),
-                        self.count()
-                    );
-                    eprintln!(
-                        "{}: connection to n{node} broke ({broken}) after {} of {} acks; failing \
-                         over",
-                        self.label,
-                        self.acked_count(),
-                        self.count()
-                    );
-                    self.failovers.push(Instant::now());
-                    hop += 1;
+        let (client, mut events) = Client::new(client_options(&self.label, route));
+        let label = self.label.clone();
+        // The client's own events: only its lost connections matter to a sender.
+        let watcher = tokio::spawn(async move {
+            let mut lost = Vec::new();
+            while let Some(event) = events.recv().await {
+                match event {
+                    Event::State(State::Reconnecting { code, reason, .. }) => {
+                        eprintln!("{label}: connection lost ({code:?} {reason}); failing over");
+                        lost.push(Instant::now());
+                    }
+                    Event::Error(e) => eprintln!("{label}: {e}"),
+                    _ => {}
                 }
             }
-        }
-    }
-
-    /// Sends every unacknowledged message on `client`; `Err` when the connection breaks.
-    async fn send_unacked(
-        &mut self,
-        client: &mut WsClient,
-        node: usize,
-        pacing: Pacing,
-        until: Instant,
-        progress: &AtomicUsize,
-    ) -> Result<(), String> {
-        let mut todo: VecDeque<usize> = (0..self.count())
-            .filter(|&i| self.acks[i].is_none())
-            .collect();
-        // ref -> (index, sent at)
-        let mut outstanding: HashMap<String, (usize, Instant)> = HashMap::new();
-        let mut next_send = Instant::now();
-        loop {
-            if todo.is_empty() && outstanding.is_empty() {
-                return Ok(());
-            }
-            while outstanding.len() < pacing.window
-                && Instant::now() >= next_send
-                && !todo.is_empty()
-            {
-                let index = todo.pop_front().expect("not empty");
-                let frame = self.send_frame(index, node);
-                let reference = frame["ref"].as_str().expect("string ref").to_owned();
-                client
-                    .try_send_message(Message::text(frame.to_string()))
-                    .await
-                    .map_err(|e| format!("send failed: {e}"))?;
-                outstanding.insert(reference, (index, Instant::now()));
-                if let Some(pace) = pacing.pace {
-                    next_send = Instant::now() + pace;
-                }
-            }
-            let now = Instant::now();
-            assert!(
-                now < until,
-                "{}: only {} of {} acks before the deadline ({} outstanding)",
+            lost
+        });
+        let node = route[0].0;
+        let sending = self.send_all(&client, node, pacing, progress);
+        if tokio::time::timeout_at(until.into(), sending)
+            .await
+            .is_err()
+        {
+            panic!(
+                "{}: only {} of {} acks before the deadline",
                 self.label,
                 self.acked_count(),
-                self.count(),
-                outstanding.len()
+                self.count()
             );
-            let can_send = outstanding.len() < pacing.window && !todo.is_empty();
-            let wait = if can_send {
-                next_send.saturating_duration_since(now)
-            } else {
-                Duration::from_millis(500)
-            };
-            match client.next_event(wait.min(until - now)).await {
-                Some(Event::Frame(frame)) if frame["type"] == "ack" => {
-                    let reference = frame["ref"].as_str().unwrap_or_default();
-                    let (index, sent) = outstanding
-                        .remove(reference)
-                        .unwrap_or_else(|| panic!("{}: unexpected ack {frame}", self.label));
+        }
+        client.close().await;
+        self.failovers = watcher.await.expect("the event watcher");
+        assert!(
+            route.len() > 1 || self.failovers.is_empty(),
+            "{}: the connection to n{node} broke, with no other node to go to",
+            self.label
+        );
+    }
+
+    /// Every message through `client`, at most `pacing.window` in flight.
+    async fn send_all(
+        &mut self,
+        client: &Client,
+        node: usize,
+        pacing: Pacing,
+        progress: &AtomicUsize,
+    ) {
+        let mut in_flight = FuturesUnordered::new();
+        let mut next = 0;
+        let mut next_send = tokio::time::Instant::now();
+        while next < self.count() || !in_flight.is_empty() {
+            let can_send = next < self.count() && in_flight.len() < pacing.window;
+            tokio::select! {
+                () = tokio::time::sleep_until(next_send), if can_send => {
+                    let body = self.body(next, node);
+                    let send = client.send(&self.room, body, Some(self.idem_key(next)));
+                    let (index, sent) = (next, Instant::now());
+                    in_flight.push(async move { (index, sent, send.await) });
+                    next += 1;
+                    if let Some(pace) = pacing.pace {
+                        next_send += pace;
+                    }
+                }
+                Some((index, sent, ack)) = in_flight.next() => {
+                    let ack = ack.unwrap_or_else(|e| panic!("{}: send {index}: {e}", self.label));
                     self.worst_ack_delay = self.worst_ack_delay.max(sent.elapsed());
-                    assert_eq!(frame["room"], self.room.as_str(), "ack room: {frame}");
+                    assert_eq!(ack.room, self.room, "{}: ack room", self.label);
                     assert!(
                         self.acks[index].is_none(),
-                        "{}: second ack for message {index}: {frame}",
+                        "{}: second ack for message {index}",
                         self.label
                     );
                     self.acks[index] = Some(Ack {
-                        seq: frame["seq"].as_u64().expect("ack seq"),
-                        id: frame["id"].as_str().expect("ack id").to_owned(),
+                        seq: ack.seq,
+                        id: ack.id,
                     });
                     progress.fetch_add(1, Ordering::Relaxed);
                 }
-                Some(Event::Frame(frame)) if frame["type"] == "error" => {
-                    panic!("{}: error reply: {frame}", self.label)
-                }
-                Some(Event::Frame(_)) | None => {}
-                Some(ended) => return Err(format!("{ended:?}")),
             }
         }
     }
 
-    /// The `send` frame for message `index` (its body is made on the first attempt).
-    fn send_frame(&mut self, index: usize, node: usize) -> Value {
-        let idem = self.idem.then(|| self.idem_key(index));
-        let (label, pad) = (self.label.clone(), self.pad);
-        let body = self.bodies[index]
-            .get_or_insert_with(|| {
-                let mut body = json!({"w": label, "n": node, "i": index, "t": now_micros()});
-                if let Some(idem) = &idem {
-                    body["idem"] = json!(idem);
-                }
-                if pad > 0 {
-                    body["pad"] = json!("x".repeat(pad));
-                }
-                body
-            })
-            .clone();
-        let mut frame = json!({
-            "type": "send", "room": self.room, "body": body, "ref": format!("s{index}"),
+    /// The body of message `index`, made once.
+    fn body(&mut self, index: usize, node: usize) -> Value {
+        let mut body = json!({
+            "w": self.label, "n": node, "i": index, "t": now_micros(), "idem": self.idem_key(index),
         });
-        if let Some(idem) = idem {
-            frame["idem"] = json!(idem);
+        if self.pad > 0 {
+            body["pad"] = json!("x".repeat(self.pad));
         }
-        frame
+        self.bodies[index] = Some(body.clone());
+        body
     }
 }
 
@@ -420,18 +387,12 @@ impl Sender {
 pub fn spawn_sender(
     mut sender: Sender,
     route: Vec<(usize, String)>,
-    api_key: bool,
     pacing: Pacing,
     until: Instant,
     progress: Arc<AtomicUsize>,
 ) -> JoinHandle<Sender> {
     tokio::spawn(async move {
-        let auth = if api_key {
-            Auth::Header(API_KEY)
-        } else {
-            Auth::None
-        };
-        sender.run(&route, auth, pacing, until, &progress).await;
+        sender.run(&route, pacing, until, &progress).await;
         sender
     })
 }
@@ -465,9 +426,6 @@ impl Ledger {
         Ledger { by_seq, head }
     }
 }
-
-/// A listener's reconnects: (when its connection ended, when it had joined again).
-pub type Reconnects = Arc<std::sync::Mutex<Vec<(Instant, Instant)>>>;
 
 /// One message as a subscriber got it.
 #[derive(Debug, Clone)]
@@ -539,8 +497,6 @@ impl ListenSpec {
 pub struct Listening {
     /// The last seq received so far.
     pub last_seq: Arc<AtomicU64>,
-    /// When each connection ended and when the next join was answered (hops included).
-    pub reconnects: Reconnects,
     handle: JoinHandle<Vec<Received>>,
 }
 
@@ -555,153 +511,121 @@ impl Listening {
     }
 }
 
-/// Connects and joins as `spec` says (the join is done when this returns), then receives in a
-/// task until the seq published on `target` (0 = not known yet) has arrived, panicking past
-/// `until`.
+/// Connects a client library and joins as `spec` says (the join is done when this returns),
+/// then receives in a task until the seq published on `target` (0 = not known yet) has
+/// arrived, panicking past `until`.
 pub async fn listen(spec: ListenSpec, target: watch::Receiver<u64>, until: Instant) -> Listening {
-    let (node, url) = spec.route[0].clone();
-    let mut client = WsClient::try_connect(&url, Auth::None)
+    let (client, events) = Client::new(client_options(&spec.label, &spec.route));
+    let joined = client
+        .join(&spec.room, spec.since)
         .await
-        .unwrap_or_else(|e| panic!("{}: connect to n{node}: {e}", spec.label));
-    let joined = client.join(&spec.room, spec.since).await;
-    if spec.since.is_none() {
-        assert!(joined["head"].is_u64(), "{}: {joined}", spec.label);
-    }
+        .unwrap_or_else(|e| panic!("{}: join on n{}: {e}", spec.label, spec.route[0].0));
+    assert!(
+        joined.head >= spec.since.unwrap_or(0),
+        "{}: {joined:?}",
+        spec.label
+    );
     let last_seq = Arc::new(AtomicU64::new(spec.since.unwrap_or(0)));
-    let reconnects = Arc::default();
-    let handle = tokio::spawn(receive(
-        spec,
-        client,
-        node,
-        target,
-        until,
-        (Arc::clone(&last_seq), Arc::clone(&reconnects)),
-    ));
-    Listening {
-        last_seq,
-        reconnects,
-        handle,
-    }
+    let shared = Arc::clone(&last_seq);
+    let handle = tokio::spawn(receive(spec, client, events, target, until, shared));
+    Listening { last_seq, handle }
 }
 
 async fn receive(
     spec: ListenSpec,
-    mut client: WsClient,
-    mut node: usize,
-    target: watch::Receiver<u64>,
+    client: Client,
+    mut events: UnboundedReceiver<Event>,
+    mut target: watch::Receiver<u64>,
     until: Instant,
-    (last_seq, reconnects): (Arc<AtomicU64>, Reconnects),
+    last_seq: Arc<AtomicU64>,
 ) -> Vec<Received> {
     let label = &spec.label;
     let mut received: Vec<Received> = Vec::new();
+    let mut node = spec.route[0].0;
     let mut on_this_connection = 0;
-    let mut route_index = 0;
-    let mut hops = 0_usize;
+    // The connection ended (a hop or the node's end) and the room is not rejoined yet.
+    let mut away = false;
     loop {
         let last = received.last().map_or(spec.since.unwrap_or(0), |m| m.seq);
-        let goal = *target.borrow();
+        let goal = *target.borrow_and_update();
         if goal > 0 && last >= goal {
             break;
         }
-        let now = Instant::now();
-        assert!(
-            now < until,
-            "{label}: reached seq {last} of {} by the deadline ({} messages, on n{node})",
-            if goal > 0 {
-                goal.to_string()
-            } else {
-                "(unknown)".to_owned()
-            },
-            received.len()
-        );
         let hop_due = spec
             .hop_every
             .is_some_and(|every| on_this_connection >= every);
-        let ended = if hop_due {
-            if hops % 2 == 0 {
-                client.close().await;
-            } else {
-                drop(client);
-            }
-            None
-        } else {
-            match client
-                .next_event(Duration::from_millis(250).min(until - now))
-                .await
-            {
-                Some(Event::Frame(frame))
-                    if frame["type"] == "message" && frame["room"] == spec.room.as_str() =>
-                {
-                    let body = frame["body"].clone();
-                    let sent = body["t"].as_u64().unwrap_or(0);
-                    received.push(Received {
-                        seq: frame["seq"].as_u64().expect("message seq"),
-                        id: frame["id"].as_str().unwrap_or_default().to_owned(),
-                        delay: Duration::from_micros(now_micros().saturating_sub(sent)),
-                        arrived: Instant::now(),
-                        body,
-                        node,
-                    });
-                    last_seq.store(frame["seq"].as_u64().unwrap_or(0), Ordering::Relaxed);
-                    on_this_connection += 1;
-                    continue;
-                }
-                Some(Event::Frame(frame)) if frame["type"] == "error" => {
-                    panic!("{label}: error frame on n{node}: {frame}")
-                }
-                Some(Event::Frame(_)) | None => continue,
-                Some(end) => Some(end),
-            }
-        };
-        // The connection is gone (a hop or the node's end): join again elsewhere.
-        if let Some(end) = &ended {
-            assert!(
-                spec.reconnect,
-                "{label}: connection to n{node} ended after seq {last}: {end:?}"
-            );
-            eprintln!("{label}: connection to n{node} ended after seq {last}: {end:?}");
+        if hop_due && !away {
+            // Leave for the next node of the route: the library rejoins there with `since`.
+            away = true;
+            client.reconnect();
         }
-        hops += 1;
-        let ended_at = Instant::now();
-        let (next, joined_client) = loop {
-            assert!(
-                Instant::now() < until,
-                "{label}: could not rejoin any node by the deadline"
-            );
-            route_index = (route_index + 1) % spec.route.len();
-            let (next, url) = &spec.route[route_index];
-            match WsClient::try_connect(url, Auth::None).await {
-                Ok(client) => break (*next, client),
-                Err(e) => {
-                    eprintln!("{label}: cannot connect to n{next}: {e}");
-                    tokio::time::sleep(RECONNECT_PAUSE).await;
-                }
-            }
+        let event = tokio::select! {
+            event = events.recv() => event.unwrap_or_else(|| panic!("{label}: the client closed")),
+            _ = target.changed() => continue,
+            () = tokio::time::sleep_until(until.into()) => panic!(
+                "{label}: reached seq {last} of {} by the deadline ({} messages, on n{node})",
+                if goal > 0 { goal.to_string() } else { "(unknown)".to_owned() },
+                received.len()
+            ),
         };
-        client = joined_client;
-        node = next;
-        let joined = client.join(&spec.room, Some(last)).await;
-        assert!(
-            joined["head"].as_u64().is_some_and(|head| head >= last),
-            "{label}: rejoined n{node} since {last}: {joined}"
-        );
-        reconnects
-            .lock()
-            .expect("not poisoned")
-            .push((ended_at, Instant::now()));
-        on_this_connection = 0;
+        match event {
+            Event::Message(m) if m.room == spec.room => {
+                let sent = m.body["t"].as_u64().unwrap_or(0);
+                received.push(Received {
+                    seq: m.seq,
+                    id: m.id,
+                    delay: Duration::from_micros(now_micros().saturating_sub(sent)),
+                    arrived: Instant::now(),
+                    body: m.body,
+                    node,
+                });
+                last_seq.store(m.seq, Ordering::Relaxed);
+                on_this_connection += 1;
+            }
+            Event::State(State::Reconnecting { code, reason, .. }) => {
+                let hop = away;
+                assert!(
+                    hop || spec.reconnect,
+                    "{label}: connection to n{node} ended after seq {last}: {code:?} {reason}"
+                );
+                if !hop {
+                    eprintln!(
+                        "{label}: connection to n{node} ended after seq {last}: {code:?} {reason}"
+                    );
+                }
+                away = true;
+            }
+            Event::State(State::Open { url }) => node = node_of(&spec.route, &url),
+            Event::Rejoined(joined) => {
+                assert!(
+                    joined.head >= last,
+                    "{label}: rejoined n{node} since {last}: {joined:?}"
+                );
+                away = false;
+                on_this_connection = 0;
+            }
+            Event::State(State::Connecting) => {}
+            Event::Error(e) if spec.reconnect => eprintln!("{label}: {e} (reconnecting)"),
+            other => panic!("{label}: unexpected event on n{node}: {other:?}"),
+        }
     }
-    // Nothing may follow the last seq: a late duplicate would show up before the pong.
-    let extra: Vec<Value> = client
-        .frames_until_pong()
-        .await
-        .into_iter()
-        .filter(|frame| frame["type"] == "message")
-        .collect();
-    assert!(
-        extra.is_empty(),
-        "{label}: messages after the last seq: {extra:?}"
+    // Nothing may follow the last seq, and nothing was dropped or repaired on the way: a
+    // duplicate or a gap from the server shows in the client's counts by the time its pong is in.
+    if let Err(e) = client.ping().await {
+        panic!("{label}: final ping on n{node}: {e}");
+    }
+    let stats = client.stats().await;
+    assert_eq!(
+        (stats.duplicates, stats.gaps),
+        (0, 0),
+        "{label}: duplicates dropped and gaps repaired by the client library"
     );
+    while let Ok(event) = events.try_recv() {
+        assert!(
+            !matches!(event, Event::Message(_)),
+            "{label}: message after the last seq: {event:?}"
+        );
+    }
     client.close().await;
     received
 }

@@ -3,6 +3,14 @@
 //!
 //! Every receive has a deadline; a missing frame panics with what was being waited for, so a
 //! failing test says which contract point broke instead of hanging.
+//!
+//! Raw frames on purpose: the tests that use this check the wire protocol itself (the frames,
+//! their order, refs, error codes and close codes: ws_protocol, hostile_input, first_auth,
+//! session_limits, slow_reader, admission, auth, ratelimit, delivery, catch_up, the timed load of
+//! db_faults and read_limits, the join storm of cluster_joins, ...), which a client library
+//! would hide by retrying, reconnecting or dropping. Where a test plays an application instead
+//! (sending a stream, listening, failing over: the cluster tests, rolling_restart), it uses the
+//! client library, `seqcast-client` (see `cluster.rs`).
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
