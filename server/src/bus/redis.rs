@@ -120,25 +120,23 @@ impl Shared {
     /// error cannot arrive before the PING waits for it. `subscribe_retry` (real Redis, real
     /// ACL) guards this against a change in fred.
     async fn subscribe(&self, channel: String) -> Result<(), BusError> {
-        let pipeline = Pipeline::from(self.link.subscriber().clone());
-        let confirmed = async {
-            pipeline.subscribe(channel).await?;
-            pipeline.ping::<()>(None).await?;
-            pipeline.last::<fred::types::Value>().await
-        };
-        match tokio::time::timeout(self.link.timeout(), confirmed).await {
-            Ok(Ok(_pong)) => Ok(()),
-            Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
-            Err(_) => Err(BusError::Timeout),
-        }
+        self.confirmed(channel, Subscription::Subscribe).await
     }
 
     /// UNSUBSCRIBE, confirmed the same way (a PING behind it): once this returns, Redis has
     /// taken the channel off, and nothing published after it arrives here.
     async fn unsubscribe(&self, channel: String) -> Result<(), BusError> {
+        self.confirmed(channel, Subscription::Unsubscribe).await
+    }
+
+    /// `change` for `channel` with a PING pipelined behind it, within the link's timeout.
+    async fn confirmed(&self, channel: String, change: Subscription) -> Result<(), BusError> {
         let pipeline = Pipeline::from(self.link.subscriber().clone());
         let confirmed = async {
-            pipeline.unsubscribe(channel).await?;
+            match change {
+                Subscription::Subscribe => pipeline.subscribe(channel).await?,
+                Subscription::Unsubscribe => pipeline.unsubscribe(channel).await?,
+            }
             pipeline.ping::<()>(None).await?;
             pipeline.last::<fred::types::Value>().await
         };
@@ -350,4 +348,11 @@ impl Bus for RedisBus {
             BusState::Down
         }
     }
+}
+
+/// What [`RedisBus::confirmed`] asks of Redis.
+#[derive(Debug, Clone, Copy)]
+enum Subscription {
+    Subscribe,
+    Unsubscribe,
 }
