@@ -569,7 +569,10 @@ write_doc() {
         echo "load generator (\`loadtest/\`), all competing for the same cores. The load generator's own"
         echo "CPU use is in the Runs table; on a 2-core machine it takes a large share of what the"
         echo "server could otherwise use, so these figures are a floor for a server with the machine"
-        echo "to itself."
+        echo "to itself. Its publishers are the Rust client library (\`clients/rust\`), as an application"
+        echo "uses it (an \`idem\` on every send, resent after a reconnect), except in the runs without"
+        echo "keys (raw keyless frames); its subscribers read raw frames. What the library costs against"
+        echo "raw publishers, measured back to back: [benchmarks-library.md](benchmarks-library.md)."
         echo
         echo "## Machine"
         echo
