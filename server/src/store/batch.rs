@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use uuid::Uuid;
 
-use super::{Appended, NewMessage, StoredMessage};
+use super::{Appended, NewMessage, RoomInfo, StoredMessage};
 
 /// A stored message that carries an idempotency key, as found by a backend's key lookup.
 pub(super) struct KeyedMessage {
@@ -97,6 +97,17 @@ pub(super) fn limit_to_db(limit: usize) -> i64 {
 /// A seq read back from the database; seqs are never negative, so an error means corrupt data.
 pub(super) fn seq_from_db(value: i64) -> Result<u64, sqlx::Error> {
     u64::try_from(value).map_err(|err| sqlx::Error::Decode(Box::new(err)))
+}
+
+/// A room's head and oldest stored seq as one statement reads them (`min(seq)` is NULL when no
+/// message is stored: `first` is then `head + 1`).
+pub(super) fn room_info_from_db(head: i64, first: Option<i64>) -> Result<RoomInfo, sqlx::Error> {
+    let head = seq_from_db(head)?;
+    let first = match first {
+        Some(first) => seq_from_db(first)?,
+        None => head + 1,
+    };
+    Ok(RoomInfo { head, first })
 }
 
 /// A message id read back as text (Postgres casts its `UUID` to text, SQLite stores text).

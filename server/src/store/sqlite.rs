@@ -203,12 +203,8 @@ impl Store for SqliteStore {
         .fetch_one(&self.readers)
         .await
         .map_err(classify)?;
-        let head = batch::seq_from_db(head).map_err(classify)?;
-        let first = match first {
-            Some(first) => batch::seq_from_db(first).map_err(classify)?,
-            None => head + 1,
-        };
-        Ok(RoomInfo { head, first })
+        let info = batch::room_info_from_db(head, first).map_err(classify)?;
+        Ok(info)
     }
 
     async fn read_after(
@@ -334,13 +330,9 @@ impl Store for SqliteStore {
         .fetch_one(&self.readers)
         .await
         .map_err(classify)?;
-        let head = batch::seq_from_db(head).map_err(classify)?;
-        let first = match first {
-            Some(first) => batch::seq_from_db(first).map_err(classify)?,
-            None => head + 1,
-        };
+        let info = batch::room_info_from_db(head, first).map_err(classify)?;
         let read = batch::seq_from_db(read).map_err(classify)?;
-        Ok((RoomInfo { head, first }, read))
+        Ok((info, read))
     }
 
     async fn unread(&self, user: &str) -> StoreResult<Vec<Unread>> {

@@ -232,12 +232,8 @@ impl Store for PostgresStore {
         let (_permit, mut conn, deadline) = self.read_conn().await?;
         let outcome = timeout_at(deadline, query.fetch_one(&mut *conn)).await;
         let (head, first) = settle(conn, outcome)?;
-        let head = batch::seq_from_db(head).map_err(classify)?;
-        let first = match first {
-            Some(first) => batch::seq_from_db(first).map_err(classify)?,
-            None => head + 1,
-        };
-        Ok(RoomInfo { head, first })
+        let info = batch::room_info_from_db(head, first).map_err(classify)?;
+        Ok(info)
     }
 
     async fn read_after(
@@ -391,13 +387,9 @@ impl Store for PostgresStore {
         let (_permit, mut conn, deadline) = self.read_conn().await?;
         let outcome = timeout_at(deadline, query.fetch_one(&mut *conn)).await;
         let (head, first, read) = settle(conn, outcome)?;
-        let head = batch::seq_from_db(head).map_err(classify)?;
-        let first = match first {
-            Some(first) => batch::seq_from_db(first).map_err(classify)?,
-            None => head + 1,
-        };
+        let info = batch::room_info_from_db(head, first).map_err(classify)?;
         let read = batch::seq_from_db(read).map_err(classify)?;
-        Ok((RoomInfo { head, first }, read))
+        Ok((info, read))
     }
 
     async fn unread(&self, user: &str) -> StoreResult<Vec<Unread>> {
