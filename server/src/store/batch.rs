@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use uuid::Uuid;
 
-use super::{Appended, NewMessage, RoomInfo, StoredMessage};
+use super::{Appended, NewMessage, RoomInfo, StoredMessage, Unread};
 
 /// A stored message that carries an idempotency key, as found by a backend's key lookup.
 pub(super) struct KeyedMessage {
@@ -108,6 +108,19 @@ pub(super) fn room_info_from_db(head: i64, first: Option<i64>) -> Result<RoomInf
         None => head + 1,
     };
     Ok(RoomInfo { head, first })
+}
+
+/// `Store::unread`'s rows as both stores select them: (room, head, read cursor).
+pub(super) fn unread_from_db(rows: Vec<(String, i64, i64)>) -> Result<Vec<Unread>, sqlx::Error> {
+    rows.into_iter()
+        .map(|(room, head, read)| {
+            Ok(Unread {
+                room,
+                head: seq_from_db(head)?,
+                read: seq_from_db(read)?,
+            })
+        })
+        .collect()
 }
 
 /// A message id read back as text (Postgres casts its `UUID` to text, SQLite stores text).

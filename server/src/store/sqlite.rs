@@ -344,15 +344,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.readers)
         .await
         .map_err(classify)?;
-        rows.into_iter()
-            .map(|(room, head, read)| {
-                Ok(Unread {
-                    room,
-                    head: batch::seq_from_db(head).map_err(classify)?,
-                    read: batch::seq_from_db(read).map_err(classify)?,
-                })
-            })
-            .collect()
+        batch::unread_from_db(rows).map_err(classify)
     }
 
     async fn ping(&self) -> StoreResult<()> {

@@ -401,15 +401,7 @@ impl Store for PostgresStore {
         let (_permit, mut conn, deadline) = self.read_conn().await?;
         let outcome = timeout_at(deadline, query.fetch_all(&mut *conn)).await;
         let rows = settle(conn, outcome)?;
-        rows.into_iter()
-            .map(|(room, head, read)| {
-                Ok(Unread {
-                    room,
-                    head: batch::seq_from_db(head).map_err(classify)?,
-                    read: batch::seq_from_db(read).map_err(classify)?,
-                })
-            })
-            .collect()
+        batch::unread_from_db(rows).map_err(classify)
     }
 
     async fn ping(&self) -> StoreResult<()> {
