@@ -1,5 +1,5 @@
 //! The HTTP API for rooms: history paging, catch-up and publishing (`/v1/rooms/...`), and a
-//! user's unread counts (`/v1/unread`).
+//! room's present users (`/v1/rooms/{room}/presence`), a user's unread counts (`/v1/unread`).
 
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -34,6 +34,7 @@ pub fn routes() -> Router<AppState> {
             "/v1/rooms/{room}/messages",
             get(list_messages).post(post_message),
         )
+        .route("/v1/rooms/{room}/presence", get(room_presence))
         .route("/v1/unread", get(unread))
 }
 
@@ -111,6 +112,29 @@ async fn room_info(
     };
     let info = state.store.room_info(&room).await?;
     let body = serde_json::json!({ "room": room, "head": info.head, "first": info.first });
+    Ok(Json(body).into_response())
+}
+
+/// `GET /v1/rooms/{room}/presence`: the users present (`users`), or, in a room with more than
+/// `SEQCAST_PRESENCE_MAX_USERS`, only how many (`count`, no `users`).
+async fn room_presence(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    room: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(room) = room?;
+    readable(&caller, &room)?;
+    let _slot = match read_slot(&state, &caller) {
+        Ok(slot) => slot,
+        Err(refused) => return Ok(refused.into_response()),
+    };
+    let body = match state.presence.present(&room).await? {
+        protocol::Present::Users(users) => {
+            let users: Vec<&str> = users.iter().map(|u| &**u).collect();
+            serde_json::json!({ "room": room, "users": users, "count": users.len() })
+        }
+        protocol::Present::Count(n) => serde_json::json!({ "room": room, "count": n }),
+    };
     Ok(Json(body).into_response())
 }
 

@@ -17,6 +17,7 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::hub::{Hub, SessionId};
 use crate::jobs::{self, Jobs};
+use crate::presence::{self, Presence};
 use crate::ratelimit::{ExcessAllowance, UserLimiter};
 use crate::reads::UserReads;
 use crate::redis::RedisLink;
@@ -35,6 +36,8 @@ pub struct Shared {
     pub admission: Admission,
     pub store: Arc<dyn Store>,
     pub hub: Hub,
+    /// Who is joined where, on this node and (through the roster) on the others.
+    pub presence: Presence,
     pub writers: Writers,
     /// The transport to the other nodes, for ephemeral frames (signals, read cursors; committed
     /// messages go through `writers`). `None` on a single node and on a Postgres node without
@@ -87,6 +90,9 @@ impl AppState {
         let admission = Admission::new(&config)?;
         // Likewise an unreadable or unsupported token key (SEQCAST_JWT_PUBLIC_KEY).
         let auth = Authenticator::from_config(&config)?;
+        // Unique per process: a restarted node does not inherit its predecessor's presence.
+        let node = format!("{}:{}", config.node_id, uuid::Uuid::new_v4().simple());
+        let presence = Presence::new(node, config.presence_max_users, store.roster());
         let (hub, bus, relay, redis) = if store.kind() == "sqlite" {
             if config.redis_url.is_some() {
                 tracing::warn!("REDIS_URL ignored: a SQLite node is a single node");
@@ -119,12 +125,20 @@ impl AppState {
                 &config,
                 Arc::clone(&store),
                 hub.clone(),
+                presence.clone(),
                 (changes, holes),
                 bus,
                 background.clone(),
             );
             (hub, publisher, relay, redis)
         };
+        presence::spawn(
+            presence.clone(),
+            bus.clone(),
+            config.presence_interval,
+            config.presence_ttl,
+            background.clone(),
+        );
         let user_reads = UserReads::new(config.user_read_concurrency);
         let excess = ExcessAllowance::new(config.excess_frame_rate, background.clone());
         let user_limits = UserLimiter::new(&config, redis.clone());
@@ -141,6 +155,7 @@ impl AppState {
             admission,
             store,
             hub,
+            presence,
             writers,
             bus,
             sessions: TaskTracker::new(),

@@ -33,6 +33,9 @@
 //!   database that find what the bus lost (or, without Redis, carry everything); on Postgres,
 //!   the `LISTEN` connection that hears of messages an application committed with the SQL
 //!   function `seqcast_publish` (`relay/listen.rs`, migration 0003).
+//! - [`presence`]: who is joined where: this node's share counted at every join and leave, the
+//!   other nodes' read from a roster table in Postgres (heartbeats, so a dead node's users
+//!   leave), changes reported on the bus (or NOTIFY) and told to watching sessions in batches.
 //! - [`jobs`]: leader election through the Redis link and the background jobs (retention).
 //! - [`session`]: one connection; its outbound half keeps a cursor per room and reads the
 //!   database whenever it is behind the live stream (join with `since`, gaps, slow clients);
@@ -63,6 +66,7 @@ pub mod jobs;
 pub mod listener;
 pub mod metrics;
 pub mod ops;
+pub mod presence;
 pub mod ratelimit;
 pub mod reads;
 pub mod redis;

@@ -48,6 +48,13 @@ pub const SIGNALS: &str = "seqcast_signals_total";
 pub const EPHEMERAL_DROPPED: &str = "seqcast_ephemeral_dropped_total";
 /// Read cursors moved by `read` frames (counter).
 pub const READ_CURSORS_MOVED: &str = "seqcast_read_cursors_moved_total";
+/// `presence` frames offered to watching sessions (counter; one per watcher; those a session's
+/// half-full queue did not take count in `seqcast_ephemeral_dropped_total{at="session"}`).
+pub const PRESENCE_FRAMES: &str = "seqcast_presence_frames_total";
+/// Failed presence roster operations (counter, label `op`: `write`, `read`, `heartbeat`). Each
+/// is retried; a node whose heartbeats keep failing stops being counted by the others after
+/// `SEQCAST_PRESENCE_TTL`.
+pub const PRESENCE_ROSTER_ERRORS: &str = "seqcast_presence_roster_errors_total";
 /// The node's Redis link (gauge): 1 while it is up, 0 while it is down or still connecting (the
 /// bus then relies on database polling and the user limit counts per node). Absent on a node
 /// without Redis (SQLite, or Postgres without `REDIS_URL`): nothing there is down, and an alert
@@ -176,6 +183,11 @@ fn describe() {
         "Signals and read-cursor updates dropped (at most once)"
     );
     describe_counter!(READ_CURSORS_MOVED, "Read cursors moved by read frames");
+    describe_counter!(PRESENCE_FRAMES, "Presence frames offered to watchers");
+    describe_counter!(
+        PRESENCE_ROSTER_ERRORS,
+        "Failed presence roster operations (retried)"
+    );
     describe_gauge!(
         BUS_UP,
         "1 while the Redis link is up (absent without Redis)"

@@ -31,6 +31,7 @@ use crate::bus::{Bus, BusError, BusEvent, BusState, Ephemeral, Topic};
 use crate::config::Config;
 use crate::hub::{Hub, Live, Notice, RoomChange};
 use crate::metrics as m;
+use crate::presence::Presence;
 use crate::store::{Store, StoreResult};
 use seqcast_protocol as protocol;
 
@@ -85,6 +86,7 @@ pub fn spawn(
     config: &Config,
     store: Arc<dyn Store>,
     hub: Hub,
+    presence: Presence,
     (changes, holes): (
         mpsc::UnboundedReceiver<RoomChange>,
         mpsc::UnboundedReceiver<Arc<str>>,
@@ -117,6 +119,7 @@ pub fn spawn(
         tokio::spawn(bus_events(
             events,
             hub.clone(),
+            presence.clone(),
             status.clone(),
             Arc::clone(&check),
             resubscribe,
@@ -136,6 +139,7 @@ pub fn spawn(
         config.db_timeout,
         Arc::clone(&store),
         hub.clone(),
+        presence,
         Arc::clone(&check),
         stop.clone(),
     );
@@ -265,14 +269,15 @@ fn open_topics(hub: &Hub) -> Vec<Topic> {
 
 async fn subscribe(bus: &dyn Bus, topic: &Topic) -> Result<(), BusError> {
     match topic {
-        Topic::Room(room) => bus.subscribe(room).await,
+        // A room's presence reports share its channel.
+        Topic::Room(room) | Topic::Presence(room) => bus.subscribe(room).await,
         Topic::User(user) => bus.subscribe_user(user).await,
     }
 }
 
 async fn unsubscribe(bus: &dyn Bus, topic: &Topic) -> Result<(), BusError> {
     match topic {
-        Topic::Room(room) => bus.unsubscribe(room).await,
+        Topic::Room(room) | Topic::Presence(room) => bus.unsubscribe(room).await,
         Topic::User(user) => bus.unsubscribe_user(user).await,
     }
 }
@@ -281,6 +286,7 @@ async fn unsubscribe(bus: &dyn Bus, topic: &Topic) -> Result<(), BusError> {
 async fn bus_events(
     mut events: mpsc::Receiver<BusEvent>,
     hub: Hub,
+    presence: Presence,
     status: RelayStatus,
     check: Arc<Notify>,
     resubscribe: Arc<Notify>,
@@ -328,8 +334,10 @@ async fn bus_events(
                     });
                     hub.to_user(&user, &notice);
                 }
+                Topic::Presence(room) => presence.reported(&room),
             },
             BusEvent::MaybeLost => {
+                presence.reread_all();
                 resubscribe.notify_one();
                 check.notify_one();
             }

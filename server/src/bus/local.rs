@@ -99,7 +99,7 @@ impl Bus for LocalBus {
         let nodes = lock(&self.network.nodes).clone();
         for node in nodes.iter().filter(|n| n.id != self.node.id) {
             let subscribed = match &event.topic {
-                Topic::Room(room) => lock(&node.rooms).contains(&**room),
+                Topic::Room(room) | Topic::Presence(room) => lock(&node.rooms).contains(&**room),
                 Topic::User(user) => lock(&node.users).contains(&**user),
             };
             if !subscribed {

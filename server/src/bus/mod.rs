@@ -40,6 +40,9 @@ pub struct BusMessage {
 pub enum Topic {
     Room(Arc<str>),
     User(Arc<str>),
+    /// "Presence changed in this room": sent on the room's channel, with an empty frame, to the
+    /// nodes' presence tasks (`presence`), never to a session.
+    Presence(Arc<str>),
 }
 
 /// A frame with no seq, no storage and no repair, serialized once by the node it came from.
@@ -136,10 +139,18 @@ pub(crate) fn encode(origin: &str, message: &BusMessage) -> Bytes {
 /// frame (a rolling upgrade needs no coordination).
 const EPHEMERAL_MARK: &str = "~";
 
-/// The wire form of an ephemeral frame: a header line `~ <origin>` then the frame.
-pub(crate) fn encode_ephemeral(origin: &str, frame: &Utf8Bytes) -> Bytes {
-    let mut out = BytesMut::with_capacity(origin.len() + 3 + frame.len());
-    out.put_slice(EPHEMERAL_MARK.as_bytes());
+/// The header's first word for a presence report (likewise ignored by older nodes).
+const PRESENCE_MARK: &str = "~p";
+
+/// The wire form of an ephemeral frame: a header line `~ <origin>` (`~p <origin>` for a presence
+/// report) then the frame.
+pub(crate) fn encode_ephemeral(origin: &str, topic: &Topic, frame: &Utf8Bytes) -> Bytes {
+    let mark = match topic {
+        Topic::Presence(_) => PRESENCE_MARK,
+        Topic::Room(_) | Topic::User(_) => EPHEMERAL_MARK,
+    };
+    let mut out = BytesMut::with_capacity(origin.len() + 4 + frame.len());
+    out.put_slice(mark.as_bytes());
     out.put_u8(b' ');
     out.put_slice(origin.as_bytes());
     out.put_u8(b'\n');
@@ -160,6 +171,10 @@ pub(crate) enum Decoded {
         origin: String,
         frame: Utf8Bytes,
     },
+    /// A presence report for the channel's room.
+    Presence {
+        origin: String,
+    },
 }
 
 /// Parses what [`encode`] or [`encode_ephemeral`] wrote. `None` for anything else (a foreign
@@ -172,6 +187,9 @@ pub(crate) fn decode(payload: Bytes) -> Option<Decoded> {
     let frame = Utf8Bytes::try_from(payload.slice(newline + 1..)).ok()?;
     if first == EPHEMERAL_MARK {
         return Some(Decoded::Ephemeral { origin, frame });
+    }
+    if first == PRESENCE_MARK {
+        return Some(Decoded::Presence { origin });
     }
     let seq = first.parse().ok()?;
     Some(Decoded::Message { origin, seq, frame })
@@ -198,10 +216,24 @@ mod tests {
         );
         let signal = Utf8Bytes::from(r#"{"type":"signal"}"#);
         assert_eq!(
-            decode(encode_ephemeral("node-b", &signal)),
+            decode(encode_ephemeral(
+                "node-b",
+                &Topic::Room("r".into()),
+                &signal
+            )),
             Some(Decoded::Ephemeral {
                 origin: "node-b".into(),
                 frame: signal
+            })
+        );
+        assert_eq!(
+            decode(encode_ephemeral(
+                "node-c",
+                &Topic::Presence("r".into()),
+                &Utf8Bytes::from_static("")
+            )),
+            Some(Decoded::Presence {
+                origin: "node-c".into()
             })
         );
         assert!(decode(Bytes::from_static(b"garbage")).is_none());

@@ -15,6 +15,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use fred::clients::Pipeline;
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
@@ -156,11 +157,12 @@ impl Shared {
             Topic::User(Arc::from(channel.strip_prefix(self.user_prefix.as_str())?))
         };
         match (decode(payload)?, topic) {
-            (Decoded::Message { origin, .. } | Decoded::Ephemeral { origin, .. }, _)
-                if origin == self.origin =>
-            {
-                None
-            }
+            (
+                Decoded::Message { origin, .. }
+                | Decoded::Ephemeral { origin, .. }
+                | Decoded::Presence { origin },
+                _,
+            ) if origin == self.origin => None,
             (Decoded::Message { seq, frame, .. }, Topic::Room(room)) => {
                 metrics::counter!(m::BUS_RECEIVED).increment(1);
                 Some(BusEvent::Message(BusMessage { room, seq, frame }))
@@ -168,8 +170,14 @@ impl Shared {
             (Decoded::Ephemeral { frame, .. }, topic) => {
                 Some(BusEvent::Ephemeral(Ephemeral { topic, frame }))
             }
-            // A seq on a user channel: not something this version publishes.
-            (Decoded::Message { .. }, Topic::User(_)) => None,
+            (Decoded::Presence { .. }, Topic::Room(room)) => Some(BusEvent::Ephemeral(Ephemeral {
+                topic: Topic::Presence(room),
+                frame: Utf8Bytes::from_static(""),
+            })),
+            (Decoded::Presence { .. }, _) => None,
+            // A seq on a user channel: not something this version publishes. (Channels map to
+            // rooms and users only.)
+            (Decoded::Message { .. }, Topic::User(_) | Topic::Presence(_)) => None,
         }
     }
 
@@ -318,12 +326,12 @@ impl Bus for RedisBus {
             return;
         }
         let channel = match &event.topic {
-            Topic::Room(room) => s.channel(room),
+            Topic::Room(room) | Topic::Presence(room) => s.channel(room),
             Topic::User(user) => s.user_channel(user),
         };
         let item = Outgoing {
             channel,
-            payload: encode_ephemeral(&s.origin, &event.frame),
+            payload: encode_ephemeral(&s.origin, &event.topic, &event.frame),
             ephemeral: true,
         };
         if s.queue.try_send(item).is_err() {

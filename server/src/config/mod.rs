@@ -83,6 +83,17 @@ pub struct Config {
     /// `SEQCAST_POLL_INTERVAL`: how often the heads of local rooms are read from the database
     /// when Redis is absent or down; bounds cross-node delivery delay in that mode.
     pub poll_interval: Duration,
+    /// `SEQCAST_PRESENCE_INTERVAL`: how often the node writes its presence changes, reports
+    /// them and tells watchers (one `presence` frame per room per interval at most). Default
+    /// 100 ms.
+    pub presence_interval: Duration,
+    /// `SEQCAST_PRESENCE_TTL`: a node's presence counts this long after its last heartbeat
+    /// (heartbeats every third of it): a killed node's users leave within about 4/3 of it.
+    /// Default 10 s.
+    pub presence_ttl: Duration,
+    /// `SEQCAST_PRESENCE_MAX_USERS`: a room with more present users is counted, not listed.
+    /// Default 1000.
+    pub presence_max_users: usize,
     /// `SEQCAST_HEAD_CHECK_INTERVAL`: the same check while Redis is up, to find a lost last
     /// message (pub/sub is at-most-once and no later message reveals that gap).
     pub head_check_interval: Duration,
@@ -178,6 +189,9 @@ impl Default for Config {
             redis_ca_file: None,
             redis_timeout: Duration::from_secs(1),
             poll_interval: Duration::from_millis(100),
+            presence_interval: Duration::from_millis(100),
+            presence_ttl: Duration::from_secs(10),
+            presence_max_users: 1000,
             head_check_interval: Duration::from_secs(1),
             leader_ttl: Duration::from_secs(10),
             retention: None,
@@ -237,6 +251,9 @@ impl Config {
         if let Some(v) = get("SEQCAST_MAX_MESSAGE_BYTES") {
             c.max_message_bytes = parse_count("SEQCAST_MAX_MESSAGE_BYTES", &v)?;
         }
+        if let Some(v) = get("SEQCAST_PRESENCE_MAX_USERS") {
+            c.presence_max_users = parse_count("SEQCAST_PRESENCE_MAX_USERS", &v)?.max(1);
+        }
         if let Some(v) = get("SEQCAST_MAX_SIGNAL_BYTES") {
             c.max_signal_bytes = parse_count("SEQCAST_MAX_SIGNAL_BYTES", &v)?;
         }
@@ -266,6 +283,8 @@ impl Config {
             ("SEQCAST_REDIS_TIMEOUT", &mut c.redis_timeout),
             ("SEQCAST_DB_TIMEOUT", &mut c.db_timeout),
             ("SEQCAST_POLL_INTERVAL", &mut c.poll_interval),
+            ("SEQCAST_PRESENCE_INTERVAL", &mut c.presence_interval),
+            ("SEQCAST_PRESENCE_TTL", &mut c.presence_ttl),
             ("SEQCAST_HEAD_CHECK_INTERVAL", &mut c.head_check_interval),
             ("SEQCAST_LEADER_TTL", &mut c.leader_ttl),
             ("SEQCAST_JOB_INTERVAL", &mut c.job_interval),

@@ -100,6 +100,18 @@ pub const SETTINGS: &[Setting] = &[
         "How often room heads are read from the database without Redis",
     ),
     setting(
+        "SEQCAST_PRESENCE_INTERVAL",
+        "How often presence changes are written, reported and told (one frame per room)",
+    ),
+    setting(
+        "SEQCAST_PRESENCE_TTL",
+        "A node's presence counts this long after its last heartbeat",
+    ),
+    setting(
+        "SEQCAST_PRESENCE_MAX_USERS",
+        "Rooms with more present users are counted, not listed",
+    ),
+    setting(
         "SEQCAST_HEAD_CHECK_INTERVAL",
         "The same check while Redis is up (finds a lost last message)",
     ),
@@ -225,6 +237,9 @@ impl Config {
             "SEQCAST_DB_TIMEOUT" => d(self.db_timeout),
             "SEQCAST_REDIS_TIMEOUT" => d(self.redis_timeout),
             "SEQCAST_POLL_INTERVAL" => d(self.poll_interval),
+            "SEQCAST_PRESENCE_INTERVAL" => d(self.presence_interval),
+            "SEQCAST_PRESENCE_TTL" => d(self.presence_ttl),
+            "SEQCAST_PRESENCE_MAX_USERS" => self.presence_max_users.to_string(),
             "SEQCAST_HEAD_CHECK_INTERVAL" => d(self.head_check_interval),
             "SEQCAST_DB_POOL_SIZE" => self.db_pool_size.to_string(),
             "SEQCAST_MIGRATE" => self.migrate.to_string(),

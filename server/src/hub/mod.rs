@@ -31,6 +31,7 @@ use dashmap::DashMap;
 use tokio::sync::mpsc;
 
 pub use self::mailbox::{Delivery, Mailbox};
+pub(crate) use self::notices::offer;
 pub use self::notices::Notice;
 
 mod mailbox;

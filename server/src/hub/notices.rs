@@ -59,21 +59,21 @@ impl Hub {
             return 0;
         };
         let sessions = read(&entry.sessions);
-        notify(sessions.iter(), notice)
+        offer(sessions.iter(), notice)
     }
 
     /// Hands a read cursor to the local connections of `user` (but the one it came from);
     /// returns how many queues took it.
     pub fn to_user(&self, user: &str, notice: &Arc<Notice>) -> usize {
         match self.users.get(user) {
-            Some(sessions) => notify(sessions.iter(), notice),
+            Some(sessions) => offer(sessions.iter(), notice),
             None => 0,
         }
     }
 }
 
 /// Offers `notice` to every session of `sessions` but its sender; returns how many took it.
-fn notify<'s>(
+pub(crate) fn offer<'s>(
     sessions: impl Iterator<Item = (&'s SessionId, &'s Subscriber)>,
     notice: &Arc<Notice>,
 ) -> usize {

@@ -29,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::hub::Hub;
 use crate::metrics as m;
-use crate::store::Store;
+use crate::presence::Presence;
+use crate::store::{Store, PRESENCE_CHANNEL};
 
 /// The channel `seqcast_publish` notifies; fixed in migration 0003. Its payload is
 /// `{"room":"<room>","seq":<seq>}`.
@@ -69,6 +70,7 @@ pub(super) fn spawn(
     timeout: Duration,
     store: Arc<dyn Store>,
     hub: Hub,
+    presence: Presence,
     check: Arc<Notify>,
     stop: CancellationToken,
 ) {
@@ -77,6 +79,7 @@ pub(super) fn spawn(
         url,
         timeout,
         hub.clone(),
+        presence,
         Arc::clone(&pending),
         Arc::clone(&check),
         stop.clone(),
@@ -91,6 +94,7 @@ async fn run(
     url: String,
     timeout: Duration,
     hub: Hub,
+    presence: Presence,
     pending: Arc<Pending>,
     check: Arc<Notify>,
     stop: CancellationToken,
@@ -115,14 +119,19 @@ async fn run(
         backoff = RECONNECT_MIN;
         metrics::gauge!(m::SQL_LISTEN_UP).set(1.0);
         // Listening from here on: whatever was published before (while the connection was
-        // down, or before the node started) is found by one head check.
+        // down, or before the node started) is found by one head check, and presence reports
+        // sent meanwhile by reading the watched rooms again.
         check.notify_one();
+        presence.reread_all();
         loop {
             let received = tokio::select! {
                 _ = stop.cancelled() => return,
                 received = listener.try_recv() => received,
             };
             match received {
+                Ok(Some(notification)) if notification.channel() == PRESENCE_CHANNEL => {
+                    reported(&presence, notification.payload());
+                }
                 Ok(Some(notification)) => {
                     metrics::counter!(m::SQL_NOTIFICATIONS).increment(1);
                     queue(&hub, &pending, notification.payload());
@@ -132,6 +141,7 @@ async fn run(
                     // what was published in between is found by a head check.
                     tracing::warn!("LISTEN connection lost and reopened; checking heads");
                     check.notify_one();
+                    presence.reread_all();
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "LISTEN connection failed; reopening");
@@ -148,7 +158,7 @@ async fn run(
 async fn open(url: &str, timeout: Duration) -> Result<PgListener, sqlx::Error> {
     let attempt = async {
         let mut listener = PgListener::connect(url).await?;
-        listener.listen(CHANNEL).await?;
+        listener.listen_all([CHANNEL, PRESENCE_CHANNEL]).await?;
         Ok(listener)
     };
     tokio::time::timeout(timeout, attempt)
@@ -159,6 +169,14 @@ async fn open(url: &str, timeout: Duration) -> Result<PgListener, sqlx::Error> {
                 "the database did not answer in time",
             )))
         })
+}
+
+/// Rooms another node's presence changed in while its bus was down (a JSON array of names).
+fn reported(presence: &Presence, payload: &str) {
+    match serde_json::from_str::<Vec<String>>(payload) {
+        Ok(rooms) => rooms.iter().for_each(|room| presence.reported(room)),
+        Err(_) => tracing::warn!(payload, "notification on {PRESENCE_CHANNEL} not understood"),
+    }
 }
 
 /// Puts the room of a notification on the pending list, if this node has sessions in it and

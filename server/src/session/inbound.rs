@@ -216,6 +216,7 @@ async fn handle_text(
         ClientFrame::Join {
             room,
             since,
+            presence,
             reply_ref,
         } => {
             if !identity.can_read(&room) {
@@ -224,6 +225,7 @@ async fn handle_text(
             Handled::Control(Control::Join(Box::new(JoinRequest {
                 room,
                 since,
+                presence,
                 reply_ref,
             })))
         }

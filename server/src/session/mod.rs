@@ -77,6 +77,8 @@ enum Control {
 struct JoinRequest {
     room: String,
     since: Option<u64>,
+    /// `"presence":true`: watch the room's presence.
+    presence: bool,
     reply_ref: Option<Ref>,
 }
 

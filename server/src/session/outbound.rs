@@ -189,14 +189,9 @@ impl<'a> Outbound<'a> {
     async fn control(&mut self, cmd: Control) -> Result<(), Stop> {
         match cmd {
             Control::Join(join) => {
-                let JoinRequest {
-                    room,
-                    since,
-                    reply_ref,
-                } = *join;
                 // Boxed: a join is rare, and its future (a store read, then a write) would
                 // otherwise make every idle session's task larger by its size.
-                Box::pin(self.join(room, since, reply_ref)).await
+                Box::pin(self.join(*join)).await
             }
             Control::Leave(leave) => {
                 let LeaveRequest { room, reply_ref } = *leave;
@@ -222,7 +217,13 @@ impl<'a> Outbound<'a> {
 
     /// Subscribe first, then read the head: a message committed in between is both in the
     /// queue and at or below the head, and the cursor sends it exactly once either way.
-    async fn join(&mut self, room: String, since: Option<u64>, r: Option<Ref>) -> Result<(), Stop> {
+    async fn join(&mut self, join: JoinRequest) -> Result<(), Stop> {
+        let JoinRequest {
+            room,
+            since,
+            presence,
+            reply_ref: r,
+        } = join;
         // The hub's name for the room, shared: a copy per session was 48 bytes of every
         // joined connection.
         let joined = self.rooms.key(&room).cloned();
@@ -240,7 +241,12 @@ impl<'a> Outbound<'a> {
             Some(joined) => joined,
             None => {
                 let mailbox = Arc::clone(&self.mailbox);
-                self.state.hub.subscribe(&room, self.id, mailbox).0
+                let room = self.state.hub.subscribe(&room, self.id, mailbox).0;
+                // Present from here on (a user is present while joined).
+                if let Some(user) = &self.reader {
+                    self.state.presence.enter(&room, user);
+                }
+                room
             }
         };
         let slot = self.read_slot().await;
@@ -255,11 +261,24 @@ impl<'a> Outbound<'a> {
                 .map(|info| (info, 0)),
         };
         drop(slot);
-        let (info, read) = match info {
-            Ok(info) => info,
-            Err(e) => {
+        // Watching presence (or, on a rejoin without it, no longer): from the same moment as
+        // the subscription, so no change falls between the snapshot and the frames after it.
+        let present = if presence {
+            let mailbox = Arc::clone(&self.mailbox);
+            Some(self.state.presence.watch(&room, self.id, mailbox).await)
+        } else {
+            self.state.presence.unwatch(&room, self.id);
+            None
+        };
+        let (info, read, present) = match (info, present.transpose()) {
+            (Ok((info, read)), Ok(present)) => (info, read, present),
+            (Err(e), _) | (_, Err(e)) => {
+                self.state.presence.unwatch(&room, self.id);
                 if !rejoin {
                     self.state.hub.unsubscribe(&room, self.id);
+                    if let Some(user) = &self.reader {
+                        self.state.presence.exit(&room, user);
+                    }
                 }
                 let frame = store_error_frame(&e, r.as_ref());
                 return self.write(vec![Message::Text(frame.into())]).await;
@@ -281,12 +300,15 @@ impl<'a> Outbound<'a> {
         if !rejoin {
             metrics::gauge!(m::SESSIONS_JOINED).increment(1.0);
         }
-        let frame = protocol::joined_frame(
+        let frame = protocol::joined_frame_with(
             &room,
-            info.head,
-            info.first,
-            truncated,
-            Some(read),
+            &protocol::Joined {
+                head: info.head,
+                first: info.first,
+                truncated,
+                read: Some(read),
+                presence: present.as_ref(),
+            },
             r.as_ref(),
         );
         self.write(vec![Message::Text(frame.into())]).await
@@ -348,6 +370,10 @@ impl<'a> Outbound<'a> {
             return false;
         }
         self.state.hub.unsubscribe(room, self.id);
+        self.state.presence.unwatch(room, self.id);
+        if let Some(user) = &self.reader {
+            self.state.presence.exit(room, user);
+        }
         metrics::gauge!(m::SESSIONS_JOINED).decrement(1.0);
         true
     }
@@ -595,6 +621,10 @@ impl Drop for Outbound<'_> {
         }
         for room in self.rooms.keys() {
             self.state.hub.unsubscribe(room, self.id);
+            self.state.presence.unwatch(room, self.id);
+            if let Some(user) = &self.reader {
+                self.state.presence.exit(room, user);
+            }
         }
         metrics::gauge!(m::SESSIONS_JOINED).decrement(self.rooms.len() as f64);
         if self.counted_catching_up {

@@ -18,7 +18,8 @@ use async_trait::async_trait;
 use sqlx::migrate::{Migrate, MigrateError, Migration, Migrator};
 
 pub use postgres::{
-    PostgresStore, DEFAULT_POOL_SIZE as DEFAULT_DB_POOL_SIZE, DEFAULT_TIMEOUT as DEFAULT_DB_TIMEOUT,
+    Beat, Listed, PostgresStore, Roster, DEFAULT_POOL_SIZE as DEFAULT_DB_POOL_SIZE,
+    DEFAULT_TIMEOUT as DEFAULT_DB_TIMEOUT, PRESENCE_CHANNEL,
 };
 pub use sqlite::SqliteStore;
 
@@ -227,6 +228,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Short name for logs and `/ready` ("postgres" or "sqlite").
     fn kind(&self) -> &'static str;
+
+    /// The cluster's presence roster, on this store's connections: Postgres only (a SQLite
+    /// node is a single node, whose presence is all in its memory).
+    fn roster(&self) -> Option<Roster> {
+        None
+    }
 }
 
 /// How a node opens its store.

@@ -14,6 +14,9 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::{timeout_at, Instant};
 
 mod append;
+mod roster;
+
+pub use roster::{Beat, Listed, Roster, CHANNEL as PRESENCE_CHANNEL};
 
 use super::batch;
 use super::{
@@ -414,6 +417,10 @@ impl Store for PostgresStore {
 
     fn kind(&self) -> &'static str {
         "postgres"
+    }
+
+    fn roster(&self) -> Option<Roster> {
+        Some(Roster::new(self.pool.clone(), self.timeout))
     }
 }
 
