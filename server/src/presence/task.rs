@@ -247,10 +247,7 @@ impl Cluster {
             .bus
             .as_ref()
             .is_none_or(|bus| bus.state() != BusState::Up);
-        if self.live.as_ref() != Some(&beat.live)
-            || bus_down
-            || self.beats.is_multiple_of(FULL_PASS_EVERY)
-        {
+        if self.live.as_ref() != Some(&beat.live) || bus_down || self.beats % FULL_PASS_EVERY == 0 {
             pending.reread_all = true;
         }
         drop(pending);

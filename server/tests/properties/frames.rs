@@ -267,9 +267,10 @@ proptest! {
             .unwrap_or_else(|e| panic!("valid frame {text} refused: {e:?}"));
         check_client_text(&text, usize::MAX);
         let (got_ref, matches) = match (&frame, &parsed) {
-            (Valid::Join { room, since }, ClientFrame::Join { room: r, since: s, reply_ref }) => {
-                (reply_ref, room == r && since == s)
-            }
+            (
+                Valid::Join { room, since },
+                ClientFrame::Join { room: r, since: s, presence, reply_ref },
+            ) => (reply_ref, room == r && since == s && !presence),
             (Valid::Leave { room }, ClientFrame::Leave { room: r, reply_ref }) => {
                 (reply_ref, room == r)
             }

@@ -1,0 +1,311 @@
+//! Presence (protocol v1.1): a user is present in a room while at least one of their
+//! connections, on any node, is joined to it.
+//!
+//! - `presence_on_one_node`: SQLite. `joined` lists who is there; `presence` frames tell
+//!   arrivals and departures once per user (not per connection); a server-key connection does
+//!   not count; a rejoin without `"presence":true` stops the frames; `GET .../presence`; a room
+//!   over `SEQCAST_PRESENCE_MAX_USERS` is counted, then listed again.
+//! - `presence_across_three_nodes_with_a_kill`: Postgres and Redis, three nodes. A user with
+//!   connections on two nodes arrives once and leaves once, when the last one goes; watchers on
+//!   two nodes agree; a SIGKILLed node's users leave within the stated bound
+//!   (`SEQCAST_PRESENCE_TTL` x 4/3 + an interval), measured (FIGURE lines).
+//! - `presence_without_redis`: two Postgres nodes and no Redis: the same through the roster
+//!   and NOTIFY, measured.
+//!
+//! "Nothing happened" is checked with a later marker (another user's arrival), never a pause.
+#![allow(clippy::unwrap_used)]
+
+#[allow(dead_code)]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use support::cluster::{wait_until, Cluster};
+use support::http::Http;
+use support::redis::TestRedis;
+use support::scenario::{figure, scenario};
+use support::server::{Claims, ServerOptions, StoreKind, TestServer};
+use support::ws::{Auth, WsClient};
+
+const SECRET: &str = "presence-test-secret";
+const API_KEY: &str = support::cluster::API_KEY;
+/// A short TTL, so that the kill is noticed within seconds: heartbeats every second.
+const TTL_SECS: u64 = 3;
+
+async fn connect(url: &str, user: &str) -> WsClient {
+    let token = Claims::new(user, &["r*"]).sign(SECRET);
+    WsClient::try_connect(url, Auth::Query(&token))
+        .await
+        .unwrap()
+}
+
+/// Joins `room` watching its presence; returns the users listed in `joined`, sorted.
+async fn watch(ws: &mut WsClient, room: &str) -> Vec<String> {
+    let joined = ws
+        .request(json!({"type": "join", "room": room, "presence": true}))
+        .await;
+    assert_eq!(joined["type"], "joined", "{joined}");
+    names(&joined["presence"])
+}
+
+fn names(list: &Value) -> Vec<String> {
+    let mut out: Vec<String> = list
+        .as_array()
+        .unwrap_or_else(|| panic!("a list of users: {list}"))
+        .iter()
+        .map(|u| u.as_str().unwrap().to_owned())
+        .collect();
+    out.sort();
+    out
+}
+
+/// The next `presence` frame, skipping anything else; within `deadline`.
+async fn next_presence(ws: &mut WsClient, deadline: Duration) -> Value {
+    let until = Instant::now() + deadline;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no presence frame within {deadline:?}");
+        let frame = ws.recv_json_timeout(left).await;
+        if frame["type"] == "presence" {
+            return frame;
+        }
+    }
+}
+
+/// The next presence frame: exactly these arrivals and departures.
+async fn expect_presence(ws: &mut WsClient, joined: &[&str], left: &[&str]) -> Value {
+    let frame = next_presence(ws, Duration::from_secs(10)).await;
+    let list = |key: &str| match frame.get(key) {
+        Some(v) => names(v),
+        None => Vec::new(),
+    };
+    assert_eq!(list("joined"), joined, "arrivals in {frame}");
+    assert_eq!(list("left"), left, "departures in {frame}");
+    frame
+}
+
+/// Waits until the roster holds `n` rows of `user` (one per node it is joined on): a node writes
+/// its changes every `SEQCAST_PRESENCE_INTERVAL`, and a user who moves from one node to another
+/// faster than that may be seen to leave and come back.
+async fn roster_rows(db: &sqlx::PgPool, user: &str, n: i64) {
+    wait_until(
+        Duration::from_secs(10),
+        &format!("{n} roster rows of {user}"),
+        || async move {
+            let (rows,): (i64,) =
+                sqlx::query_as("SELECT count(*) FROM presence WHERE user_id = $1")
+                    .bind(user)
+                    .fetch_one(db)
+                    .await
+                    .unwrap();
+            rows == n
+        },
+    )
+    .await;
+}
+
+async fn present(http: Http, room: &str) -> Value {
+    let reply = http
+        .bearer(API_KEY)
+        .get(&format!("/v1/rooms/{room}/presence"))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    reply.json()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_on_one_node() {
+    let server = TestServer::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .jwt_secret(SECRET)
+            .api_key(API_KEY)
+            .env("SEQCAST_PRESENCE_MAX_USERS", "3"),
+    )
+    .await;
+    let url = server.ws_url();
+    let mut alice = connect(&url, "alice").await;
+    assert_eq!(
+        watch(&mut alice, "r").await,
+        ["alice"],
+        "the joiner is present"
+    );
+    // Bob's two connections: one arrival.
+    let mut bob1 = connect(&url, "bob").await;
+    let mut bob2 = connect(&url, "bob").await;
+    bob1.join("r", None).await;
+    expect_presence(&mut alice, &["bob"], &[]).await;
+    bob2.join("r", None).await;
+    // A server-key connection is nobody.
+    let mut service = WsClient::try_connect(&url, Auth::Query(API_KEY))
+        .await
+        .unwrap();
+    assert_eq!(watch(&mut service, "r").await, ["alice", "bob"]);
+    bob1.leave("r").await;
+    let mut carol = connect(&url, "carol").await;
+    carol.join("r", None).await;
+    // The marker: carol's arrival is the next frame, so neither bob's second connection nor
+    // bob leaving one of two made one.
+    expect_presence(&mut alice, &["carol"], &[]).await;
+    expect_presence(&mut service, &["carol"], &[]).await;
+    assert_eq!(
+        present(Http::new(&server), "r").await,
+        json!({"room": "r", "users": ["alice", "bob", "carol"], "count": 3})
+    );
+    bob2.close().await;
+    expect_presence(&mut alice, &[], &["bob"]).await;
+    expect_presence(&mut service, &[], &["bob"]).await;
+    // A rejoin without presence stops the frames; the service still gets them.
+    alice.join("r", None).await;
+    let mut dan = connect(&url, "dan").await;
+    dan.join("r", None).await;
+    expect_presence(&mut service, &["dan"], &[]).await;
+    let mut erin = connect(&url, "erin").await;
+    erin.join("r", None).await;
+    // Over 3 present: counted.
+    let frame = next_presence(&mut service, Duration::from_secs(10)).await;
+    assert_eq!(frame, json!({"type": "presence", "room": "r", "count": 4}));
+    let counted = service
+        .request(json!({"type": "join", "room": "r", "presence": true}))
+        .await;
+    assert_eq!(counted["presence_count"], 4, "{counted}");
+    assert!(counted.get("presence").is_none(), "{counted}");
+    assert_eq!(
+        present(Http::new(&server), "r").await,
+        json!({"room": "r", "count": 4})
+    );
+    erin.close().await;
+    let frame = next_presence(&mut service, Duration::from_secs(10)).await;
+    assert_eq!(frame["type"], "presence");
+    assert_eq!(names(&frame["users"]), ["alice", "carol", "dan"], "{frame}");
+    // Alice stopped watching: the first frame she has is none of these.
+    alice.ping().await;
+    let seen = alice.frames_until_pong().await;
+    assert!(
+        seen.iter().all(|f| f["type"] != "presence"),
+        "alice rejoined without presence: {seen:?}"
+    );
+    // Not a boolean: refused.
+    alice
+        .expect_error(
+            json!({"type": "join", "room": "r", "presence": "yes"}),
+            "bad_request",
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_across_three_nodes_with_a_kill() {
+    scenario("presence_across_three_nodes_with_a_kill", async {
+        let ttl = format!("{TTL_SECS}s");
+        let env = [
+            ("SEQCAST_JWT_SECRET", SECRET),
+            ("SEQCAST_PRESENCE_TTL", ttl.as_str()),
+        ];
+        let mut cluster = Cluster::start(3, Some(TestRedis::start()), &env).await;
+        let url = |i: usize| cluster.node(i).ws_url();
+        let (n0, n1, n2) = (url(0), url(1), url(2));
+        let db = sqlx::PgPool::connect(&cluster.database_url).await.unwrap();
+        let mut alice = connect(&n0, "alice").await;
+        let mut watcher2 = connect(&n2, "wendy").await;
+        assert_eq!(watch(&mut alice, "r").await, ["alice"]);
+        roster_rows(&db, "alice", 1).await;
+        assert_eq!(watch(&mut watcher2, "r").await, ["alice", "wendy"]);
+        expect_presence(&mut alice, &["wendy"], &[]).await;
+
+        // Bob on two nodes: one arrival for each watcher, and one departure, at the last.
+        let mut bob1 = connect(&n1, "bob").await;
+        let mut bob2 = connect(&n2, "bob").await;
+        let arrived = Instant::now();
+        bob1.join("r", None).await;
+        expect_presence(&mut alice, &["bob"], &[]).await;
+        let cross_node = arrived.elapsed();
+        expect_presence(&mut watcher2, &["bob"], &[]).await;
+        bob2.join("r", None).await;
+        roster_rows(&db, "bob", 2).await;
+        bob1.close().await;
+        let mut carol = connect(&n1, "carol").await;
+        carol.join("r", None).await;
+        expect_presence(&mut alice, &["carol"], &[]).await;
+        expect_presence(&mut watcher2, &["carol"], &[]).await;
+        bob2.close().await;
+        expect_presence(&mut alice, &[], &["bob"]).await;
+        expect_presence(&mut watcher2, &[], &["bob"]).await;
+        let listed = present(cluster.http(1), "r").await;
+        assert_eq!(
+            names(&listed["users"]),
+            ["alice", "carol", "wendy"],
+            "{listed}"
+        );
+
+        // Node 1 dies with carol and dan on it.
+        let mut dan = connect(&n1, "dan").await;
+        dan.join("r", None).await;
+        expect_presence(&mut alice, &["dan"], &[]).await;
+        expect_presence(&mut watcher2, &["dan"], &[]).await;
+        let killed = Instant::now();
+        cluster.node_mut(1).kill();
+        let bound = Duration::from_millis(TTL_SECS * 1000 * 4 / 3 + 100);
+        // The bound plus room for a loaded CI machine; the figure says how long it took.
+        let deadline = bound + Duration::from_secs(5);
+        let mut gone = Vec::new();
+        for ws in [&mut alice, &mut watcher2] {
+            let frame = next_presence(ws, deadline.saturating_sub(killed.elapsed())).await;
+            gone.push(killed.elapsed());
+            assert_eq!(names(&frame["left"]), ["carol", "dan"], "{frame}");
+            assert!(frame.get("joined").is_none(), "{frame}");
+        }
+        let listed = present(cluster.http(2), "r").await;
+        assert_eq!(names(&listed["users"]), ["alice", "wendy"], "{listed}");
+        figure(
+            "presence arrival, other node (Redis)",
+            format!("{:.1}ms", cross_node.as_secs_f64() * 1e3),
+        );
+        figure(
+            "presence after SIGKILL, users gone at the watchers",
+            format!(
+                "{:.2}s and {:.2}s (TTL {TTL_SECS}s, bound {:.2}s)",
+                gone[0].as_secs_f64(),
+                gone[1].as_secs_f64(),
+                bound.as_secs_f64()
+            ),
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_without_redis() {
+    scenario("presence_without_redis", async {
+        let env = [("SEQCAST_JWT_SECRET", SECRET)];
+        let cluster = Cluster::start(2, None, &env).await;
+        let (n0, n1) = (cluster.node(0).ws_url(), cluster.node(1).ws_url());
+        let mut alice = connect(&n0, "alice").await;
+        assert_eq!(watch(&mut alice, "r").await, ["alice"]);
+        let mut arrivals = Vec::new();
+        for n in 0..20 {
+            let user = format!("u{n:02}");
+            let mut ws = connect(&n1, &user).await;
+            let start = Instant::now();
+            ws.join("r", None).await;
+            expect_presence(&mut alice, &[user.as_str()], &[]).await;
+            arrivals.push(start.elapsed());
+            ws.close().await;
+            expect_presence(&mut alice, &[], &[user.as_str()]).await;
+        }
+        // A watcher on the other node sees alice (its snapshot comes from the roster).
+        let mut bob = connect(&n1, "bob").await;
+        assert_eq!(watch(&mut bob, "r").await, ["alice", "bob"]);
+        arrivals.sort();
+        figure(
+            "presence arrival, other node, no Redis (NOTIFY), 20 users",
+            format!(
+                "p50 {:.1}ms, max {:.1}ms",
+                arrivals[arrivals.len() / 2].as_secs_f64() * 1e3,
+                arrivals[arrivals.len() - 1].as_secs_f64() * 1e3
+            ),
+        );
+    })
+    .await;
+}
