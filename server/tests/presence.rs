@@ -9,6 +9,9 @@
 //!   connections on two nodes arrives once and leaves once, when the last one goes; watchers on
 //!   two nodes agree; a SIGKILLed node's users leave within the stated bound
 //!   (`SEQCAST_PRESENCE_TTL` x 4/3 + an interval), measured (FIGURE lines).
+//! - `a_join_storm_is_batched_and_counted`: 600 users join one watched room on two nodes at once
+//!   (`SEQCAST_PRESENCE_MAX_USERS=100`): the watcher gets a handful of frames, not 600, a count
+//!   once the room is large, the exact count at the end, and the list again when they are gone.
 //! - `presence_without_redis`: two Postgres nodes and no Redis: the same through the roster
 //!   and NOTIFY, measured.
 //!
@@ -304,6 +307,85 @@ async fn presence_without_redis() {
                 "p50 {:.1}ms, max {:.1}ms",
                 arrivals[arrivals.len() / 2].as_secs_f64() * 1e3,
                 arrivals[arrivals.len() - 1].as_secs_f64() * 1e3
+            ),
+        );
+    })
+    .await;
+}
+
+/// Users in the storm, half on each node.
+const STORM: usize = 600;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_storm_is_batched_and_counted() {
+    scenario("a_join_storm_is_batched_and_counted", async {
+        let env = [
+            ("SEQCAST_JWT_SECRET", SECRET),
+            ("SEQCAST_PRESENCE_MAX_USERS", "100"),
+        ];
+        let cluster = Cluster::start(2, Some(TestRedis::start()), &env).await;
+        let urls = [cluster.node(0).ws_url(), cluster.node(1).ws_url()];
+        let mut watcher = connect(&urls[0], "watcher").await;
+        assert_eq!(watch(&mut watcher, "r").await, ["watcher"]);
+        let started = Instant::now();
+        let joins: Vec<_> = (0..STORM)
+            .map(|i| {
+                let url = urls[i % 2].clone();
+                tokio::spawn(async move {
+                    let mut ws = connect(&url, &format!("s{i:04}")).await;
+                    ws.join("r", None).await;
+                    ws
+                })
+            })
+            .collect();
+        let mut storm = Vec::with_capacity(STORM);
+        for join in joins {
+            storm.push(join.await.unwrap());
+        }
+        let joined = started.elapsed();
+        // Frames until the count is exact: every user of both nodes, and the watcher.
+        let mut frames = 0;
+        loop {
+            let frame = next_presence(&mut watcher, Duration::from_secs(15)).await;
+            frames += 1;
+            if frame["count"] == json!(STORM + 1) {
+                break;
+            }
+        }
+        let counted = started.elapsed();
+        // One frame per interval at most while joins arrive (plus the first report of the
+        // other node's share): far fewer than one per user.
+        let bound = (counted.as_millis() / 100) as usize + 3;
+        assert!(frames <= bound, "{frames} frames in {counted:?} (at most {bound})");
+        let listed = present(cluster.http(1), "r").await;
+        assert_eq!(listed, json!({"room": "r", "count": STORM + 1}));
+        for ws in storm {
+            ws.close().await;
+        }
+        // Back under the limit: the full list again (`users`), then departures, down to the
+        // watcher alone. The client's view, as a client library keeps it:
+        let mut view: Option<std::collections::BTreeSet<String>> = None;
+        while view.as_ref().map(|v| v.len()) != Some(1) {
+            let frame = next_presence(&mut watcher, Duration::from_secs(15)).await;
+            if frame.get("count").is_some() {
+                view = None;
+            } else if let Some(users) = frame.get("users") {
+                view = Some(names(users).into_iter().collect());
+            } else {
+                let view = view.as_mut().unwrap_or_else(|| panic!("a change to a count: {frame}"));
+                assert!(frame.get("joined").is_none(), "nobody arrives: {frame}");
+                for user in names(&frame["left"]) {
+                    assert!(view.remove(&user), "{user} left twice: {frame}");
+                }
+            }
+        }
+        assert_eq!(view.unwrap().into_iter().collect::<Vec<_>>(), ["watcher"]);
+        figure(
+            "presence join storm (600 users on 2 nodes, 1 watcher)",
+            format!(
+                "joins done in {:.2}s, exact count at the watcher after {:.2}s, {frames} presence frames",
+                joined.as_secs_f64(),
+                counted.as_secs_f64()
             ),
         );
     })
