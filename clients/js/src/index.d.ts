@@ -65,6 +65,49 @@ export interface Joined {
   first: number;
   /** Messages the join asked for were deleted by retention. */
   truncated: boolean;
+  /** v1.1: the user's read cursor in the room (0 when none, or from a server before v1.1). */
+  read: number;
+  /** v1.1, joined with `presence: true`: the users present when the join took effect. */
+  presence?: string[];
+  /** This server's extension for very large rooms: only the number of users present (then
+   *  `presence` is absent). */
+  presenceCount?: number;
+}
+
+export interface JoinOptions {
+  /** Replay every message with seq > since first; absent: live messages only. */
+  since?: number;
+  /** v1.1: also track who is present (asked again on every rejoin). */
+  presence?: boolean;
+}
+
+/** v1.1: another session's signal in a joined room (never your own). */
+export interface Signal<Body = unknown> {
+  room: string;
+  from: string;
+  body: Body;
+}
+
+/** v1.1: another connection of the same user moved its read cursor to `seq` (the largest seen). */
+export interface ReadEvent {
+  room: string;
+  seq: number;
+}
+
+/** v1.1: who is present in a room joined with `presence: true`. */
+export interface Presence {
+  /** Sorted; null when the server only sends the count (very large rooms). */
+  users: string[] | null;
+  count: number;
+}
+
+/** v1.1: what changed in a room's presence, and the result. */
+export interface PresenceEvent extends Presence {
+  room: string;
+  /** Users who arrived (after a reconnect: since before it). */
+  joined: string[];
+  /** Users who left (after a reconnect: meanwhile). */
+  left: string[];
 }
 
 export interface Ack {
@@ -116,13 +159,22 @@ export interface SeqcastEvents {
   truncated: TruncatedEvent;
   /** A room was joined again after a reconnect or a gap. */
   rejoined: Joined;
+  signal: Signal;
+  read: ReadEvent;
+  presence: PresenceEvent;
+  /** Also a refused signal: a SeqcastError with `op: 'signal'`, `room` and `body`. */
   error: Error;
 }
 
 export class SeqcastError extends Error {
   constructor(code: string, message?: string);
-  /** The server's error code (`forbidden`, `too_large`, ...) or `closed`, `timeout`, `token`. */
+  /** The server's error code (`forbidden`, `too_large`, ...) or `closed`, `timeout`, `token`,
+   *  `offline`. */
   code: string;
+  /** Set on a refused signal (reported as an `error` event). */
+  op?: 'signal';
+  room?: string;
+  body?: unknown;
 }
 
 export function newIdem(): string;
@@ -134,7 +186,7 @@ export class SeqcastClient {
   connect(): void;
   /** Drop the connection and reconnect now (network change, app back in the foreground). */
   reconnect(): void;
-  join(room: string, options?: { since?: number }): Promise<Joined>;
+  join(room: string, options?: JoinOptions): Promise<Joined>;
   leave(room: string): Promise<void>;
   send(room: string, body: unknown, options?: { idem?: string }): Promise<Ack>;
   history<Body = unknown>(
@@ -142,6 +194,14 @@ export class SeqcastClient {
     options?: { before?: number; after?: number; limit?: number },
   ): Promise<HistoryPage<Body>>;
   lastSeq(room: string): number | undefined;
+  /** v1.1: an ephemeral signal; false (and dropped) when not connected. At most once. */
+  signal(room: string, body: unknown): boolean;
+  /** v1.1: marks `room` read up to `seq`; resolves with the cursor now. */
+  read(room: string, seq: number): Promise<number>;
+  /** v1.1: the largest read cursor seen for `room`. */
+  readCursor(room: string): number | undefined;
+  /** v1.1: who is present in `room` (joined with `presence: true`). */
+  presence(room: string): Presence | undefined;
   close(): void;
   on<K extends keyof SeqcastEvents>(event: K, listener: (value: SeqcastEvents[K]) => void): () => void;
   once<K extends keyof SeqcastEvents>(event: K, listener: (value: SeqcastEvents[K]) => void): () => void;

@@ -11,9 +11,16 @@
 // - the token goes in the first frame (`auth`), never in the URL, and is refreshed before it
 //   expires; an application-level ping detects dead connections.
 //
+// v1.1: signals (ephemeral, at most once: never buffered, never resent), read cursors (the
+// largest one seen per room, never moving back) and presence (src/presence.js).
+//
 // No runtime dependency: the global WebSocket (browsers, Node >= 22) or the constructor given in
 // the options (e.g. the `ws` package on Node 18/20), and the global fetch for history.
 import { Emitter } from './emitter.js';
+import { applyPresenceFrame, presenceFromJoined, presenceView, replacePresence } from './presence.js';
+
+/** How long a signal's ref is remembered, to report the `error` the server may answer it with. */
+const SIGNAL_ERROR_WINDOW = 30000;
 
 /** Error codes after which a send is retried (same idem) rather than rejected. */
 const RETRYABLE = new Set(['unavailable', 'rate_limited', 'internal']);
@@ -72,7 +79,9 @@ export class SeqcastClient extends Emitter {
   #token = null;
   #nextRef = 1;
   #refs = new Map(); // ref -> what the reply to that frame settles (current socket only)
-  #rooms = new Map(); // room -> { last, since, joined, rejoining, waiters }
+  #rooms = new Map(); // room -> { last, since, joined, rejoining, waiters, presence, present }
+  #cursors = new Map(); // room -> the largest read cursor seen (joined or not)
+  #signals = []; // [ref, room, body, sent at] of signals on this socket, oldest first
   #sends = new Map(); // local id -> unacked send, in submission order
   #nextSendId = 1;
   #timers = { reconnect: null, refresh: null, ping: null, pong: null, connect: null };
@@ -112,6 +121,19 @@ export class SeqcastClient extends Emitter {
     return this.#rooms.get(room)?.last ?? undefined;
   }
 
+  /** The largest read cursor seen for `room` (from `joined`, `read` replies and other devices'
+   *  moves); undefined when none was seen. It never moves back. */
+  readCursor(room) {
+    return this.#cursors.get(room);
+  }
+
+  /** Who is present in `room` (joined with `presence: true`): `{ users, count }`, `users` sorted,
+   *  or null when the server only sends the count (a very large room). Undefined before the
+   *  first `joined` with presence, or when the server does not support it. */
+  presence(room) {
+    return presenceView(this.#rooms.get(room)?.present);
+  }
+
   /** Number of sends not acknowledged yet. */
   get pendingSends() {
     return this.#sends.size;
@@ -134,15 +156,17 @@ export class SeqcastClient extends Emitter {
   }
 
   /** Subscribes to `room`; resolves with the first `joined`. `since`: replay every message with
-   *  seq > since first. The room is rejoined automatically after every reconnect. */
-  join(room, { since } = {}) {
+   *  seq > since first. `presence: true`: also track who is present (asked again on every
+   *  rejoin). The room is rejoined automatically after every reconnect. */
+  join(room, { since, presence } = {}) {
     if (this.#closedByUser) return Promise.reject(new SeqcastError('closed', 'client closed'));
     return new Promise((resolve, reject) => {
       let r = this.#rooms.get(room);
       if (!r) {
-        r = { last: null, since: null, joined: false, rejoining: false, waiters: [] };
+        r = { last: null, since: null, joined: false, rejoining: false, waiters: [], presence: false, present: undefined };
         this.#rooms.set(room, r);
       }
+      if (presence !== undefined) r.presence = !!presence;
       if (since !== undefined) {
         r.since = since;
         r.last = null;
@@ -182,6 +206,35 @@ export class SeqcastClient extends Emitter {
       };
       this.#sends.set(entry.id, entry);
       if (this.#online) this.#transmit(entry);
+    });
+  }
+
+  /** Sends an ephemeral signal (typing, cursor position) to the room's other joined sessions.
+   *  At most once: returns true when it was written to the open connection, false when the
+   *  client is not connected (then it is dropped: never buffered, never resent after a
+   *  reconnect). A refusal (forbidden, too_large, rate_limited, ...) arrives later as an `error`
+   *  event: a SeqcastError with `op: 'signal'`, the `room` and the `body`. */
+  signal(room, body) {
+    if (!this.#online) return false;
+    const now = Date.now();
+    while (this.#signals.length && now - this.#signals[0][3] > SIGNAL_ERROR_WINDOW) this.#signals.shift();
+    const ref = this.#nextRef++;
+    this.#signals.push([ref, room, body, now]);
+    try {
+      this.#ws.send(JSON.stringify({ type: 'signal', room, body, ref }));
+    } catch {
+      return false; // the socket is closing
+    }
+    return true;
+  }
+
+  /** Marks `room` read up to `seq`; resolves with the user's cursor now (the server's reply:
+   *  never lower than before, capped at the room's head). Needs an open connection: rejects with
+   *  `offline` when there is none or it is lost before the reply (it is safe to call again). */
+  read(room, seq) {
+    if (!this.#online) return Promise.reject(new SeqcastError('offline', 'not connected'));
+    return new Promise((resolve, reject) => {
+      this.#request({ type: 'read', room, seq }, { kind: 'read', room, resolve, reject });
     });
   }
 
@@ -363,8 +416,12 @@ export class SeqcastClient extends Emitter {
     }
     // Replies to this socket's frames will never come; their owners are redone on reconnect
     // (joins and sends) or done already (a leave is complete once the socket is gone).
-    for (const pending of this.#refs.values()) if (pending.kind === 'leave') pending.done();
+    for (const pending of this.#refs.values()) {
+      if (pending.kind === 'leave') pending.done();
+      if (pending.kind === 'read') pending.reject(new SeqcastError('offline', 'connection lost'));
+    }
     this.#refs.clear();
+    this.#signals = [];
     for (const r of this.#rooms.values()) r.rejoining = false;
   }
 
@@ -434,6 +491,7 @@ export class SeqcastClient extends Emitter {
   #sendJoin(room, r) {
     const since = r.last ?? r.since;
     const frame = since === null || since === undefined ? { type: 'join', room } : { type: 'join', room, since };
+    if (r.presence) frame.presence = true;
     this.#request(frame, { kind: 'join', room, r });
   }
 
@@ -473,6 +531,13 @@ export class SeqcastClient extends Emitter {
         return;
       case 'error':
         return this.#onError(f, pending);
+      case 'signal':
+        if (f.from === undefined) return;
+        return this.emit('signal', { room: f.room, from: f.from, body: f.body });
+      case 'read':
+        return this.#onRead(f, pending);
+      case 'presence':
+        return this.#onPresence(f);
       default:
         return; // unknown frame types are ignored (forward compatibility)
     }
@@ -492,7 +557,17 @@ export class SeqcastClient extends Emitter {
       r.last = f.first - 1;
       this.emit('truncated', { room: f.room, first: f.first, head: f.head, lostFrom });
     }
-    const info = { room: f.room, head: f.head, first: f.first, truncated: !!f.truncated };
+    const info = { room: f.room, head: f.head, first: f.first, truncated: !!f.truncated, read: f.read ?? 0 };
+    if (Array.isArray(f.presence)) info.presence = f.presence;
+    if (typeof f.presence_count === 'number') info.presenceCount = f.presence_count;
+    if (typeof f.read === 'number') this.#raiseCursor(f.room, f.read);
+    // A new `joined` replaces the present set: who left or arrived meanwhile is reported.
+    const present = r.presence ? presenceFromJoined(f) : undefined;
+    if (present) {
+      const change = replacePresence(f.room, r.present, present);
+      r.present = present;
+      if (change) this.emit('presence', change);
+    }
     const waiters = r.waiters.splice(0);
     for (const w of waiters) w.resolve(info);
     if (wasJoined) this.emit('rejoined', info);
@@ -514,8 +589,42 @@ export class SeqcastClient extends Emitter {
     this.emit('message', { room: f.room, seq: f.seq, id: f.id, from: f.from, body: f.body, ts: f.ts });
   }
 
+  /** Raises the room's cursor to `seq` if that is larger; true when it moved. */
+  #raiseCursor(room, seq) {
+    if (typeof seq !== 'number') return false;
+    const cur = this.#cursors.get(room);
+    if (cur !== undefined && seq <= cur) return false;
+    this.#cursors.set(room, seq);
+    return true;
+  }
+
+  #onRead(f, pending) {
+    const moved = this.#raiseCursor(f.room, f.seq);
+    if (pending?.kind === 'read') return pending.resolve(f.seq);
+    // Another connection of the user moved it; an older move arriving late is not reported.
+    if (moved) this.emit('read', { room: f.room, seq: f.seq });
+  }
+
+  #onPresence(f) {
+    const r = this.#rooms.get(f.room);
+    if (!r || !r.presence || !r.present) return; // not asked, or before its joined
+    const { state, change } = applyPresenceFrame(f.room, r.present, f);
+    r.present = state;
+    if (change) this.emit('presence', change);
+  }
+
   #onError(f, pending) {
     const err = new SeqcastError(f.code, f.message);
+    if (!pending && f.ref !== undefined) {
+      const i = this.#signals.findIndex((s) => s[0] === f.ref);
+      if (i >= 0) {
+        const [, room, body] = this.#signals[i];
+        this.#signals.splice(i, 1);
+        Object.assign(err, { op: 'signal', room, body });
+        this.emit('error', err);
+        return;
+      }
+    }
     if (!pending) {
       this.emit('error', err); // e.g. unauthorized before a 1008 close
       return;
@@ -556,6 +665,8 @@ export class SeqcastClient extends Emitter {
       }
       case 'leave':
         return pending.done();
+      case 'read':
+        return pending.reject(err);
       case 'auth':
         // A refused first auth is followed by close 1008 (handled there); a refused refresh
         // leaves the old token in force until it expires.

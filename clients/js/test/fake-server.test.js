@@ -3,34 +3,8 @@
 // send answered `unavailable`.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { WebSocketServer } from 'ws';
 import { SeqcastClient } from '../src/index.js';
-import { waitFor, WebSocket } from './helpers.js';
-
-/** A fake server: `onFrame(frame, reply, socket)` scripts the answers. */
-async function fakeServer(onFrame) {
-  const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
-  await new Promise((r) => wss.once('listening', r));
-  const frames = [];
-  let connections = 0;
-  wss.on('connection', (socket) => {
-    connections += 1;
-    const reply = (f) => socket.send(JSON.stringify(f));
-    socket.on('message', (data) => {
-      const f = JSON.parse(String(data));
-      frames.push(f);
-      onFrame(f, reply, socket);
-    });
-  });
-  return {
-    url: `ws://127.0.0.1:${wss.address().port}/v1/ws`,
-    frames,
-    get connections() {
-      return connections;
-    },
-    close: () => new Promise((r) => wss.close(r)),
-  };
-}
+import { fakeServer, waitFor, WebSocket } from './helpers.js';
 
 const msg = (room, seq) => ({ type: 'message', room, seq, id: `id-${seq}`, from: 'x', body: seq, ts: 't' });
 

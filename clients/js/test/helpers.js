@@ -8,7 +8,7 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import WebSocket from 'ws';
+import WebSocket, { WebSocketServer } from 'ws';
 
 const here = dirname(fileURLToPath(import.meta.url));
 export const REPO = resolve(here, '../../..');
@@ -187,4 +187,30 @@ export function recordingWebSocket() {
     }
   }
   return { WebSocket: Recording, urls, sockets };
+}
+
+/** A FAKE server (a scripted `ws` WebSocketServer, not seqcast): `onFrame(frame, reply, socket)`
+ *  scripts the answers; `frames` logs what clients sent, `connections` counts connections. */
+export async function fakeServer(onFrame) {
+  const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+  await new Promise((r) => wss.once('listening', r));
+  const frames = [];
+  let connections = 0;
+  wss.on('connection', (socket) => {
+    connections += 1;
+    const reply = (f) => socket.send(JSON.stringify(f));
+    socket.on('message', (data) => {
+      const f = JSON.parse(String(data));
+      frames.push(f);
+      onFrame(f, reply, socket);
+    });
+  });
+  return {
+    url: `ws://127.0.0.1:${wss.address().port}/v1/ws`,
+    frames,
+    get connections() {
+      return connections;
+    },
+    close: () => new Promise((r) => wss.close(r)),
+  };
 }

@@ -29,6 +29,18 @@ export async function usage(): Promise<void> {
   const page = await client.history<{ text: string }>('general', { before: seq, limit: 50 });
   page.messages.forEach((m) => m.body.text.toUpperCase());
   const last: number | undefined = client.lastSeq('general');
+  // v1.1
+  const lobby = await client.join('lobby', { presence: true });
+  const read0: number = lobby.read;
+  console.log(lobby.presence?.join(','), lobby.presenceCount);
+  client.on('signal', (s) => console.log(s.room, s.from, s.body));
+  client.on('read', (r) => console.log(r.room, r.seq));
+  client.on('presence', (p) => console.log(p.joined, p.left, p.count, p.users?.length));
+  const written: boolean = client.signal('lobby', { typing: true });
+  const cursor: number = await client.read('lobby', read0 + 1);
+  const seen: number | undefined = client.readCursor('lobby');
+  const present = client.presence('lobby');
+  if (present) console.log(present.count, present.users ?? [], written, cursor, seen);
   await client.leave('general');
   off();
   client.close();

@@ -5,6 +5,10 @@
 //! State that survives a reconnect: the rooms (with their `last` seq) and the unacked sends
 //! (with their `idem`). Everything tied to one connection (`refs`, timers, `online`) is reset by
 //! [`Core::teardown`].
+//!
+//! The v1.1 frames (signals, read cursors, presence) are handled in `core/v11.rs`.
+
+mod v11;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -16,8 +20,9 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::options::{Options, TokenSource};
+use crate::presence::PresenceFrame;
 use crate::room::{Room, Verdict};
-use crate::types::{Ack, Error, Event, Joined, Message, State, Stats};
+use crate::types::{Ack, Error, Event, Joined, Message, Presence, State, Stats};
 
 /// Error codes after which a send is retried (same idem) rather than failed.
 const RETRYABLE: [&str; 3] = ["unavailable", "rate_limited", "internal"];
@@ -27,7 +32,28 @@ pub(crate) enum Command {
     Join {
         room: String,
         since: Option<u64>,
+        /// `None`: as before (`join`); `Some`: set it (`join_with`).
+        presence: Option<bool>,
         reply: oneshot::Sender<Result<Joined, Error>>,
+    },
+    /// v1.1: answered `Ok` once written to the open connection, an error when offline.
+    Signal {
+        room: String,
+        body: Value,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Read {
+        room: String,
+        seq: u64,
+        reply: oneshot::Sender<Result<u64, Error>>,
+    },
+    ReadCursor {
+        room: String,
+        reply: oneshot::Sender<Option<u64>>,
+    },
+    Presence {
+        room: String,
+        reply: oneshot::Sender<Option<Presence>>,
     },
     Leave {
         room: String,
@@ -80,6 +106,8 @@ enum Pending {
     },
     Leave(oneshot::Sender<()>),
     Send(u64),
+    /// v1.1 `read`: dropped with the connection, which fails it.
+    Read(oneshot::Sender<Result<u64, Error>>),
 }
 
 struct PendingSend {
@@ -97,13 +125,7 @@ struct PendingSend {
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Frame {
     Message(Message),
-    Joined {
-        room: String,
-        head: u64,
-        first: u64,
-        #[serde(default)]
-        truncated: bool,
-    },
+    Joined(JoinedFrame),
     Ack {
         room: String,
         seq: u64,
@@ -123,9 +145,34 @@ enum Frame {
         #[serde(default)]
         message: String,
     },
+    Signal {
+        room: String,
+        from: String,
+        #[serde(default)]
+        body: Value,
+    },
+    Read {
+        room: String,
+        seq: u64,
+    },
+    Presence(PresenceFrame),
     /// Unknown frame types are ignored (forward compatibility).
     #[serde(other)]
     Other,
+}
+
+#[derive(Deserialize)]
+struct JoinedFrame {
+    room: String,
+    head: u64,
+    first: u64,
+    #[serde(default)]
+    truncated: bool,
+    /// v1.1: the user's read cursor.
+    #[serde(default)]
+    read: u64,
+    presence: Option<Vec<String>>,
+    presence_count: Option<u64>,
 }
 
 /// What the timers asked for.
@@ -143,6 +190,11 @@ pub(crate) struct Core {
     /// application's channel (and stops reading the socket while a bounded one is full).
     pub events: VecDeque<Event>,
     rooms: HashMap<String, Room>,
+    /// v1.1: per room, the largest read cursor seen (joined or not); it never moves back.
+    cursors: HashMap<String, u64>,
+    /// v1.1: signals written on this connection (ref, room, when), oldest first, to report the
+    /// `error` the server may answer one with; forgotten after a while.
+    signals: VecDeque<(u64, String, Instant)>,
     /// Unacked sends in submission order (their ids only grow).
     sends: BTreeMap<u64, PendingSend>,
     refs: HashMap<u64, Pending>,
@@ -174,6 +226,8 @@ impl Core {
             opts,
             events: VecDeque::new(),
             rooms: HashMap::new(),
+            cursors: HashMap::new(),
+            signals: VecDeque::new(),
             sends: BTreeMap::new(),
             refs: HashMap::new(),
             next_ref: 1,
@@ -209,7 +263,12 @@ impl Core {
 
     pub fn command(&mut self, cmd: Command) -> Flow {
         match cmd {
-            Command::Join { room, since, reply } => {
+            Command::Join {
+                room,
+                since,
+                presence,
+                reply,
+            } => {
                 let epoch = self.next_epoch;
                 let r = self
                     .rooms
@@ -221,6 +280,9 @@ impl Core {
                 if since.is_some() {
                     r.since = since;
                     r.last = None;
+                }
+                if let Some(presence) = presence {
+                    r.presence = presence;
                 }
                 r.waiters.push(reply);
                 if self.online {
@@ -277,6 +339,15 @@ impl Core {
                     answer(reply, Err(Error::Connection("not connected".to_owned())));
                 }
             }
+            Command::Signal { room, body, reply } => self.signal(room, body, reply),
+            Command::Read { room, seq, reply } => self.read(room, seq, reply),
+            Command::ReadCursor { room, reply } => {
+                answer(reply, self.cursors.get(&room).copied());
+            }
+            Command::Presence { room, reply } => {
+                let present = self.rooms.get(&room).and_then(|r| r.present.as_ref());
+                answer(reply, present.map(|p| p.view()));
+            }
             Command::Reconnect => {
                 self.attempt = 0;
                 return Flow::Reconnect;
@@ -329,6 +400,7 @@ impl Core {
         for r in self.rooms.values_mut() {
             r.rejoining = false;
         }
+        self.signals.clear();
         self.join_retries.clear();
         self.next_ping = None;
         self.pong_deadline = None;
@@ -472,6 +544,9 @@ impl Core {
         if let Some(since) = r.join_since() {
             frame["since"] = json!(since);
         }
+        if r.presence {
+            frame["presence"] = json!(true);
+        }
         let pending = Pending::Join {
             room: room.to_owned(),
             epoch: r.epoch,
@@ -499,10 +574,8 @@ impl Core {
                 return;
             }
         };
-        let pending = value
-            .get("ref")
-            .and_then(Value::as_u64)
-            .and_then(|r| self.refs.remove(&r));
+        let reference = value.get("ref").and_then(Value::as_u64);
+        let pending = reference.and_then(|r| self.refs.remove(&r));
         let frame = match serde_json::from_value::<Frame>(value) {
             Ok(f) => f,
             Err(e) => {
@@ -512,12 +585,7 @@ impl Core {
         };
         match frame {
             Frame::Message(m) => self.on_message(m),
-            Frame::Joined {
-                room,
-                head,
-                first,
-                truncated,
-            } => self.on_joined(room, head, first, truncated, pending),
+            Frame::Joined(joined) => self.on_joined(joined, pending),
             Frame::Ack { room, seq, id, ts } => {
                 if let Some(Pending::Send(sid)) = pending {
                     if let Some(s) = self.sends.remove(&sid) {
@@ -548,7 +616,14 @@ impl Core {
                 }
                 _ => {}
             },
-            Frame::Error { code, message } => self.on_error(code, message, pending),
+            Frame::Error { code, message } => {
+                self.on_error_frame(code, message, reference, pending);
+            }
+            Frame::Signal { room, from, body } => {
+                self.emit(Event::Signal(crate::types::Signal { room, from, body }));
+            }
+            Frame::Read { room, seq } => self.on_read(room, seq, pending),
+            Frame::Presence(frame) => self.on_presence(frame),
             Frame::Other => {}
         }
     }
@@ -574,14 +649,16 @@ impl Core {
         }
     }
 
-    fn on_joined(
-        &mut self,
-        room: String,
-        head: u64,
-        first: u64,
-        truncated: bool,
-        pending: Option<Pending>,
-    ) {
+    fn on_joined(&mut self, f: JoinedFrame, pending: Option<Pending>) {
+        let JoinedFrame {
+            room,
+            head,
+            first,
+            truncated,
+            read,
+            presence,
+            presence_count,
+        } = f;
         let Some(r) = self.rooms.get_mut(&room) else {
             return; // left meanwhile
         };
@@ -607,7 +684,12 @@ impl Core {
             head,
             first,
             truncated,
+            read,
+            presence,
+            presence_count,
         };
+        self.raise_cursor(&info.room, read);
+        self.joined_presence(&info);
         for w in waiters {
             answer(w, Ok(info.clone()));
         }
@@ -654,6 +736,7 @@ impl Core {
                 }
             }
             Some(Pending::Leave(reply)) => answer(reply, ()),
+            Some(Pending::Read(reply)) => answer(reply, Err(err)),
             // A refused refresh leaves the old token in force until it expires; a refused first
             // auth is followed by close 1008. No pending: e.g. unauthorized before a close.
             Some(Pending::AppPing(reply)) => answer(reply, Err(err)),

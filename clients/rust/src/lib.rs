@@ -27,11 +27,13 @@
 //! - `core`: the state that survives reconnects (rooms, unacked sends) and the reactions to
 //!   commands, frames and timers, without I/O.
 //! - `room`: one room's cursor, the exactly-once rule.
+//! - `core/v11.rs`, `presence`: the v1.1 frames (signals, read cursors, presence).
 //! - `options`, `types`: settings with their defaults; events, replies, errors.
 
 mod core;
 mod driver;
 mod options;
+mod presence;
 mod room;
 mod types;
 
@@ -44,7 +46,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::core::{Command, Core};
 use crate::driver::{Driver, EventSink, TokenSlot};
 pub use crate::options::{Backoff, Options, TokenFuture, TokenSource};
-pub use crate::types::{Ack, Error, Event, HistoryQuery, Joined, Message, Page, State, Stats};
+pub use crate::types::{
+    Ack, Error, Event, HistoryQuery, JoinOptions, Joined, Message, Page, Presence, PresenceChange,
+    Signal, State, Stats,
+};
 
 /// The handle to a client. Cloning it is cheap (all clones talk to the same connection); the
 /// client closes when [`Client::close`] is called or the last clone is dropped.
@@ -115,10 +120,30 @@ impl Client {
         room: &str,
         since: Option<u64>,
     ) -> impl Future<Output = Result<Joined, Error>> + Send + 'static {
+        self.join_command(room, since, None)
+    }
+
+    /// [`Client::join`] with options: `since`, and (v1.1) `presence`: also track who is present
+    /// ([`Client::presence`], [`Event::Presence`]), asked again on every rejoin.
+    pub fn join_with(
+        &self,
+        room: &str,
+        options: JoinOptions,
+    ) -> impl Future<Output = Result<Joined, Error>> + Send + 'static {
+        self.join_command(room, options.since, Some(options.presence))
+    }
+
+    fn join_command(
+        &self,
+        room: &str,
+        since: Option<u64>,
+        presence: Option<bool>,
+    ) -> impl Future<Output = Result<Joined, Error>> + Send + 'static {
         let (reply, rx) = oneshot::channel();
         let sent = self.command(Command::Join {
             room: room.to_owned(),
             since,
+            presence,
             reply,
         });
         async move {
@@ -161,6 +186,68 @@ impl Client {
             sent?;
             rx.await.unwrap_or(Err(Error::Closed))
         }
+    }
+
+    /// v1.1: an ephemeral signal (typing, a cursor position) to the room's other joined
+    /// sessions. At most once: taken when called (not when first polled); resolves `Ok` once
+    /// written to the open connection, fails with [`Error::Connection`] when the client is not
+    /// connected (it is then dropped: signals are never buffered nor resent after a reconnect).
+    /// A refusal (`forbidden`, `too_large`, `rate_limited`, ...) comes later as
+    /// [`Event::Error`] with [`Error::SignalRefused`].
+    pub fn signal(
+        &self,
+        room: &str,
+        body: Value,
+    ) -> impl Future<Output = Result<(), Error>> + Send + 'static {
+        let (reply, rx) = oneshot::channel();
+        let sent = self.command(Command::Signal {
+            room: room.to_owned(),
+            body,
+            reply,
+        });
+        async move {
+            sent?;
+            rx.await.unwrap_or(Err(Error::Closed))
+        }
+    }
+
+    /// v1.1: marks `room` read up to `seq`; resolves with the user's cursor now (the server's
+    /// reply: never lower than before, capped at the room's head). Needs an open connection:
+    /// fails with [`Error::Connection`] when there is none or it is lost before the reply (it
+    /// is safe to call again).
+    pub async fn read(&self, room: &str, seq: u64) -> Result<u64, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Read {
+            room: room.to_owned(),
+            seq,
+            reply,
+        })?;
+        rx.await
+            .unwrap_or_else(|_| Err(Error::Connection("connection lost".to_owned())))
+    }
+
+    /// v1.1: the largest read cursor seen for `room` (from `joined`, `read` replies and other
+    /// connections' moves); it never moves back. `None` when none was seen.
+    pub async fn read_cursor(&self, room: &str) -> Option<u64> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::ReadCursor {
+            room: room.to_owned(),
+            reply,
+        })
+        .ok()?;
+        rx.await.ok().flatten()
+    }
+
+    /// v1.1: who is present in `room` (joined with presence). `None` before the first `joined`
+    /// with presence, when not asked, or when the server does not support it.
+    pub async fn presence(&self, room: &str) -> Option<Presence> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Presence {
+            room: room.to_owned(),
+            reply,
+        })
+        .ok()?;
+        rx.await.ok().flatten()
     }
 
     /// A page of stored messages over HTTP (`GET /v1/rooms/{room}/messages`), with the

@@ -2,6 +2,7 @@
 
 use tokio::sync::oneshot;
 
+use crate::presence::PresenceState;
 use crate::types::{Error, Joined};
 
 /// What to do with an incoming `message`.
@@ -29,6 +30,10 @@ pub(crate) struct Room {
     pub rejoining: bool,
     /// The callers of `join` waiting for the first `joined`.
     pub waiters: Vec<oneshot::Sender<Result<Joined, Error>>>,
+    /// v1.1: joined with presence (asked again on every rejoin).
+    pub presence: bool,
+    /// Who is present, once a `joined` said (kept across a reconnect until the next one).
+    pub present: Option<PresenceState>,
 }
 
 impl Room {
@@ -40,6 +45,8 @@ impl Room {
             joined: false,
             rejoining: false,
             waiters: Vec::new(),
+            presence: false,
+            present: None,
         }
     }
 

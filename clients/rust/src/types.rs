@@ -36,6 +36,51 @@ pub struct Joined {
     pub first: u64,
     /// Retention deleted messages after the `since` asked for: see [`Event::Truncated`].
     pub truncated: bool,
+    /// v1.1: the user's read cursor in the room (0 when it has none, or before v1.1).
+    pub read: u64,
+    /// v1.1, joined with presence: the users present when the join took effect.
+    pub presence: Option<Vec<String>>,
+    /// This server's extension for very large rooms: only the number of users present (then
+    /// `presence` is `None`).
+    pub presence_count: Option<u64>,
+}
+
+/// How to join a room ([`crate::Client::join_with`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JoinOptions {
+    /// Replay every message with `seq > since` first; `None`: live messages only.
+    pub since: Option<u64>,
+    /// v1.1: also track who is present (asked again on every rejoin).
+    pub presence: bool,
+}
+
+/// v1.1: another session's signal in a joined room (never your own).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signal {
+    pub room: String,
+    pub from: String,
+    pub body: Value,
+}
+
+/// v1.1: who is present in a room joined with presence ([`crate::Client::presence`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    /// Sorted; `None` when the server only sends the count (very large rooms).
+    pub users: Option<Vec<String>>,
+    pub count: u64,
+}
+
+/// v1.1: what changed in a room's presence ([`Event::Presence`]), and the result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceChange {
+    pub room: String,
+    /// Users who arrived (after a reconnect: since before it).
+    pub joined: Vec<String>,
+    /// Users who left (after a reconnect: meanwhile).
+    pub left: Vec<String>,
+    /// Everyone present now, sorted; `None` in count-only mode.
+    pub users: Option<Vec<String>>,
+    pub count: u64,
 }
 
 /// The connection's state, as reported by [`Event::State`].
@@ -73,8 +118,19 @@ pub enum Event {
     },
     /// A room was joined again (after a reconnect or a gap).
     Rejoined(Joined),
+    /// v1.1: another session's signal.
+    Signal(Signal),
+    /// v1.1: another connection of the same user moved its read cursor in `room`; `seq` is the
+    /// largest cursor seen (a move older than one seen already is not reported).
+    Read {
+        room: String,
+        seq: u64,
+    },
+    /// v1.1: the presence of a room joined with presence changed (or was first learnt).
+    Presence(PresenceChange),
     /// Something no request reports: a dead connection (`timeout`), the token callback failing
-    /// (`token`), a refused token refresh, a rejoin refused, giving up after 1008.
+    /// (`token`), a refused token refresh, a rejoin refused, giving up after 1008, a refused
+    /// signal ([`Error::SignalRefused`]).
     Error(Error),
 }
 
@@ -135,13 +191,20 @@ pub enum Error {
     /// The HTTP request of `history` failed.
     #[error("http: {0}")]
     Http(String),
+    /// v1.1: the server refused a signal sent to `room` (reported with [`Event::Error`] only).
+    #[error("signal to {room} refused: {code}: {message}")]
+    SignalRefused {
+        room: String,
+        code: String,
+        message: String,
+    },
 }
 
 impl Error {
-    /// The server's error code, for [`Error::Server`].
+    /// The server's error code, for [`Error::Server`] and [`Error::SignalRefused`].
     pub fn code(&self) -> Option<&str> {
         match self {
-            Error::Server { code, .. } => Some(code),
+            Error::Server { code, .. } | Error::SignalRefused { code, .. } => Some(code),
             _ => None,
         }
     }

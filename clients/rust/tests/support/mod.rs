@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub mod fake;
+
 use seqcast_client::Event;
 use serde_json::json;
 use tokio::sync::mpsc;
