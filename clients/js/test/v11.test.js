@@ -1,6 +1,5 @@
-// v1.1 against a real seqcast node (SQLite, tokens): signals and read cursors between two
-// clients, and presence, which is skipped (with a message saying so) while the server answers
-// `joined` without a `presence` field.
+// v1.1 against a real seqcast node (SQLite, tokens): signals, read cursors and presence between
+// two clients.
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { SeqcastClient } from '../src/index.js';
@@ -86,18 +85,15 @@ test("read cursors: a move reaches the user's other client; the cursor never mov
   }
 });
 
-test('presence: a client joined with presence sees the other join and leave (needs server presence)', async (t) => {
+test('presence: a client joined with presence sees the other join and leave', async () => {
   const erin = client('erin');
   const frank = client('frank');
   const changes = [];
   erin.on('presence', (p) => changes.push(p));
   try {
     const joined = await erin.join('pres', { presence: true });
-    if (joined.presence === undefined && joined.presenceCount === undefined) {
-      t.skip('SKIPPED: this server answers joined without a presence field (server presence not implemented yet)');
-      return;
-    }
-    assert.ok(Array.isArray(joined.presence) && !joined.presence.includes('frank'), `joined: ${joined.presence}`);
+    // The joiner is present; frank is not yet.
+    assert.deepEqual(joined.presence, ['erin']);
     await frank.join('pres');
     await waitFor(() => erin.presence('pres')?.users?.includes('frank'), 5000, 'frank present');
     assert.deepEqual(changes.at(-1).joined, ['frank']);

@@ -1,6 +1,5 @@
-//! v1.1 against a real seqcast node (SQLite, tokens): signals and read cursors between two
-//! clients, and presence, which prints `SKIPPED` and returns while the server answers `joined`
-//! without a `presence` field (server presence not implemented yet).
+//! v1.1 against a real seqcast node (SQLite, tokens): signals, read cursors and presence between
+//! two clients.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -132,16 +131,12 @@ async fn presence_shows_the_other_client_join_and_leave() {
         since: None,
     };
     let joined = erin.join_with("pres", opts).await.unwrap();
-    if joined.presence.is_none() && joined.presence_count.is_none() {
-        println!(
-            "SKIPPED presence_shows_the_other_client_join_and_leave: this server answers joined \
-             without a presence field (server presence not implemented yet)"
-        );
-        erin.close().await;
-        frank.close().await;
-        return;
-    }
-    assert!(!joined.presence.unwrap().contains(&"frank".to_owned()));
+    // The joiner is present; frank is not yet.
+    assert_eq!(joined.presence, Some(vec!["erin".to_owned()]));
+    assert_eq!(
+        erin.presence("pres").await.and_then(|p| p.users),
+        Some(vec!["erin".to_owned()])
+    );
     frank.join("pres", None).await.unwrap();
     let arrived = next_matching(&mut events, WAIT, "frank joining", |e| match e {
         Event::Presence(p) if p.joined.contains(&"frank".to_owned()) => Some(p),
