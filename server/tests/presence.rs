@@ -9,6 +9,9 @@
 //!   connections on two nodes arrives once and leaves once, when the last one goes; watchers on
 //!   two nodes agree; a SIGKILLed node's users leave within the stated bound
 //!   (`SEQCAST_PRESENCE_TTL` x 4/3 + an interval), measured (FIGURE lines).
+//! - `presence_through_overlapping_faults`: three nodes; Redis is killed (reports go by NOTIFY),
+//!   then, with Redis still down, a node is SIGKILLed (its users leave within the bound), then
+//!   Redis comes back (reports go by the bus again).
 //! - `a_join_storm_is_batched_and_counted`: 600 users join one watched room on two nodes at once
 //!   (`SEQCAST_PRESENCE_MAX_USERS=100`): the watcher gets a handful of frames, not 600, a count
 //!   once the room is large, the exact count at the end, and the list again when they are gone.
@@ -307,6 +310,69 @@ async fn presence_without_redis() {
                 "p50 {:.1}ms, max {:.1}ms",
                 arrivals[arrivals.len() / 2].as_secs_f64() * 1e3,
                 arrivals[arrivals.len() - 1].as_secs_f64() * 1e3
+            ),
+        );
+    })
+    .await;
+}
+
+/// Waits until every listed node's `/ready` shows `bus_state` = `state`.
+async fn bus_state(cluster: &Cluster, nodes: &[usize], state: &'static str) {
+    for &i in nodes {
+        wait_until(
+            Duration::from_secs(10),
+            &format!("n{i} bus {state}"),
+            || async move { cluster.ready(i).await.1["bus_state"] == state },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_through_overlapping_faults() {
+    scenario("presence_through_overlapping_faults", async {
+        let ttl = format!("{TTL_SECS}s");
+        let env = [
+            ("SEQCAST_JWT_SECRET", SECRET),
+            ("SEQCAST_PRESENCE_TTL", ttl.as_str()),
+        ];
+        let mut cluster = Cluster::start(3, Some(TestRedis::start()), &env).await;
+        let url = |i: usize| cluster.node(i).ws_url();
+        let (n0, n1, n2) = (url(0), url(1), url(2));
+        let mut alice = connect(&n0, "alice").await;
+        assert_eq!(watch(&mut alice, "r").await, ["alice"]);
+
+        cluster.redis_mut().kill();
+        bus_state(&cluster, &[0, 1, 2], "down").await;
+        let mut dan = connect(&n1, "dan").await;
+        let start = Instant::now();
+        dan.join("r", None).await;
+        expect_presence(&mut alice, &["dan"], &[]).await;
+        let notify = start.elapsed();
+
+        // A second fault on top of the first: dan's node dies while Redis is still down.
+        let killed = Instant::now();
+        cluster.node_mut(1).kill();
+        let bound = Duration::from_millis(TTL_SECS * 1000 * 4 / 3 + 100);
+        let frame = next_presence(&mut alice, bound + Duration::from_secs(5)).await;
+        let gone = killed.elapsed();
+        assert_eq!(names(&frame["left"]), ["dan"], "{frame}");
+
+        cluster.redis_mut().restart();
+        bus_state(&cluster, &[0, 2], "up").await;
+        let mut eve = connect(&n2, "eve").await;
+        eve.join("r", None).await;
+        expect_presence(&mut alice, &["eve"], &[]).await;
+        figure(
+            "presence with Redis down: arrival from another node (NOTIFY)",
+            format!("{:.1}ms", notify.as_secs_f64() * 1e3),
+        );
+        figure(
+            "presence with Redis down and a node SIGKILLed: its user gone after",
+            format!(
+                "{:.2}s (TTL {TTL_SECS}s, bound {:.2}s)",
+                gone.as_secs_f64(),
+                bound.as_secs_f64()
             ),
         );
     })
