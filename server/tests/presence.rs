@@ -201,17 +201,21 @@ async fn presence_on_one_node() {
         .await;
 }
 
+/// Three nodes on Postgres and Redis, with the short TTL.
+async fn three_nodes() -> Cluster {
+    let ttl = format!("{TTL_SECS}s");
+    let env = [
+        ("SEQCAST_JWT_SECRET", SECRET),
+        ("SEQCAST_PRESENCE_TTL", ttl.as_str()),
+    ];
+    Cluster::start(3, Some(TestRedis::start()), &env).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_across_three_nodes_with_a_kill() {
     scenario("presence_across_three_nodes_with_a_kill", async {
-        let ttl = format!("{TTL_SECS}s");
-        let env = [
-            ("SEQCAST_JWT_SECRET", SECRET),
-            ("SEQCAST_PRESENCE_TTL", ttl.as_str()),
-        ];
-        let mut cluster = Cluster::start(3, Some(TestRedis::start()), &env).await;
-        let url = |i: usize| cluster.node(i).ws_url();
-        let (n0, n1, n2) = (url(0), url(1), url(2));
+        let mut cluster = three_nodes().await;
+        let [n0, n1, n2] = [0, 1, 2].map(|i| cluster.node(i).ws_url());
         let db = sqlx::PgPool::connect(&cluster.database_url).await.unwrap();
         let mut alice = connect(&n0, "alice").await;
         let mut watcher2 = connect(&n2, "wendy").await;
@@ -331,14 +335,8 @@ async fn bus_state(cluster: &Cluster, nodes: &[usize], state: &'static str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_through_overlapping_faults() {
     scenario("presence_through_overlapping_faults", async {
-        let ttl = format!("{TTL_SECS}s");
-        let env = [
-            ("SEQCAST_JWT_SECRET", SECRET),
-            ("SEQCAST_PRESENCE_TTL", ttl.as_str()),
-        ];
-        let mut cluster = Cluster::start(3, Some(TestRedis::start()), &env).await;
-        let url = |i: usize| cluster.node(i).ws_url();
-        let (n0, n1, n2) = (url(0), url(1), url(2));
+        let mut cluster = three_nodes().await;
+        let [n0, n1, n2] = [0, 1, 2].map(|i| cluster.node(i).ws_url());
         let mut alice = connect(&n0, "alice").await;
         assert_eq!(watch(&mut alice, "r").await, ["alice"]);
 
