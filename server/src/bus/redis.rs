@@ -6,6 +6,14 @@
 //! Publishing never blocks a commit: messages go to a bounded queue that one task drains,
 //! issuing the queued PUBLISHes together (fred pipelines commands in flight on a connection).
 //!
+//! On a Redis Cluster (`redis-cluster://`) the same channels are *shard* channels: `SPUBLISH`
+//! and `SSUBSCRIBE`, so a room's messages go to the one shard that owns its channel's slot,
+//! never to every shard (classic `PUBLISH` on a cluster is broadcast to all of them), and adding
+//! shards adds pub/sub capacity. A shard failing over, or a slot moving, drops that shard's
+//! subscriptions: fred reports a reconnect or a cluster change, which the bus turns into
+//! [`BusEvent::MaybeLost`] like any reconnect (subscriptions renewed, heads checked, so what
+//! was published meanwhile is read from the database).
+//!
 //! Health is the node's [`RedisLink`]'s (see `crate::redis`): while the link is not up,
 //! publishes are dropped at once instead of queueing, and the relay polls the database instead.
 //! A publish that gets no answer reports an outage to the link. When the link is up again the
@@ -19,6 +27,7 @@ use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use fred::clients::Pipeline;
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
+use fred::types::{ClusterHash, CustomCommand};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -74,6 +83,8 @@ struct Shared {
     user_prefix: String,
     /// Distinguishes this process's own messages when they come back from Redis.
     origin: String,
+    /// A Redis Cluster: shard channels (`SPUBLISH`, `SSUBSCRIBE`).
+    clustered: bool,
     link: RedisLink,
     queue: mpsc::Sender<Outgoing>,
     events: mpsc::Sender<BusEvent>,
@@ -92,6 +103,7 @@ impl RedisBus {
             prefix: format!("{}room:", link.prefix()),
             user_prefix: format!("{}user:", link.prefix()),
             origin: uuid::Uuid::new_v4().simple().to_string(),
+            clustered: link.is_clustered(),
             link: link.clone(),
             queue,
             events,
@@ -133,12 +145,23 @@ impl Shared {
     /// `change` for `channel` with a PING pipelined behind it, within the link's timeout.
     async fn confirmed(&self, channel: String, change: Subscription) -> Result<(), BusError> {
         let pipeline = Pipeline::from(self.link.subscriber().clone());
+        let clustered = self.clustered;
         let confirmed = async {
-            match change {
-                Subscription::Subscribe => pipeline.subscribe(channel).await?,
-                Subscription::Unsubscribe => pipeline.unsubscribe(channel).await?,
+            // On a cluster the PING must go where the SSUBSCRIBE went: the connection to the
+            // shard that owns the channel's slot (fred sends a plain PING to a random shard).
+            let slot = fred::util::redis_keyslot(channel.as_bytes());
+            match (change, clustered) {
+                (Subscription::Subscribe, false) => pipeline.subscribe(channel).await?,
+                (Subscription::Unsubscribe, false) => pipeline.unsubscribe(channel).await?,
+                (Subscription::Subscribe, true) => pipeline.ssubscribe(channel).await?,
+                (Subscription::Unsubscribe, true) => pipeline.sunsubscribe(channel).await?,
             }
-            pipeline.ping::<()>(None).await?;
+            if clustered {
+                let ping = CustomCommand::new_static("PING", ClusterHash::Custom(slot), false);
+                pipeline.custom::<(), String>(ping, Vec::new()).await?;
+            } else {
+                pipeline.ping::<()>(None).await?;
+            }
             pipeline.last::<fred::types::Value>().await
         };
         match tokio::time::timeout(self.link.timeout(), confirmed).await {
@@ -207,7 +230,11 @@ impl Shared {
             let pipeline = self.link.commands().pipeline();
             for item in batch.drain(..) {
                 // Only queues the command in memory; the outcome comes from `try_all`.
-                let _: Result<(), _> = pipeline.publish(item.channel, item.payload).await;
+                let _: Result<(), _> = if self.clustered {
+                    pipeline.spublish(item.channel, item.payload).await
+                } else {
+                    pipeline.publish(item.channel, item.payload).await
+                };
             }
             let timeout = self.link.timeout();
             match tokio::time::timeout(timeout, pipeline.try_all::<i64>()).await {
@@ -234,6 +261,11 @@ impl Shared {
         use tokio::sync::broadcast::error::RecvError;
         let mut messages = self.link.subscriber().message_rx();
         let mut reconnects = self.link.subscriber().reconnect_rx();
+        // Slots moved or a replica took over (a cluster): subscriptions on the shard that lost
+        // the slot are gone. Either client may notice first (a redirected SPUBLISH, a
+        // reconnect).
+        let mut topology = self.link.subscriber().cluster_change_rx();
+        let mut command_topology = self.link.commands().cluster_change_rx();
         let mut states = self.link.watch();
         // Report the state it has now too, should it be up already.
         states.mark_changed();
@@ -260,6 +292,14 @@ impl Shared {
                     // Up again: what was published meanwhile never reached us.
                     BusEvent::MaybeLost
                 }
+                change = topology.recv() => match change {
+                    Ok(_) | Err(RecvError::Lagged(_)) => BusEvent::MaybeLost,
+                    Err(RecvError::Closed) => break,
+                },
+                change = command_topology.recv() => match change {
+                    Ok(_) | Err(RecvError::Lagged(_)) => BusEvent::MaybeLost,
+                    Err(RecvError::Closed) => break,
+                },
                 reconnect = reconnects.recv() => match reconnect {
                     // A new connection has no subscriptions: the relay renews them.
                     Ok(_) | Err(RecvError::Lagged(_)) => BusEvent::MaybeLost,

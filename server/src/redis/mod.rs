@@ -22,6 +22,14 @@
 //!   system's roots, or against the CAs of `SEQCAST_REDIS_CA_FILE` (a managed Redis with a
 //!   private CA). A server that fails verification is a Redis that does not answer: `Down`.
 //!
+//! - **Redis Cluster.** A `redis-cluster://host:port?node=host2:port2&...` URL (or
+//!   `rediss-cluster://`) connects in fred's clustered mode: each command goes to the shard that
+//!   owns its key's slot, and fred follows MOVED/ASK redirections and failovers. The bus then
+//!   uses sharded pub/sub (`SPUBLISH`, `SSUBSCRIBE`), so each room's channel lives on one shard
+//!   and its messages touch that shard only; the rate-limit and election scripts take one key
+//!   each, so they run on a cluster as they are. The probe pings a random shard each time, so a
+//!   shard that is down shows as a link that flips down until its replica takes over.
+//!
 //! A node without Redis (SQLite, or Postgres without `REDIS_URL`) has no link: `/ready` says
 //! `"bus_state":"not configured"` and `seqcast_bus_up` is absent (not 0: nothing is down).
 
@@ -81,6 +89,8 @@ pub struct RedisLink {
 struct Shared {
     prefix: String,
     timeout: Duration,
+    /// A Redis Cluster (sharded pub/sub) rather than one server.
+    clustered: bool,
     commands: Client,
     subscriber: SubscriberClient,
     /// Per-command options of the users' commands: the timeout, and failing at once while
@@ -112,6 +122,7 @@ impl RedisLink {
         stop: CancellationToken,
     ) -> Result<RedisLink, LinkError> {
         let mut config = FredConfig::from_url(url).map_err(|e| LinkError(e.to_string()))?;
+        let clustered = config.server.is_clustered();
         if let Some(ca_file) = ca_file {
             if config.tls.is_none() {
                 return Err(LinkError(format!(
@@ -135,7 +146,12 @@ impl RedisLink {
                 // A paused Redis keeps the TCP connection open: treat silence as a dead link.
                 conn.unresponsive.max_timeout = Some(timeout * 3);
                 conn.unresponsive.interval = (timeout / 2).max(Duration::from_millis(50));
-                conn.max_command_attempts = 1;
+                // One write attempt: a command is not replayed after a reconnect (it may have
+                // run). On a cluster fred counts every write of a command, the one that follows
+                // a redirection included; with one attempt the user-rate script failed on every
+                // call ("Too many failed write attempts", `redis_cluster` test), so a cluster
+                // gets a second.
+                conn.max_command_attempts = if clustered { 2 } else { 1 };
             });
         let commands = builder.build().map_err(|e| LinkError(e.to_string()))?;
         let subscriber = builder
@@ -146,6 +162,7 @@ impl RedisLink {
         let shared = Arc::new(Shared {
             prefix: prefix.to_owned(),
             timeout,
+            clustered,
             commands,
             subscriber,
             options: Options {
@@ -165,6 +182,12 @@ impl RedisLink {
     /// `SEQCAST_REDIS_PREFIX`, which every key and channel of the node starts with.
     pub fn prefix(&self) -> &str {
         &self.shared.prefix
+    }
+
+    /// Whether `REDIS_URL` names a Redis Cluster (`redis-cluster://`): the bus then uses sharded
+    /// pub/sub.
+    pub fn is_clustered(&self) -> bool {
+        self.shared.clustered
     }
 
     /// `SEQCAST_REDIS_TIMEOUT`: how long one command may take.

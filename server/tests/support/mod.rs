@@ -4,6 +4,7 @@ pub mod http;
 pub mod load;
 pub mod postgres;
 pub mod redis;
+pub mod redis_cluster;
 pub mod scenario;
 pub mod server;
 pub mod tls;
