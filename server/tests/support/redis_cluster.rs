@@ -4,6 +4,7 @@
 //! `cluster-node-timeout` is 1 s, so a killed master is replaced by its replica within a few
 //! seconds. [`RedisCluster::url`] is the `redis-cluster://` URL seqcast takes in `REDIS_URL`.
 #![allow(dead_code)]
+#![allow(clippy::unwrap_used)]
 
 use std::process::Command;
 use std::time::{Duration, Instant};
