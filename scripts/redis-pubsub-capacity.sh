@@ -8,7 +8,9 @@
 # (frame size x channels x subscribers per channel x PUBLISH or SPUBLISH) starts the subscribers,
 # runs redis-benchmark against it, and prints one row: publishes/s (wall clock), the Redis
 # process's CPU over the run (% of one core, from /proc), publishes and deliveries per Redis
-# CPU-second, and the bytes Redis wrote per publish. Everything it starts is stopped on exit.
+# CPU-second, and the bytes Redis wrote per publish. Then Redis's memory per subscription
+# (100,000 channels, one then two subscribers each) and the CPU per call of the per-user
+# rate-limit script (server/src/ratelimit/user.rs). Everything it starts is stopped on exit.
 #
 # The publishers imitate a seqcast node's publish task: PUBLISHes pipelined (up to 256 in flight,
 # redis-benchmark -P 256) on a few connections (-c, default 4: four nodes). A subscriber is one
@@ -28,7 +30,7 @@ case "${1:-}" in
     "") ;;
     --quick) QUICK=1 ;;
     -h | --help)
-        sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     *)
@@ -212,6 +214,53 @@ run_case PUBLISH 200 1 100
 for subs in 0 1 10; do
     run_case SPUBLISH 200 1 "$subs"
 done
+
+# Memory per subscription: 10 connections (nodes) subscribing 10,000 distinct channels each, then
+# 10 more subscribing the same channels (a second node on every channel). Multi-bulk SUBSCRIBE
+# commands (an inline command is limited to 64 KiB).
+used_memory() { cli info memory | tr -d '\r' | awk -F: '$1 == "used_memory" {print $2}'; }
+subscribe_many() { # FILE: one SUBSCRIBE of 10,000 channels, as RESP
+    (
+        exec 3<>"/dev/tcp/127.0.0.1/$PORT"
+        cat "$1" >&3
+        exec nice -n "$NICE" cat <&3 >/dev/null
+    ) &
+    SUB_PIDS+=($!)
+}
+for i in $(seq 0 9); do
+    {
+        printf '*10001\r\n$9\r\nSUBSCRIBE\r\n'
+        for ((c = i * 10000; c < (i + 1) * 10000; c++)); do
+            printf '$31\r\nseqcast:room:chat-room-%08d\r\n' "$c"
+        done
+    } >"$WORK/sub$i.resp"
+done
+pubsub_count() { cli info stats | tr -d '\r' | awk -F: '$1 == "pubsub_channels" {print $2}'; }
+m0="$(used_memory)"
+for i in $(seq 0 9); do subscribe_many "$WORK/sub$i.resp"; done
+for _ in $(seq 1 200); do [ "$(pubsub_count)" = 100000 ] && break; sleep 0.05; done
+# The second round: wait until every channel has two subscribers.
+settle_memory() {
+    local a b
+    b="$(used_memory)"
+    for _ in $(seq 1 40); do
+        sleep 0.25
+        a="$b"
+        b="$(used_memory)"
+        [ "$a" = "$b" ] && break
+    done
+    echo "$b"
+}
+m1="$(settle_memory)"
+for i in $(seq 0 9); do subscribe_many "$WORK/sub$i.resp"; done
+for _ in $(seq 1 200); do
+    [ "$(cli pubsub numsub seqcast:room:chat-room-00099999 | sed -n 2p)" = 2 ] && break
+    sleep 0.05
+done
+m2="$(settle_memory)"
+stop_subscribers
+printf 'subscriptions: %d B per channel with one subscriber, %d B per further subscriber (100,000 channels)\n' \
+    $(((m1 - m0) / 100000)) $(((m2 - m1) / 100000))
 
 # The per-user rate limit (SEQCAST_USER_SEND_RATE) is one Lua script call per lease of tokens:
 # the script of server/src/ratelimit/user.rs, on 100,000 users' keys, rate 100, burst 400,
