@@ -30,7 +30,7 @@ case "${1:-}" in
     "") ;;
     --quick) QUICK=1 ;;
     -h | --help)
-        sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     *)
