@@ -304,6 +304,7 @@ async fn retention_cost_rows_against_partitions() {
     let mut conn = PgConnection::connect(&before_url).await.unwrap();
     conn.execute(OLD_SCHEMA).await.unwrap();
     history.seed(&mut conn, false).await;
+    let wal = wal_position(&mut conn).await;
     let start = Instant::now();
     let (mut rows, mut statements) = (0, 0);
     loop {
@@ -315,12 +316,14 @@ async fn retention_cost_rows_against_partitions() {
         }
     }
     let rows_time = start.elapsed();
+    let rows_wal = wal_since(&mut conn, &wal).await;
     assert_eq!(rows as i64, removed);
     figure(
         &format!("retention of {removed} of {total} messages, rows (before 0006)"),
         format!(
-            "{rows} rows deleted in {statements} calls, {}",
-            ms(rows_time)
+            "{rows} rows deleted in {statements} calls, {}, {} MiB of WAL",
+            ms(rows_time),
+            rows_wal / (1 << 20)
         ),
     );
 
@@ -341,10 +344,12 @@ async fn retention_cost_rows_against_partitions() {
     let after = PostgresStore::connect(&after_url).await.unwrap();
     let mut conn = PgConnection::connect(&after_url).await.unwrap();
     history.seed(&mut conn, true).await;
+    let wal = wal_position(&mut conn).await;
     let start = Instant::now();
     let dropped = after.drop_before(cut).await.unwrap();
     let left = after.delete_before(cut, BATCH).await.unwrap();
     let drop_time = start.elapsed();
+    let drop_wal = wal_since(&mut conn, &wal).await;
     assert_eq!(dropped as i64, history.days / 2);
     assert_eq!(left, 0);
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
@@ -355,14 +360,33 @@ async fn retention_cost_rows_against_partitions() {
     figure(
         &format!("retention of {removed} of {total} messages, partitions (after 0006)"),
         format!(
-            "{dropped} partitions dropped, 0 rows deleted, {}",
-            ms(drop_time)
+            "{dropped} partitions dropped, 0 rows deleted, {}, {} KiB of WAL",
+            ms(drop_time),
+            drop_wal / 1024
         ),
     );
     figure(
         "retention speed-up",
         format!("{:.0}x", rows_time.as_secs_f64() / drop_time.as_secs_f64()),
     );
+}
+
+/// The server's WAL position now. The server is shared by this binary's tests only: run this
+/// test alone (by name) for the WAL figures to be its own.
+async fn wal_position(conn: &mut PgConnection) -> String {
+    sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+/// WAL bytes written since `position`.
+async fn wal_since(conn: &mut PgConnection, position: &str) -> i64 {
+    sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::bigint")
+        .bind(position)
+        .fetch_one(conn)
+        .await
+        .unwrap()
 }
 
 /// `messages` as migrations 0001 and 0002 left it.
