@@ -7,6 +7,7 @@
 //!   (`drop_before`) and deleting the rest of the straddling day in batches (`delete_before`).
 //!   No read fails, no page has a hole or a duplicate or a wrong message, pages only move in
 //!   their direction, and what is left of each room is one run of seqs, `first..=head`.
+//! - `the_jobs_create_partitions_ahead_and_drop_old_ones`: the same through the node's jobs.
 //! - `retention_cost_rows_against_partitions` (ignored: minutes; see docs/operations.md,
 //!   "Postgres at volume"): the cost of one retention run removing half of the same data, on the
 //!   schema before migration 0006 (row deletes) and after (partition drops), and the time
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use seqcast::store::{PostgresStore, Store, StoredMessage};
 use sqlx::{Connection, Executor, PgConnection};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use support::postgres::TestPostgres;
 use support::scenario::{figure, ms};
@@ -203,6 +205,19 @@ async fn page_backward(store: &dyn Store, history: &History, room: i64) -> usize
     }
 }
 
+/// [`Store::drop_before`], tried again (as the job does at its next sweep) when its lock was
+/// not granted within its short `lock_timeout`: on a loaded box a read can run that long.
+async fn drop_before(store: &dyn Store, cut: i64) -> u64 {
+    for _ in 0..20 {
+        match store.drop_before(cut).await {
+            Ok(dropped) => return dropped,
+            Err(e) if e.lock_timed_out() => continue,
+            Err(e) => panic!("drop_before: {e}"),
+        }
+    }
+    panic!("drop_before: no lock in 20 tries");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_drops_partitions_while_readers_page_history() {
     tokio::time::timeout(DEADLINE, drops_while_reading())
@@ -256,7 +271,7 @@ async fn drops_while_reading() {
         let seen = *rx.borrow_and_update();
         rx.wait_for(|&n| n >= seen + 8).await.unwrap();
         let cut = day_start(days_ago) + DAY_MS / 2;
-        dropped += store.drop_before(cut).await.unwrap();
+        dropped += drop_before(&*store, cut).await;
         loop {
             let n = store.delete_before(cut, 50).await.unwrap();
             deleted += n;
@@ -285,6 +300,79 @@ async fn drops_while_reading() {
         assert_eq!(left[0].seq, info.first);
         assert_eq!(left.last().unwrap().seq, info.head);
     }
+}
+
+/// The name of the day partition holding `ms`.
+fn partition_name(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap()
+        .format("messages_p%Y%m%d")
+        .to_string()
+}
+
+/// The node's jobs on Postgres, as `jobs::spawn` starts them: maintenance creates a missing
+/// partition ahead, and retention (`SEQCAST_RETENTION=3d`) drops the days wholly older and
+/// deletes the older part of the day it cuts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jobs_create_partitions_ahead_and_drop_old_ones() {
+    let url = TestPostgres::shared().fresh_database().await;
+    let store: Arc<dyn Store> = Arc::new(PostgresStore::connect(&url).await.unwrap());
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    let history = History::new(4, 6, 4 * 6 * 10);
+    history.seed(&mut conn, true).await;
+    // The day after tomorrow, as if maintenance had not run since the migration.
+    let ahead = partition_name(day_start(-2));
+    conn.execute(format!("DROP TABLE {ahead}").as_str())
+        .await
+        .unwrap();
+
+    let max_age = 3 * DAY_MS;
+    let earliest_cut = now_ms() - max_age;
+    let config = seqcast::Config {
+        retention: Some(Duration::from_millis(max_age as u64)),
+        job_interval: Duration::from_millis(100),
+        ..seqcast::Config::default()
+    };
+    let shutdown = CancellationToken::new();
+    let jobs = seqcast::jobs::spawn(&config, Arc::clone(&store), None, shutdown.clone());
+
+    let oldest_kept = partition_name(earliest_cut);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (created, older): (bool, i64) = sqlx::query_as(
+            "SELECT to_regclass($1) IS NOT NULL, \
+                    (SELECT count(*) FROM pg_class WHERE relname ~ '^messages_p[0-9]{8}$' \
+                       AND relname < $2)",
+        )
+        .bind(&ahead)
+        .bind(&oldest_kept)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        let mut trimmed = true;
+        for room in 0..history.rooms {
+            let first = store.room_info(&format!("room{room}")).await.unwrap().first;
+            trimmed &= first >= history.first_after(room, earliest_cut);
+        }
+        if created && older == 0 && trimmed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ahead} created: {created}; {older} partitions older than {oldest_kept}; \
+             rooms trimmed: {trimmed}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Nothing younger than the cut went.
+    for room in 0..history.rooms {
+        let first = store.room_info(&format!("room{room}")).await.unwrap().first;
+        assert!(first <= history.first_after(room, now_ms() - max_age));
+    }
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), jobs.stopped())
+        .await
+        .expect("the jobs stop at shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
