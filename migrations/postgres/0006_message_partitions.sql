@@ -72,8 +72,8 @@ CREATE TABLE messages_default PARTITION OF messages DEFAULT;
 
 -- Creates the missing day partitions that overlap [from_ms, to_ms), moving into each the rows
 -- of its day that landed in the DEFAULT partition, and returns how many it created. Run at
--- migration time (below), when a node opens the store, and by the nodes' maintenance job
--- (server/src/jobs/retention.rs) for today and the next three days.
+-- migration time (below), and by the leader's maintenance job (server/src/jobs/partitions.rs,
+-- when the node starts and every SEQCAST_JOB_INTERVAL) for today and the next three days.
 --
 -- A new partition is created apart, filled from the DEFAULT partition and attached in one
 -- transaction: readers see the rows in one place or the other, never in neither. ATTACH takes
@@ -172,7 +172,7 @@ $$;
 SELECT seqcast_create_partitions(d * 86400000, d * 86400000 + 1)
 FROM (SELECT DISTINCT ts_ms / 86400000 AS d FROM messages_unpartitioned) AS days;
 SELECT seqcast_create_partitions((extract(epoch FROM now()) * 1000)::bigint,
-                                 (extract(epoch FROM now()) * 1000)::bigint + 4 * 86400000);
+                                 (extract(epoch FROM now()) * 1000)::bigint + 3 * 86400000 + 1);
 INSERT INTO messages (room, seq, id, sender, body, idem, ts_ms)
 SELECT room, seq, id, sender, body, idem, ts_ms FROM messages_unpartitioned;
 DROP TABLE messages_unpartitioned;
