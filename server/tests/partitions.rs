@@ -8,6 +8,7 @@
 //!   No read fails, no page has a hole or a duplicate or a wrong message, pages only move in
 //!   their direction, and what is left of each room is one run of seqs, `first..=head`.
 //! - `the_jobs_create_partitions_ahead_and_drop_old_ones`: the same through the node's jobs.
+//! - `the_migration_keeps_existing_messages`: migration 0006 on a database with messages.
 //! - `retention_cost_rows_against_partitions` (ignored: minutes; see docs/operations.md,
 //!   "Postgres at volume"): the cost of one retention run removing half of the same data, on the
 //!   schema before migration 0006 (row deletes) and after (partition drops), and the time
@@ -21,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use seqcast::store::{PostgresStore, Store, StoredMessage};
+use seqcast::store::{NewMessage, PostgresStore, Store, StoredMessage};
 use sqlx::{Connection, Executor, PgConnection};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -373,6 +374,92 @@ async fn the_jobs_create_partitions_ahead_and_drop_old_ones() {
     tokio::time::timeout(Duration::from_secs(10), jobs.stopped())
         .await
         .expect("the jobs stop at shutdown");
+}
+
+/// Upgrading: a database at migration 0005 with messages in it (old days, today, keys) is
+/// migrated by a node's start; every message survives in its day's partition, keys still answer
+/// their original, seqs continue, and reads page through as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_migration_keeps_existing_messages() {
+    let url = TestPostgres::shared().fresh_database().await;
+    let old = tempfile::tempdir().unwrap();
+    let migrations = concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations/postgres");
+    for entry in std::fs::read_dir(migrations).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if name.as_str() < "0006" {
+            std::fs::copy(&path, old.path().join(name)).unwrap();
+        }
+    }
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    sqlx::migrate::Migrator::new(old.path())
+        .await
+        .unwrap()
+        .run(&mut conn)
+        .await
+        .unwrap();
+    let history = History::new(3, 4, 3 * 4 * 25);
+    history.seed(&mut conn, false).await;
+    let today: i64 =
+        sqlx::query_scalar("SELECT seqcast_publish('room0', 'bob', '{\"today\": 1}', 'today-key')")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    let today = today as u64;
+    assert_eq!(today, history.head() + 1);
+
+    let store = PostgresStore::connect(&url).await.unwrap();
+    let stored: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT tableoid::regclass::text, count(*) FROM messages GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let days: Vec<String> = (0..=history.days)
+        .rev()
+        .map(|d| partition_name(day_start(d)))
+        .collect();
+    let per_day = history.total / history.days;
+    let mut expected: Vec<(String, i64)> = days[..4].iter().map(|d| (d.clone(), per_day)).collect();
+    expected.push((days[4].clone(), 1));
+    assert_eq!(stored, expected, "every message in its day's partition");
+
+    for room in 0..history.rooms {
+        let name = format!("room{room}");
+        let page = store
+            .read_after(&name, 0, Some(history.head()), 1000)
+            .await
+            .unwrap();
+        assert_eq!(page.len() as u64, history.head());
+        check_page(&history, room, &page);
+    }
+    // A key from before the upgrade answers its original; seqs continue after the head.
+    let again = store
+        .append("room1", &[keyed_message("alice", "k4")])
+        .await
+        .unwrap();
+    assert!(again[0].duplicate);
+    assert_eq!(again[0].message.seq, 2);
+    let again = store
+        .append("room0", &[keyed_message("bob", "today-key")])
+        .await
+        .unwrap();
+    assert!(again[0].duplicate);
+    assert_eq!(again[0].message.seq, today);
+    let next = store
+        .append("room0", &[keyed_message("bob", "new-key")])
+        .await
+        .unwrap();
+    assert!(!next[0].duplicate);
+    assert_eq!(next[0].message.seq, today + 1);
+}
+
+fn keyed_message(sender: &str, idem: &str) -> NewMessage {
+    NewMessage {
+        sender: sender.to_owned(),
+        body: "{}".to_owned(),
+        idem: Some(idem.to_owned()),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
