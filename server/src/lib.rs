@@ -36,7 +36,8 @@
 //! - [`presence`]: who is joined where: this node's share counted at every join and leave, the
 //!   other nodes' read from a roster table in Postgres (heartbeats, so a dead node's users
 //!   leave), changes reported on the bus (or NOTIFY) and told to watching sessions in batches.
-//! - [`jobs`]: leader election through the Redis link and the background jobs (retention).
+//! - [`jobs`]: leader election through the Redis link and the background jobs (retention,
+//!   partition maintenance on Postgres).
 //! - [`session`]: one connection; its outbound half keeps a cursor per room and reads the
 //!   database whenever it is behind the live stream (join with `since`, gaps, slow clients);
 //!   `session::ephemeral` relays signals and read-cursor moves.

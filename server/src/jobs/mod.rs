@@ -2,8 +2,9 @@
 //!
 //! - [`leader`]: leader election over Redis ([`Leadership`], [`Election`]).
 //! - [`retention`]: deletes messages older than `SEQCAST_RETENTION`.
+//! - [`partitions`]: creates the day partitions of `messages` ahead (Postgres).
 //!
-//! [`spawn`] starts both for a node. New periodic work goes in a module of its own here, runs
+//! [`spawn`] starts them for a node. New periodic work goes in a module of its own here, runs
 //! on the interval `SEQCAST_JOB_INTERVAL`, checks [`Leadership::is_leader`] before each step,
 //! and must be idempotent, for the reasons below.
 //!
@@ -38,6 +39,7 @@
 //! only late, nothing else depends on it.
 
 pub mod leader;
+pub mod partitions;
 pub mod retention;
 
 use std::sync::Arc;
@@ -78,8 +80,8 @@ impl Jobs {
 }
 
 /// Starts the election (on the node's Redis link when given, else every node leads) and the jobs
-/// the configuration asks for: retention when `config.retention` is set. They run until
-/// `shutdown` is cancelled.
+/// the configuration asks for: retention when `config.retention` is set, partition maintenance
+/// on Postgres. They run until `shutdown` is cancelled.
 pub fn spawn(
     config: &Config,
     store: Arc<dyn Store>,
@@ -96,6 +98,14 @@ pub fn spawn(
         }
         None => Leadership::always(),
     };
+    if store.kind() == "postgres" {
+        tasks.spawn(partitions::run(
+            Arc::clone(&store),
+            leadership.clone(),
+            config.job_interval,
+            shutdown.clone(),
+        ));
+    }
     if let Some(max_age) = config.retention {
         let retention = RetentionConfig {
             max_age,

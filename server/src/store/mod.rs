@@ -200,6 +200,26 @@ pub trait Store: Send + Sync + 'static {
     /// A result below `limit` means whatever old messages are left have to wait for a later call.
     async fn delete_before(&self, ts_ms: i64, limit: usize) -> StoreResult<u64>;
 
+    /// Retention at volume: drops whole the time partitions of messages whose every message is
+    /// older than `ts_ms`, and returns how many it dropped. Postgres only (migration 0006: one
+    /// partition per UTC day); the default (SQLite) has none and drops nothing. What is left
+    /// older than `ts_ms` (the partition straddling the cut, the DEFAULT partition) is for
+    /// [`Store::delete_before`], which the retention job calls next.
+    ///
+    /// What a reader sees is as with [`Store::delete_before`]: a prefix of each room goes, at
+    /// once, and `room_info().first` is right as soon as this returns. Relies on a room's
+    /// `ts_ms` following its seqs, which the database's clock read under the room's lock gives.
+    async fn drop_before(&self, _ts_ms: i64) -> StoreResult<u64> {
+        Ok(0)
+    }
+
+    /// Maintenance: makes sure messages committed from `now_ms` to three days later have a
+    /// partition of their own (Postgres; the default does nothing) rather than the DEFAULT
+    /// partition, and returns how many partitions it created. Idempotent.
+    async fn prepare_partitions(&self, _now_ms: i64) -> StoreResult<u64> {
+        Ok(0)
+    }
+
     /// Which of `rooms` another transaction holds locked right now: on Postgres, an
     /// application's transaction that called `seqcast_publish` and has not ended. The writer
     /// asks after a commit failed with [`StoreError::lock_timed_out`], to answer the rooms held

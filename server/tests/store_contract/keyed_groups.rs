@@ -81,8 +81,10 @@ const WAIT_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Another node commits a key while this node's keyed group waits for the room's lock. The
 /// group must still answer with that node's original and store nothing: its one statement is
-/// refused by the unique index on (room, sender, idem), and the group is committed again with
-/// key lookups (without that retry it failed whole as `internal`).
+/// refused by its guard (the room's head moved between its snapshot and its lock; before
+/// migration 0006, by the unique index on (room, sender, idem)), and the group is committed
+/// again with key lookups under the lock (without that retry it failed whole as `internal`, and
+/// without the guard it stored the key twice).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_key_committed_by_another_node_during_the_wait_is_the_original() {
     let url = TestPostgres::shared().fresh_database().await;

@@ -3,9 +3,8 @@
 //! - [`one_statement`]: every room's counter bump and every insert in one statement, one round
 //!   trip, one commit, with or without idempotency keys (real clients put one on every send).
 //!   A key repeated within the group is answered from its first occurrence without a database
-//!   lookup. A key stored *before* the group (a resend of a message whose ack was lost) makes
-//!   the insert hit the unique index on (room, sender, idem): the statement fails whole and
-//!   stores nothing.
+//!   lookup. A key that may be stored *before* the group (a resend of a message whose ack was
+//!   lost) makes the statement fail whole, storing nothing (see [`ONE_STATEMENT`]'s guard).
 //! - [`in_transaction`]: one transaction that locks every room, then looks the keys up, then
 //!   inserts, so a stored key is answered with its original. The fallback for the groups that
 //!   [`one_statement`] refused; always correct, five round trips whatever the number of rooms.
@@ -146,8 +145,9 @@ pub(super) async fn in_transaction(
     Ok(appended)
 }
 
-/// `unique_violation`: here, only the index on (room, sender, idem) (seqs come from the locked
-/// counter and ids are fresh UUIDv7s).
+/// `unique_violation`: what the statement's guard raises (`seqcast_check_keys`, migration 0006)
+/// when a key of the group may be stored already. Nothing else in the statement can: seqs come
+/// from the locked counter and ids are fresh UUIDv7s.
 const UNIQUE_VIOLATION: &str = "23505";
 
 /// Commits the group in one statement, run as its own transaction: one round trip and one
@@ -156,12 +156,17 @@ const UNIQUE_VIOLATION: &str = "23505";
 /// (`COLLATE "C"`), as that path takes them, whatever the database's collation: under ICU or
 /// en_US `general` sorts before `Lobby`, and two nodes locking in different orders deadlock.
 ///
-/// Returns `Ok(None)`, having stored nothing, when a message's key is already stored: then the
-/// caller commits the group with [`in_transaction`], which answers it with the original. Not
-/// looking keys up here is what makes a keyed group cost what an unkeyed one does: the unique
-/// index checks every key on insert anyway, and a repeat of a stored key is rare (a resend after
-/// a lost ack). That check also covers a key another node commits while this statement waits
-/// for a room's lock, which a lookup in the same statement would miss (its snapshot is older).
+/// Returns `Ok(None)`, having stored nothing, when a message's key may be stored already: then
+/// the caller commits the group with [`in_transaction`], which answers it with the original. A
+/// repeat of a stored key is rare (a resend after a lost ack), so the fallback costs little.
+///
+/// `messages` is partitioned by time (migration 0006), so no UNIQUE index on (room, sender,
+/// idem) can catch a stored key on insert any more. The statement looks the keys up itself, in
+/// its snapshot, which was taken *before* it waited for the rooms' locks: a key another writer
+/// committed during that wait is not in it. So it also compares, for each room with keys, the
+/// head it locked with the head its snapshot saw: every writer bumps the head in the
+/// transaction that inserts, so equal heads mean nobody wrote to the room in between, and the
+/// snapshot's lookup is as good as one under the lock. Otherwise the guard gives way.
 pub(super) async fn one_statement(
     conn: &mut PgConnection,
     batches: &[(&str, &[NewMessage])],
@@ -236,9 +241,22 @@ pub(super) async fn one_statement(
 /// Data-modifying CTEs run exactly once, whether or not the final SELECT reads them. The
 /// timestamp aggregates over `bump`, so it is taken once every room's lock is held. A message's
 /// seq is its room's new head minus the room's count plus its place in the room.
+///
+/// The guard (`stale`, checked by `seqcast_check_keys` in the final SELECT, which always runs):
+/// `snap` reads the rooms' heads in the statement's snapshot (sub-statements of one statement
+/// do not see each other's writes, so not `bump`'s), and `stale` is true when a key of the
+/// group is in that snapshot, or when a room with keys had a head at its lock other than that
+/// snapshot's. An error then undoes the whole statement, bumps and inserts included.
 const ONE_STATEMENT: &str = "\
     WITH counts AS ( \
         SELECT room, n FROM UNNEST($1::text[], $2::bigint[]) AS c (room, n)), \
+    snap AS ( \
+        SELECT counts.room, COALESCE(rooms.head, 0) AS head \
+        FROM counts LEFT JOIN rooms ON rooms.room = counts.room), \
+    keys AS ( \
+        SELECT DISTINCT k.room, k.sender, k.idem \
+        FROM UNNEST($3::text[], $5::text[], $7::text[]) AS k (room, sender, idem) \
+        WHERE k.idem IS NOT NULL), \
     bump AS ( \
         INSERT INTO rooms (room, head) SELECT room, n FROM counts \
         ORDER BY room COLLATE \"C\" \
@@ -258,5 +276,17 @@ const ONE_STATEMENT: &str = "\
                AS t (room, id, sender, body, idem, ord) \
         JOIN bump ON bump.room = t.room \
         JOIN counts ON counts.room = t.room \
-        CROSS JOIN stamp) \
-    SELECT bump.room, bump.head, stamp.ts_ms FROM bump, stamp";
+        CROSS JOIN stamp), \
+    stale AS ( \
+        SELECT EXISTS ( \
+                   SELECT 1 FROM keys JOIN messages m \
+                     ON m.room = keys.room AND m.sender = keys.sender AND m.idem = keys.idem \
+                   WHERE m.idem IS NOT NULL) \
+               OR EXISTS ( \
+                   SELECT 1 FROM bump \
+                   JOIN counts ON counts.room = bump.room \
+                   JOIN snap ON snap.room = bump.room \
+                   WHERE bump.head - counts.n <> snap.head \
+                     AND bump.room IN (SELECT room FROM keys)) AS seen) \
+    SELECT bump.room, bump.head, stamp.ts_ms FROM bump, stamp, stale \
+    WHERE seqcast_check_keys(stale.seen)";

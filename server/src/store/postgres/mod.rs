@@ -168,6 +168,25 @@ impl PostgresStore {
         Ok((permit, conn, deadline))
     }
 
+    /// Runs one of migration 0006's partition functions, `sql` taking `ms` and returning a
+    /// count, in a transaction of its own with a short `lock_timeout`
+    /// ([`PARTITION_LOCK_TIMEOUT`]).
+    async fn partition_ddl(&self, sql: &'static str, ms: i64) -> StoreResult<u64> {
+        let deadline = self.deadline();
+        let mut conn = self.conn(deadline).await?;
+        let outcome = timeout_at(deadline, async {
+            let mut tx = Connection::begin(&mut *conn).await?;
+            sqlx::query(PARTITION_LOCK_TIMEOUT)
+                .execute(&mut *tx)
+                .await?;
+            let count: i32 = sqlx::query_scalar(sql).bind(ms).fetch_one(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(u64::try_from(count).unwrap_or(0))
+        })
+        .await;
+        settle(conn, outcome)
+    }
+
     /// Runs a query for [`message_from_row`]'s columns.
     async fn fetch_messages(
         &self,
@@ -312,6 +331,19 @@ impl Store for PostgresStore {
         .map_err(classify)
     }
 
+    async fn drop_before(&self, ts_ms: i64) -> StoreResult<u64> {
+        self.partition_ddl("SELECT seqcast_drop_partitions($1)", ts_ms)
+            .await
+    }
+
+    async fn prepare_partitions(&self, now_ms: i64) -> StoreResult<u64> {
+        self.partition_ddl(
+            "SELECT seqcast_create_partitions($1, $1 + 3 * 86400000 + 1)",
+            now_ms,
+        )
+        .await
+    }
+
     async fn held_rooms(&self, rooms: &[&str]) -> StoreResult<HeldRooms> {
         // SKIP LOCKED takes the locks it can get: in a transaction of its own, rolled back at
         // once, so that they do not outlive this look.
@@ -448,6 +480,12 @@ async fn write_settings(
         .map_err(classify)?;
     Ok(())
 }
+
+/// Dropping or attaching a partition locks `messages` (or its DEFAULT partition) exclusively,
+/// and must first wait for the statements under way on it; every statement arriving meanwhile
+/// queues behind that wait. Giving up after this long bounds how long reads and commits can be
+/// held up; the job tries again at its next run.
+const PARTITION_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '500ms'";
 
 /// [`Store::delete_before`], first step: the rooms of the `$2` oldest messages older than `$1`,
 /// the room of the oldest first. Reads no more than `$2` entries of the `ts_ms` index.
