@@ -7,6 +7,10 @@
 #                              checks delivery only (no timing targets), writes nothing
 #   scripts/bench.sh --cluster start the same cluster (release build), print how to reach it,
 #                              and keep it until Ctrl-C: for running loadtest by hand
+#   scripts/bench.sh --redis-cluster
+#                              the throughput and fan-out scenarios on the two nodes over a
+#                              Redis Cluster of 3 masters (sharded pub/sub) instead of one Redis;
+#                              writes its section of docs/benchmarks.md (the full suite keeps it)
 #
 # It starts its own throwaway Postgres (initdb in a temporary directory, fsync on for the full
 # suite), its own redis-server and two seqcast nodes sharing them, measures the database's own
@@ -36,12 +40,13 @@ case "${1:-}" in
     "") ;;
     --smoke) MODE=smoke ;;
     --cluster) MODE=cluster ;;
+    --redis-cluster) MODE=redis-cluster ;;
     -h | --help)
-        sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     *)
-        echo "usage: scripts/bench.sh [--smoke | --cluster]" >&2
+        echo "usage: scripts/bench.sh [--smoke | --cluster | --redis-cluster]" >&2
         exit 2
         ;;
 esac
@@ -84,6 +89,8 @@ chmod 755 "$WORK"
 mkdir -p "$WORK/results"
 NODE_PIDS=()
 REDIS_PID=""
+# The other masters of a Redis Cluster (--redis-cluster).
+REDIS_PIDS=()
 PG_PID=""
 
 cleanup() {
@@ -92,9 +99,10 @@ cleanup() {
         [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null
     done
     [ -n "$REDIS_PID" ] && kill -TERM "$REDIS_PID" 2>/dev/null
+    for pid in "${REDIS_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
     # Immediate shutdown: the data is thrown away anyway.
     [ -n "$PG_PID" ] && kill -QUIT "$PG_PID" 2>/dev/null
-    for pid in "${NODE_PIDS[@]}" "$REDIS_PID" "$PG_PID"; do
+    for pid in "${NODE_PIDS[@]}" "$REDIS_PID" "${REDIS_PIDS[@]}" "$PG_PID"; do
         [ -n "$pid" ] || continue
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -KILL "$pid" 2>/dev/null
@@ -219,13 +227,37 @@ PG_DB_OPTIONS="TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
 # ------------------------------------------------------------------------------------------------
 # Redis
 
-REDIS_PORT="$(free_port)"
-log "starting $(redis-server --version | cut -d' ' -f1-3) on port $REDIS_PORT"
-mkdir -p "$WORK/redis"
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
-    --dir "$WORK/redis" >"$WORK/redis/redis.log" 2>&1 &
-REDIS_PID=$!
-wait_until 30 Redis redis-cli -p "$REDIS_PORT" ping || exit 1
+if [ "$MODE" = redis-cluster ]; then
+    # Three masters, no replicas: pub/sub capacity, not failover, is measured here (failover is
+    # tested in server/tests/redis_cluster.rs).
+    REDIS_PORTS=()
+    for i in 0 1 2; do
+        port="$(free_port)"
+        REDIS_PORTS+=("$port")
+        mkdir -p "$WORK/redis$i"
+        redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
+            --cluster-enabled yes --cluster-config-file nodes.conf \
+            --dir "$WORK/redis$i" >"$WORK/redis$i/redis.log" 2>&1 &
+        if [ "$i" = 0 ]; then REDIS_PID=$!; else REDIS_PIDS+=($!); fi
+        wait_until 30 "Redis $i" redis-cli -p "$port" ping || exit 1
+    done
+    log "creating a Redis Cluster of 3 masters on ports ${REDIS_PORTS[*]}"
+    redis-cli --cluster create "${REDIS_PORTS[@]/#/127.0.0.1:}" --cluster-yes >"$WORK/redis0/create.log" 2>&1 ||
+        { cat "$WORK/redis0/create.log" >&2; fail "redis-cli --cluster create failed"; exit 1; }
+    for port in "${REDIS_PORTS[@]}"; do
+        wait_until 30 "Redis Cluster on $port" sh -c "redis-cli -p $port cluster info | grep -q cluster_state:ok" || exit 1
+    done
+    REDIS_URL="redis-cluster://127.0.0.1:${REDIS_PORTS[0]}?node=127.0.0.1:${REDIS_PORTS[1]}&node=127.0.0.1:${REDIS_PORTS[2]}"
+else
+    REDIS_PORT="$(free_port)"
+    log "starting $(redis-server --version | cut -d' ' -f1-3) on port $REDIS_PORT"
+    mkdir -p "$WORK/redis"
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+        --dir "$WORK/redis" >"$WORK/redis/redis.log" 2>&1 &
+    REDIS_PID=$!
+    wait_until 30 Redis redis-cli -p "$REDIS_PORT" ping || exit 1
+    REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+fi
 
 # ------------------------------------------------------------------------------------------------
 # seqcast nodes
@@ -235,7 +267,7 @@ export LOADTEST_JWT_SECRET="$JWT_SECRET"
 NODE_URLS=("" "")
 NODE_ENV=(
     "DATABASE_URL=postgres://postgres@127.0.0.1:$PGPORT/seqcast"
-    "REDIS_URL=redis://127.0.0.1:$REDIS_PORT"
+    "REDIS_URL=$REDIS_URL"
     "SEQCAST_LISTEN=127.0.0.1:0"
     "SEQCAST_JWT_SECRET=$JWT_SECRET"
     "SEQCAST_SEND_RATE=0"
@@ -317,15 +349,20 @@ pgbench_run() {
         >"$WORK/results/pgbench-$name"
     log "pgbench $name: $(cut -d' ' -f1 "$WORK/results/pgbench-$name") messages/s"
 }
-pgbench_run batch100-rooms100 100 100 8
-pgbench_run batch100-room1 1 100 4
-pgbench_run single-rooms100 100 1 16
-pgbench_run single-room1 1 1 4
+if [ "$MODE" != redis-cluster ]; then
+    pgbench_run batch100-rooms100 100 100 8
+    pgbench_run batch100-room1 1 100 4
+    pgbench_run single-rooms100 100 1 16
+    pgbench_run single-room1 1 1 4
+fi
 
 # ------------------------------------------------------------------------------------------------
 # Scenarios
 
 LOADTEST_CMDS=()
+# The other masters of a Redis Cluster, watched too (their CPU is in the report).
+REDIS_WATCH=()
+for i in "${!REDIS_PIDS[@]}"; do REDIS_WATCH+=(--watch-pid "redis$((i + 1))=${REDIS_PIDS[i]}"); done
 # scenario NAME ARGS...: runs loadtest, keeps its JSON line in results/NAME.json.
 scenario() {
     local name=$1
@@ -342,7 +379,7 @@ scenario() {
         log "scenario $name: VACUUM/CHECKPOINT failed; measuring anyway"
     # loadtest bounds itself; `timeout` is a backstop.
     timeout -k 10 900 "${BENCH_LOADTEST_BIN:-$BIN/loadtest}" --label "$name" "$@" \
-        --watch-pid "postgres=$PG_PID" --watch-pid "redis=$REDIS_PID" \
+        --watch-pid "postgres=$PG_PID" --watch-pid "redis=$REDIS_PID" "${REDIS_WATCH[@]}" \
         >"$WORK/$name.out" 2>"$WORK/$name.err"
     local status=$?
     cat "$WORK/$name.out" | grep -v '^{"scenario":'
@@ -410,6 +447,16 @@ if [ "$MODE" = full ]; then
             --server-pid "${NODE_PIDS[0]}" --connections "$count" --rooms 100 --duration 5s \
             --connect-concurrency 512 --io-timeout 60s
     done
+elif [ "$MODE" = redis-cluster ]; then
+    # The full suite's parameters, so the rows compare with its single-Redis rows.
+    scenario rc-throughput-100-rooms throughput --nodes "$BOTH" --server-pid "$BOTH_PIDS" \
+        --rooms 100 --publishers 100 --window 256 --subscribers 1 --duration 10s
+    scenario rc-throughput-1-room throughput --nodes "$BOTH" --server-pid "$BOTH_PIDS" \
+        --rooms 1 --publishers 20 --window 100 --subscribers 1 --duration 10s
+    scenario rc-fanout fanout --nodes "$BOTH" --server-pid "$BOTH_PIDS" \
+        --rooms 1 --subscribers 5000 --publishers 2 --rate 55 --duration 15s
+    scenario rc-fanout-100-rooms fanout --nodes "$BOTH" --server-pid "$BOTH_PIDS" \
+        --rooms 100 --subscribers 50 --publishers 100 --rate 50 --duration 15s
 else
     SMOKE=(--duration 2s --drain-timeout 10s --io-timeout 10s)
     scenario throughput-100-rooms throughput --nodes "$BOTH" --server-pid "$BOTH_PIDS" \
@@ -459,6 +506,62 @@ verdict() {
 }
 pgb() { cut -d' ' -f1 "$WORK/results/pgbench-$1" 2>/dev/null; }
 pgt() { cut -d' ' -f2 "$WORK/results/pgbench-$1" 2>/dev/null; }
+
+# The section --redis-cluster writes into docs/benchmarks.md, between these markers; the full
+# suite, which writes the rest of the document, carries it over.
+RC_BEGIN='<!-- redis-cluster:begin -->'
+RC_END='<!-- redis-cluster:end -->'
+rc_section_of() {
+    [ -f "$1" ] && sed -n "/^$RC_BEGIN\$/,/^$RC_END\$/p" "$1"
+}
+
+if [ "$MODE" = redis-cluster ]; then
+    doc="$ROOT/docs/benchmarks.md"
+    section="$WORK/rc-section.md"
+    {
+        echo "$RC_BEGIN"
+        echo "## On a Redis Cluster (sharded pub/sub)"
+        echo
+        echo "Generated by \`scripts/bench.sh --redis-cluster\` on $(date -u '+%Y-%m-%d %H:%M UTC') from commit"
+        echo "\`$(git rev-parse --short HEAD 2>/dev/null || echo unknown)\`: the same two nodes and Postgres as above, with"
+        echo "\`REDIS_URL=redis-cluster://...\` naming a Redis Cluster of 3 masters (no replicas) on this"
+        echo "machine, so each room's channel lives on one shard (\`SPUBLISH\`/\`SSUBSCRIBE\`). Same"
+        echo "parameters as the single-Redis rows; \`redis CPU\` sums the three masters. Everything shares"
+        echo "the same $(nproc) cores, so the comparison shows the cost of the cluster client, not the"
+        echo "capacity that more shards on more machines add (see docs/scaling.md)."
+        echo
+        echo "| scenario | commits/s | deliveries/s | e2e p50 | e2e p99 | lost | dup | ooo | redis CPU (3 masters) |"
+        echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        for f in "$WORK"/results/rc-*.json; do
+            [ -s "$f" ] || continue
+            jq -r '"| \(.label) | \(.commits_per_sec|floor) | \(.deliveries_per_sec|floor) | \(.e2e_latency.p50_ms // "n/a") ms | \(.e2e_latency.p99_ms // "n/a") ms | \(.lost) | \(.duplicates) | \(.out_of_order) | \([.cpu.watched_cpu_secs // {} | to_entries[] | select(.key|startswith("redis")) | .value] | add // 0 | . * 100 | floor / 100) s |"' "$f"
+        done
+        echo
+        echo '```json'
+        for f in "$WORK"/results/rc-*.json; do
+            [ -s "$f" ] && sed -E 's#http://127\.0\.0\.1:[0-9]+#http://NODE#g' "$f"
+        done
+        echo '```'
+        echo "$RC_END"
+    } >"$section"
+    if [ -z "${BENCH_ONLY:-}" ]; then
+        if grep -q "^$RC_BEGIN\$" "$doc" 2>/dev/null; then
+            # Replace the old section in place.
+            awk -v begin="$RC_BEGIN" -v end="$RC_END" -v file="$section" '
+                $0 == begin { while ((getline line < file) > 0) print line; skip = 1; next }
+                $0 == end { skip = 0; next }
+                !skip' "$doc" >"$doc.new" && mv "$doc.new" "$doc"
+        else
+            { echo; cat "$section"; } >>"$doc"
+        fi
+        log "wrote the Redis Cluster section of $doc"
+    fi
+    cat "$section"
+    log "redis-cluster suite finished in ${SUITE_SECS}s with ${#FAILURES[@]} failure(s)"
+    for f in "${FAILURES[@]}"; do log "  - $f"; done
+    [ "${#FAILURES[@]}" -eq 0 ]
+    exit
+fi
 
 if [ "$MODE" = smoke ]; then
     for f in "$WORK"/results/*.json; do
@@ -549,7 +652,8 @@ scenario_rows() {
 
 write_doc() {
     local doc="$ROOT/docs/benchmarks.md"
-    local mem_kib cpu_model pg_version redis_version
+    local mem_kib cpu_model pg_version redis_version rc_kept
+    rc_kept="$(rc_section_of "$doc")"
     mem_kib="$(awk '/^MemTotal:/ { print $2 }' /proc/meminfo)"
     cpu_model="$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
     pg_version="$("$PGBIN/postgres" --version)"
@@ -698,6 +802,10 @@ write_doc() {
             [ -s "$WORK/results/$name.json" ] && sed -E 's#http://127\.0\.0\.1:[0-9]+#http://NODE#g' "$WORK/results/$name.json"
         done
         echo '```'
+        if [ -n "$rc_kept" ]; then
+            echo
+            echo "$rc_kept"
+        fi
     } >"$doc"
     log "wrote $doc"
 }
