@@ -2,8 +2,10 @@
 //! (no files to deploy, and the page always matches the node's protocol).
 //!
 //! - `/`: the page; `/demo/app.js`, `/demo/style.css`: its script and style (this directory);
-//! - `/client/seqcast.js`, `/client/emitter.js`: the client library itself, the very files of
-//!   `clients/js/src/` (its own relative import of `./emitter.js` resolves next to it).
+//! - `/client/seqcast.js` and the modules it imports (`/client/emitter.js`,
+//!   `/client/presence.js`): the client library itself, the very files of `clients/js/src/` (its
+//!   relative imports resolve next to it). A unit test fails when the library imports a file not
+//!   served here.
 //!
 //! Static and public: the page holds no secret, and it talks to the node only through the public
 //! API with the credential its user types in. A strict Content-Security-Policy keeps it to its own
@@ -19,8 +21,21 @@ use crate::app::AppState;
 const INDEX_HTML: &str = include_str!("index.html");
 const APP_JS: &str = include_str!("app.js");
 const STYLE_CSS: &str = include_str!("style.css");
-const CLIENT_JS: &str = include_str!("../../../clients/js/src/index.js");
-const EMITTER_JS: &str = include_str!("../../../clients/js/src/emitter.js");
+/// The client library's files, by the name they are served under (`/client/NAME`).
+const CLIENT_FILES: &[(&str, &str)] = &[
+    (
+        "seqcast.js",
+        include_str!("../../../clients/js/src/index.js"),
+    ),
+    (
+        "emitter.js",
+        include_str!("../../../clients/js/src/emitter.js"),
+    ),
+    (
+        "presence.js",
+        include_str!("../../../clients/js/src/presence.js"),
+    ),
+];
 
 /// Scripts, styles and connections from this origin only (WebSocket included: `'self'` covers
 /// `ws:`/`wss:` to the same host in current browsers, listed explicitly for older ones).
@@ -29,15 +44,17 @@ const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
                    form-action 'self'; frame-ancestors 'none'";
 
 pub fn routes() -> Router<AppState> {
-    Router::new()
+    let mut router = Router::new()
         .route("/", get(|| async { page() }))
         .route("/demo/app.js", get(|| async { asset(JS, APP_JS) }))
-        .route("/demo/style.css", get(|| async { asset(CSS, STYLE_CSS) }))
-        .route("/client/seqcast.js", get(|| async { asset(JS, CLIENT_JS) }))
-        .route(
-            "/client/emitter.js",
-            get(|| async { asset(JS, EMITTER_JS) }),
-        )
+        .route("/demo/style.css", get(|| async { asset(CSS, STYLE_CSS) }));
+    for &(name, body) in CLIENT_FILES {
+        router = router.route(
+            &format!("/client/{name}"),
+            get(move || async move { asset(JS, body) }),
+        );
+    }
+    router
 }
 
 const JS: &str = "text/javascript; charset=utf-8";
@@ -67,4 +84,30 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
         body,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every relative module a served client file imports (`from './x.js'`) is served too: a
+    /// browser would otherwise fail to load the library, and the page would never connect.
+    #[test]
+    fn every_import_of_the_client_is_served() {
+        for (name, body) in CLIENT_FILES {
+            for line in body
+                .lines()
+                .filter(|l| l.trim_start().starts_with("import"))
+            {
+                let Some((_, rest)) = line.split_once("from './") else {
+                    continue;
+                };
+                let file = rest.split(['\'', '"']).next().unwrap_or_default();
+                assert!(
+                    CLIENT_FILES.iter().any(|(served, _)| *served == file),
+                    "{name} imports ./{file}, which /client/ does not serve"
+                );
+            }
+        }
+    }
 }
