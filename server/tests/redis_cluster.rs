@@ -10,7 +10,11 @@
 //!   the user's key).
 //! - `shard_failover_loses_nothing`: a paced stream into a room; the master that owns the room's
 //!   slot is killed mid-stream and its replica promoted: nothing lost, nothing duplicated, in
-//!   order. FIGURE lines give the failover time and the delivery delays around it.
+//!   order, the nodes' bus state shows the outage, and messages cross the bus again after it.
+//!   FIGURE lines give the failover time and the delivery delays around it.
+//! - `subscriptions_follow_a_moved_slot`: the slot of a room's channel moves to another master
+//!   mid-stream (the shard unsubscribes the nodes): every message arrives once, in order, and
+//!   messages cross the bus again afterwards, so the subscriptions followed the slot.
 #![allow(clippy::unwrap_used)]
 
 #[allow(dead_code)]
@@ -277,6 +281,67 @@ async fn shard_failover_loses_nothing() {
             DelayStats::of(streams.iter().flatten().map(|m| m.delay)),
         );
         cluster.print_bus_metrics(&[0, 1, 2]).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_follow_a_moved_slot() {
+    scenario("subscriptions_follow_a_moved_slot", async {
+        const MESSAGES: usize = 800;
+        let redis = RedisCluster::start(3);
+        let cluster = nodes_on(&redis, &[]).await;
+        bus_up(&cluster).await;
+        let room = rooms_on_distinct_shards(&redis, 1).remove(0);
+        let channel = format!("seqcast:room:{room}");
+        let slot = redis.keyslot(&channel);
+        let until = Instant::now() + STREAM_DEADLINE;
+        let (target_tx, target) = watch::channel(0);
+        let listeners =
+            listeners_on(&cluster, &room, &[("n1", 1), ("n2", 2)], &target, until).await;
+        let c = &redis;
+        wait_until(Duration::from_secs(10), "subscribed on the shard", || {
+            let n = c.shard_subscribers(&channel);
+            async move { n >= 2 }
+        })
+        .await;
+        let progress = Arc::new(AtomicUsize::new(0));
+        let handles = vec![spawn_sender(
+            Sender::new("paced", &room, MESSAGES),
+            vec![cluster.ws(0)],
+            Pacing::paced(4, Duration::from_millis(10)),
+            until,
+            Arc::clone(&progress),
+        )];
+        progress_reaches(&progress, 150, "150 acks before the move").await;
+        let moved_at = Instant::now();
+        let to = redis.move_slot(slot).await;
+        eprintln!("slot {slot} moved to :{to}");
+        // The new owner has the nodes' subscriptions once they followed.
+        wait_until(
+            Duration::from_secs(20),
+            "subscriptions on the new shard",
+            || {
+                let n = c.shard_subscribers(&channel);
+                async move { n >= 2 }
+            },
+        )
+        .await;
+        let followed = moved_at.elapsed();
+        let received_before = cluster.metric(1, "seqcast_bus_received_total").await;
+        let senders = join_senders(handles).await;
+        let ledger = ledger_of(&senders);
+        assert_eq!(ledger.head, MESSAGES as u64);
+        finish_and_check(listeners, &target_tx, &ledger).await;
+        let received_after = cluster.metric(1, "seqcast_bus_received_total").await;
+        assert!(
+            received_after > received_before,
+            "no message crossed the bus after the slot moved ({received_before} before)"
+        );
+        figure(
+            "subscriptions on the slot's new shard after the move",
+            ms(followed),
+        );
     })
     .await;
 }

@@ -170,6 +170,55 @@ impl RedisCluster {
         }
     }
 
+    /// The live masters' (port, node id).
+    fn masters(&self) -> Vec<(u16, String)> {
+        let nodes = self.command(&["CLUSTER", "NODES"]);
+        nodes
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let master = fields.get(2)?.contains("master") && !fields[2].contains("fail");
+                let port = fields.get(1)?.split(['@', ':']).nth(1)?.parse().ok()?;
+                master.then(|| (port, fields[0].to_owned()))
+            })
+            .collect()
+    }
+
+    fn node(&self, port: u16) -> &TestRedis {
+        self.live().find(|n| n.port() == port).unwrap()
+    }
+
+    /// Moves `slot` (which must hold no keys: shard channels are not keys) from its master to
+    /// another master, as `redis-cli --cluster reshard` would (IMPORTING, MIGRATING, then NODE
+    /// on every master); returns the new owner's port once the old owner agrees.
+    pub async fn move_slot(&self, slot: u16) -> u16 {
+        let from = self.master_of(slot);
+        let masters = self.masters();
+        let id_of = |port: u16| masters.iter().find(|m| m.0 == port).unwrap().1.clone();
+        let to = masters.iter().map(|m| m.0).find(|&p| p != from).unwrap();
+        let (from_id, to_id) = (id_of(from), id_of(to));
+        let slot_arg = slot.to_string();
+        let set = |port: u16, args: &[&str]| {
+            let mut all = vec!["CLUSTER", "SETSLOT", slot_arg.as_str()];
+            all.extend_from_slice(args);
+            self.node(port).command(&all)
+        };
+        set(to, &["IMPORTING", &from_id]);
+        set(from, &["MIGRATING", &to_id]);
+        for (port, _) in &masters {
+            set(*port, &["NODE", &to_id]);
+        }
+        let start = Instant::now();
+        while self.owner(slot) != Some(to) {
+            assert!(
+                start.elapsed() < SETTLE_DEADLINE,
+                "slot {slot} did not move"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        to
+    }
+
     fn cluster_ok(&self) -> bool {
         self.live()
             .all(|n| n.command(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))

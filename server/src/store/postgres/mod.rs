@@ -188,6 +188,44 @@ impl PostgresStore {
     }
 
     /// Runs a query for [`message_from_row`]'s columns.
+    /// Up to `limit` messages of `room` with `floor <= seq < before`, newest first.
+    async fn read_below(
+        &self,
+        room: &str,
+        before: u64,
+        floor: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        let query = sqlx::query(
+            "SELECT seq, id::text AS id, sender, body, ts_ms FROM messages \
+             WHERE room = $1 AND seq < $2 AND seq >= $3 ORDER BY seq DESC LIMIT $4",
+        )
+        .bind(room)
+        .bind(batch::to_db(before))
+        .bind(batch::to_db(floor))
+        .bind(batch::limit_to_db(limit));
+        self.fetch_messages(room, query).await
+    }
+
+    /// Up to `limit` messages of `room` with `after < seq <= up_to`, in seq order.
+    async fn read_range(
+        &self,
+        room: &str,
+        after: u64,
+        up_to: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        let query = sqlx::query(
+            "SELECT seq, id::text AS id, sender, body, ts_ms FROM messages \
+             WHERE room = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
+        )
+        .bind(room)
+        .bind(batch::to_db(after))
+        .bind(batch::to_db(up_to))
+        .bind(batch::limit_to_db(limit));
+        self.fetch_messages(room, query).await
+    }
+
     async fn fetch_messages(
         &self,
         room: &str,
@@ -258,6 +296,13 @@ impl Store for PostgresStore {
         Ok(info)
     }
 
+    /// Seqs are dense from a room's oldest stored message to its head (retention deletes only
+    /// the oldest), so the `limit` messages after `after` have seqs in `(after, after + limit]`.
+    /// The read is bounded to that range: on `messages`' day partitions the planner, with the
+    /// statistics of a day that was empty when last analyzed, sorts every row of the room past
+    /// `after` rather than walking the index in order (a 100,000-message catch-up went from
+    /// 340,000 to 35,000 messages/s). When retention deleted the start of the range, the page
+    /// is read again without the bound.
     async fn read_after(
         &self,
         room: &str,
@@ -265,15 +310,14 @@ impl Store for PostgresStore {
         up_to: Option<u64>,
         limit: usize,
     ) -> StoreResult<Vec<StoredMessage>> {
-        let query = sqlx::query(
-            "SELECT seq, id::text AS id, sender, body, ts_ms FROM messages \
-             WHERE room = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
-        )
-        .bind(room)
-        .bind(batch::to_db(after))
-        .bind(batch::to_db(up_to.unwrap_or(u64::MAX)))
-        .bind(batch::limit_to_db(limit));
-        self.fetch_messages(room, query).await
+        let up_to = up_to.unwrap_or(u64::MAX);
+        let bounded = up_to.min(after.saturating_add(limit as u64));
+        let page = self.read_range(room, after, bounded, limit).await?;
+        let starts_at_next = page.first().is_some_and(|m| m.seq == after + 1);
+        if starts_at_next || bounded >= up_to {
+            return Ok(page);
+        }
+        self.read_range(room, after, up_to, limit).await
     }
 
     async fn read_before(
@@ -282,14 +326,15 @@ impl Store for PostgresStore {
         before: u64,
         limit: usize,
     ) -> StoreResult<Vec<StoredMessage>> {
-        let query = sqlx::query(
-            "SELECT seq, id::text AS id, sender, body, ts_ms FROM messages \
-             WHERE room = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
-        )
-        .bind(room)
-        .bind(batch::to_db(before))
-        .bind(batch::limit_to_db(limit));
-        let mut messages = self.fetch_messages(room, query).await?;
+        // Bounded to the `limit` seqs below `before`, for the reason given at `read_after`.
+        // Exact when the page reaches `before - 1`: nothing below the oldest stored seq exists.
+        // Otherwise `before` is past the head, and the page is read again without the bound.
+        let floor = before.saturating_sub(limit as u64);
+        let mut messages = self.read_below(room, before, floor, limit).await?;
+        let touches = messages.first().is_some_and(|m| m.seq + 1 == before);
+        if !touches && floor > 0 {
+            messages = self.read_below(room, before, 0, limit).await?;
+        }
         messages.reverse();
         Ok(messages)
     }
