@@ -61,6 +61,9 @@ pub enum BusEvent {
     /// Messages may have been lost (a reconnect, a receiver that fell behind): every local room's
     /// head should be checked against the database.
     MaybeLost,
+    /// Subscriptions may have been dropped without a reconnect (a Redis Cluster moved a slot,
+    /// which unsubscribes the shard's subscribers): subscribe to every room and user again.
+    Resubscribe,
     /// The bus went up or down.
     State(BusState),
 }

@@ -44,6 +44,10 @@ const PUBLISH_QUEUE: usize = 16384;
 const PUBLISH_BATCH: usize = 256;
 /// Events buffered for the relay.
 const EVENT_QUEUE: usize = 4096;
+/// On a Redis Cluster, how often every subscription is renewed: a shard that gives a slot away
+/// unsubscribes its subscribers with a push that fred drops unseen, and nothing else says so.
+/// Messages published meanwhile reach the node through its head checks.
+const CLUSTER_RESUBSCRIBE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A PUBLISH waiting in the queue.
 struct Outgoing {
@@ -266,6 +270,10 @@ impl Shared {
         // reconnect).
         let mut topology = self.link.subscriber().cluster_change_rx();
         let mut command_topology = self.link.commands().cluster_change_rx();
+        let mut reconcile = tokio::time::interval(CLUSTER_RESUBSCRIBE);
+        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is at once: nothing to renew yet.
+        reconcile.tick().await;
         let mut states = self.link.watch();
         // Report the state it has now too, should it be up already.
         states.mark_changed();
@@ -292,6 +300,7 @@ impl Shared {
                     // Up again: what was published meanwhile never reached us.
                     BusEvent::MaybeLost
                 }
+                _ = reconcile.tick(), if self.clustered => BusEvent::Resubscribe,
                 change = topology.recv() => match change {
                     Ok(_) | Err(RecvError::Lagged(_)) => BusEvent::MaybeLost,
                     Err(RecvError::Closed) => break,
