@@ -101,16 +101,7 @@ async fn rooms_on_every_shard_deliver_in_order() {
         }
         for room in &rooms {
             let channel = format!("seqcast:room:{room}");
-            let c = &redis;
-            wait_until(
-                Duration::from_secs(10),
-                &format!("{channel} on its shard"),
-                || {
-                    let n = c.shard_subscribers(&channel);
-                    async move { n == 3 }
-                },
-            )
-            .await;
+            shard_subscribers_reach(&redis, &channel, 3, &format!("{channel} on its shard")).await;
             for node in 0..3 {
                 let sender = Sender::new(format!("{room}-n{node}"), room, PER_SENDER);
                 handles.push(spawn_sender(
@@ -207,6 +198,32 @@ async fn burst(ws: &mut WsClient, n: usize) -> usize {
     acked
 }
 
+/// Waits until at least `n` connections subscribe to `channel` on the shard that owns it.
+async fn shard_subscribers_reach(redis: &RedisCluster, channel: &str, n: usize, what: &str) {
+    wait_until(Duration::from_secs(20), what, || {
+        let now = redis.shard_subscribers(channel);
+        async move { now >= n }
+    })
+    .await;
+}
+
+/// A sender on node 0, about 100 messages/s.
+fn paced_sender(
+    cluster: &Cluster,
+    room: &str,
+    messages: usize,
+    until: Instant,
+    progress: &Arc<AtomicUsize>,
+) -> tokio::task::JoinHandle<Sender> {
+    spawn_sender(
+        Sender::new("paced", room, messages),
+        vec![cluster.ws(0)],
+        Pacing::paced(4, Duration::from_millis(10)),
+        until,
+        Arc::clone(progress),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shard_failover_loses_nothing() {
     scenario("shard_failover_loses_nothing", async {
@@ -227,20 +244,9 @@ async fn shard_failover_loses_nothing() {
             until,
         )
         .await;
-        let c = &redis;
-        wait_until(Duration::from_secs(10), "subscribed on the shard", || {
-            let n = c.shard_subscribers(&channel);
-            async move { n >= 2 }
-        })
-        .await;
+        shard_subscribers_reach(&redis, &channel, 2, "subscribed on the shard").await;
         let progress = Arc::new(AtomicUsize::new(0));
-        let handles = vec![spawn_sender(
-            Sender::new("paced", &room, MESSAGES),
-            vec![cluster.ws(0)],
-            Pacing::paced(4, Duration::from_millis(10)),
-            until,
-            Arc::clone(&progress),
-        )];
+        let handles = vec![paced_sender(&cluster, &room, MESSAGES, until, &progress)];
         progress_reaches(&progress, 150, "150 acks before the failover").await;
         let killed_at = Instant::now();
         let old = redis.kill_master_of(slot);
@@ -301,34 +307,15 @@ async fn subscriptions_follow_a_moved_slot() {
         let (target_tx, target) = watch::channel(0);
         let listeners =
             listeners_on(&cluster, &room, &[("n1", 1), ("n2", 2)], &target, until).await;
-        let c = &redis;
-        wait_until(Duration::from_secs(10), "subscribed on the shard", || {
-            let n = c.shard_subscribers(&channel);
-            async move { n >= 2 }
-        })
-        .await;
+        shard_subscribers_reach(&redis, &channel, 2, "subscribed on the shard").await;
         let progress = Arc::new(AtomicUsize::new(0));
-        let handles = vec![spawn_sender(
-            Sender::new("paced", &room, MESSAGES),
-            vec![cluster.ws(0)],
-            Pacing::paced(4, Duration::from_millis(10)),
-            until,
-            Arc::clone(&progress),
-        )];
+        let handles = vec![paced_sender(&cluster, &room, MESSAGES, until, &progress)];
         progress_reaches(&progress, 150, "150 acks before the move").await;
         let moved_at = Instant::now();
         let to = redis.move_slot(slot).await;
         eprintln!("slot {slot} moved to :{to}");
         // The new owner has the nodes' subscriptions once they followed.
-        wait_until(
-            Duration::from_secs(20),
-            "subscriptions on the new shard",
-            || {
-                let n = c.shard_subscribers(&channel);
-                async move { n >= 2 }
-            },
-        )
-        .await;
+        shard_subscribers_reach(&redis, &channel, 2, "subscriptions on the new shard").await;
         let followed = moved_at.elapsed();
         let received_before = cluster.metric(1, "seqcast_bus_received_total").await;
         let senders = join_senders(handles).await;
