@@ -200,17 +200,7 @@ impl Presence {
         if let Some(users) = self.add_watcher(room, id, &sub, None) {
             return Ok(users);
         }
-        let remote = match &self.0.roster {
-            Some(roster) => {
-                let read = roster
-                    .remote(std::slice::from_ref(room), &self.0.node, self.0.max_users)
-                    .await?;
-                read.into_iter()
-                    .next()
-                    .map_or(Remote::Users(BTreeSet::new()), |(_, remote)| remote)
-            }
-            None => Remote::Users(BTreeSet::new()),
-        };
+        let remote = self.remote_of(room).await?;
         let users = self.add_watcher(room, id, &sub, Some(remote));
         if self.clustered() {
             // A change another node wrote while the roster was read, and reported before the
@@ -278,25 +268,26 @@ impl Presence {
                 return Ok(current(&entry.local, &view.remote, max).to_users());
             }
         }
-        let remote = match &self.0.roster {
-            Some(roster) => {
-                let room: Arc<str> = Arc::from(room);
-                let read = roster
-                    .remote(std::slice::from_ref(&room), &self.0.node, max)
-                    .await?;
-                read.into_iter()
-                    .next()
-                    .map_or(Remote::Users(BTreeSet::new()), |(_, remote)| remote)
-            }
-            None => Remote::Users(BTreeSet::new()),
+        let remote = self.remote_of(&Arc::from(room)).await?;
+        let told = match self.0.rooms.get(room) {
+            Some(entry) => current(&entry.local, &remote, max),
+            None => current(&HashMap::new(), &remote, max),
         };
-        let local = self
-            .0
-            .rooms
-            .get(room)
-            .map(|entry| entry.local.clone())
-            .unwrap_or_default();
-        Ok(current(&local, &remote, max).to_users())
+        Ok(told.to_users())
+    }
+
+    /// What the roster says of `room` on the other nodes (nothing on a single node).
+    async fn remote_of(&self, room: &Arc<str>) -> StoreResult<Remote> {
+        let Some(roster) = &self.0.roster else {
+            return Ok(Remote::Users(BTreeSet::new()));
+        };
+        let read = roster
+            .remote(std::slice::from_ref(room), &self.0.node, self.0.max_users)
+            .await?;
+        Ok(read
+            .into_iter()
+            .next()
+            .map_or(Remote::Users(BTreeSet::new()), |(_, remote)| remote))
     }
 
     /// Another node reported a change in `room`: read it again if it is watched here.
