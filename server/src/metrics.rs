@@ -40,6 +40,10 @@ pub const BUS_PUBLISHED: &str = "seqcast_bus_published_total";
 pub const BUS_PUBLISH_DROPPED: &str = "seqcast_bus_publish_dropped_total";
 /// Messages received from other nodes through the bus (counter).
 pub const BUS_RECEIVED: &str = "seqcast_bus_received_total";
+/// Redis Cluster only: times the cluster's slot map was found to differ from the one the node
+/// subscribes by (a slot moved, or a replica took over), each followed by every subscription
+/// renewed and every room's head checked (counter).
+pub const BUS_SLOT_MOVES: &str = "seqcast_bus_slot_moves_total";
 /// Signals accepted from this node's clients (counter).
 pub const SIGNALS: &str = "seqcast_signals_total";
 /// Ephemeral frames (signals, read cursors) dropped (counter, label `at`: `bus` when the bus
@@ -177,6 +181,10 @@ fn describe() {
         "Messages not published (bus down or queue full)"
     );
     describe_counter!(BUS_RECEIVED, "Messages received from other nodes");
+    describe_counter!(
+        BUS_SLOT_MOVES,
+        "Redis Cluster slot map changes seen (subscriptions renewed)"
+    );
     describe_counter!(SIGNALS, "Signals accepted from this node's clients");
     describe_counter!(
         EPHEMERAL_DROPPED,

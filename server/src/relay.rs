@@ -336,7 +336,6 @@ async fn bus_events(
                 }
                 Topic::Presence(room) => presence.reported(&room),
             },
-            BusEvent::Resubscribe => resubscribe.notify_one(),
             BusEvent::MaybeLost => {
                 presence.reread_all();
                 resubscribe.notify_one();

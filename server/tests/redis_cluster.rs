@@ -124,6 +124,12 @@ async fn rooms_on_every_shard_deliver_in_order() {
             received += cluster.metric(i, "seqcast_bus_received_total").await;
         }
         assert!(received > 0.0, "messages crossed nodes over the bus");
+        // A cluster whose slots stay put is not taken for one that moved them (which would
+        // renew every subscription and check every head each second).
+        for i in 0..3 {
+            let moves = cluster.metric(i, "seqcast_bus_slot_moves_total").await;
+            assert_eq!(moves, 0.0, "n{i} saw slots move on a still cluster");
+        }
         figure("messages received over sharded pub/sub (3 nodes)", received);
     })
     .await;
@@ -333,6 +339,10 @@ async fn subscriptions_follow_a_moved_slot() {
         assert_eq!(ledger.head, (AROUND + AFTER) as u64);
         finish_and_check(listeners, &target_tx, &ledger).await;
         cluster.print_bus_metrics(&[0, 1, 2]).await;
+        for i in 0..3 {
+            let moves = cluster.metric(i, "seqcast_bus_slot_moves_total").await;
+            assert!(moves >= 1.0, "n{i} did not notice the slot move");
+        }
         for (i, before) in [1, 2].into_iter().zip(before) {
             let crossed = cluster.metric(i, "seqcast_bus_received_total").await - before;
             assert!(

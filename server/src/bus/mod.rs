@@ -58,12 +58,10 @@ pub enum BusEvent {
     Message(BusMessage),
     /// An ephemeral frame from another node, for a room or user this node subscribed to.
     Ephemeral(Ephemeral),
-    /// Messages may have been lost (a reconnect, a receiver that fell behind): every local room's
-    /// head should be checked against the database.
+    /// Messages may have been lost (a reconnect, a receiver that fell behind, a Redis Cluster
+    /// slot that moved): every subscription is renewed and every local room's head checked
+    /// against the database.
     MaybeLost,
-    /// Subscriptions may have been dropped without a reconnect (a Redis Cluster moved a slot,
-    /// which unsubscribes the shard's subscribers): subscribe to every room and user again.
-    Resubscribe,
     /// The bus went up or down.
     State(BusState),
 }

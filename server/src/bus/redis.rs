@@ -10,9 +10,10 @@
 //! and `SSUBSCRIBE`, so a room's messages go to the one shard that owns its channel's slot,
 //! never to every shard (classic `PUBLISH` on a cluster is broadcast to all of them), and adding
 //! shards adds pub/sub capacity. A shard failing over, or a slot moving, drops that shard's
-//! subscriptions: fred reports a reconnect or a cluster change, which the bus turns into
-//! [`BusEvent::MaybeLost`] like any reconnect (subscriptions renewed, heads checked, so what
-//! was published meanwhile is read from the database).
+//! subscriptions: fred reports a reconnect or a cluster change, and the node compares the slot
+//! map with its routing every second (a slot move is otherwise unseen, see [`SLOT_CHECK`]);
+//! the bus turns each into [`BusEvent::MaybeLost`] like any reconnect (subscriptions renewed,
+//! heads checked, so what was published meanwhile is read from the database).
 //!
 //! Health is the node's [`RedisLink`]'s (see `crate::redis`): while the link is not up,
 //! publishes are dropped at once instead of queueing, and the relay polls the database instead.
@@ -26,8 +27,9 @@ use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use fred::clients::Pipeline;
-use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
-use fred::types::{ClusterHash, CustomCommand};
+use fred::interfaces::{ClientLike, ClusterInterface, EventInterface, PubsubInterface};
+use fred::types::cluster::ClusterRouting;
+use fred::types::{ClusterHash, CustomCommand, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -44,10 +46,13 @@ const PUBLISH_QUEUE: usize = 16384;
 const PUBLISH_BATCH: usize = 256;
 /// Events buffered for the relay.
 const EVENT_QUEUE: usize = 4096;
-/// On a Redis Cluster, how often every subscription is renewed: a shard that gives a slot away
-/// unsubscribes its subscribers with a push that fred drops unseen, and nothing else says so.
-/// Messages published meanwhile reach the node through its head checks.
-const CLUSTER_RESUBSCRIBE: std::time::Duration = std::time::Duration::from_secs(10);
+/// On a Redis Cluster, how often the slot map is read and compared with the one the subscriber
+/// routes by. A shard that gives a slot away unsubscribes its subscribers with a push that fred
+/// drops unseen, and fred learns of a move only from a redirected command, which a node that
+/// only subscribes never sends: this check is how such a node notices. Messages published
+/// between the move and the renewed subscription reach the node through the head check that
+/// follows. One `CLUSTER SLOTS` per node and second.
+const SLOT_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A PUBLISH waiting in the queue.
 struct Outgoing {
@@ -113,6 +118,9 @@ impl RedisBus {
             events,
         });
         tokio::spawn(Arc::clone(&shared).publish_loop(queued, shutdown.clone()));
+        if shared.clustered {
+            tokio::spawn(Arc::clone(&shared).watch_slots(shutdown.clone()));
+        }
         tokio::spawn(Arc::clone(&shared).receive_loop(shutdown));
         (RedisBus { shared }, events_rx)
     }
@@ -166,7 +174,7 @@ impl Shared {
             } else {
                 pipeline.ping::<()>(None).await?;
             }
-            pipeline.last::<fred::types::Value>().await
+            pipeline.last::<Value>().await
         };
         match tokio::time::timeout(self.link.timeout(), confirmed).await {
             Ok(Ok(_pong)) => Ok(()),
@@ -261,6 +269,66 @@ impl Shared {
         }
     }
 
+    /// On a Redis Cluster: every [`SLOT_CHECK`], reads the slot map; when it differs from the
+    /// subscriber's routing, brings that routing up to date (so the renewed subscriptions go to
+    /// the new owners at once, not through a redirection) and reports a possible loss, which
+    /// renews every subscription and checks every room's head.
+    async fn watch_slots(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(SLOT_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            // While the link is down there is nothing to route; its return renews everything.
+            if !self.link.is_up() {
+                continue;
+            }
+            match self.slots_moved().await {
+                Ok(false) => continue,
+                Ok(true) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the Redis Cluster's slots failed");
+                    continue;
+                }
+            }
+            tracing::info!("Redis Cluster slots moved: renewing subscriptions");
+            metrics::counter!(m::BUS_SLOT_MOVES).increment(1);
+            let synced =
+                tokio::time::timeout(self.link.timeout(), self.link.subscriber().sync_cluster())
+                    .await;
+            if !matches!(synced, Ok(Ok(()))) {
+                // Renewed anyway: a subscription sent to the old owner is redirected.
+                tracing::debug!("updating the subscriber's slot map failed");
+            }
+            if self.events.send(BusEvent::MaybeLost).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Whether the cluster's slot map (each range and its master) differs from the one the
+    /// subscriber routes by.
+    async fn slots_moved(&self) -> Result<bool, BusError> {
+        // Always asked of the master of slot 0, so that two nodes' views do not alternate while
+        // the cluster spreads a change (a master that has not heard of it yet).
+        let command = CustomCommand::new_static("CLUSTER", ClusterHash::Custom(0), false);
+        let read = self
+            .link
+            .commands()
+            .custom::<Value, _>(command, vec!["SLOTS"]);
+        let slots = match tokio::time::timeout(self.link.timeout(), read).await {
+            Ok(Ok(slots)) => slots,
+            Ok(Err(e)) => return Err(BusError::Unavailable(e.to_string())),
+            Err(_) => return Err(BusError::Timeout),
+        };
+        let now = ClusterRouting::from_cluster_slots(slots, "")
+            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let routed = self.link.subscriber().cached_cluster_state();
+        Ok(routed.is_none_or(|routed| owners(&routed) != owners(&now)))
+    }
+
     async fn receive_loop(self: Arc<Self>, stop: CancellationToken) {
         use tokio::sync::broadcast::error::RecvError;
         let mut messages = self.link.subscriber().message_rx();
@@ -270,10 +338,6 @@ impl Shared {
         // reconnect).
         let mut topology = self.link.subscriber().cluster_change_rx();
         let mut command_topology = self.link.commands().cluster_change_rx();
-        let mut reconcile = tokio::time::interval(CLUSTER_RESUBSCRIBE);
-        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The first tick is at once: nothing to renew yet.
-        reconcile.tick().await;
         let mut states = self.link.watch();
         // Report the state it has now too, should it be up already.
         states.mark_changed();
@@ -300,7 +364,6 @@ impl Shared {
                     // Up again: what was published meanwhile never reached us.
                     BusEvent::MaybeLost
                 }
-                _ = reconcile.tick(), if self.clustered => BusEvent::Resubscribe,
                 change = topology.recv() => match change {
                     Ok(_) | Err(RecvError::Lagged(_)) => BusEvent::MaybeLost,
                     Err(RecvError::Closed) => break,
@@ -405,6 +468,16 @@ impl Bus for RedisBus {
             BusState::Down
         }
     }
+}
+
+/// Each slot range of `routing` with its master's node id (and port, should a server not name
+/// its nodes): what decides where a shard channel is subscribed.
+fn owners(routing: &ClusterRouting) -> Vec<(u16, u16, &str, u16)> {
+    routing
+        .slots()
+        .iter()
+        .map(|range| (range.start, range.end, &*range.id, range.primary.port))
+        .collect()
 }
 
 /// What [`RedisBus::confirmed`] asks of Redis.
