@@ -4,7 +4,7 @@
 //!   trip, one commit, with or without idempotency keys (real clients put one on every send).
 //!   A key repeated within the group is answered from its first occurrence without a database
 //!   lookup. A key that may be stored *before* the group (a resend of a message whose ack was
-//!   lost) makes the statement fail whole, storing nothing (see [`ONE_STATEMENT`]'s guard).
+//!   lost) makes the statement fail whole, storing nothing (see [`ONE_STATEMENT`]'s key checks).
 //! - [`in_transaction`]: one transaction that locks every room, then looks the keys up, then
 //!   inserts, so a stored key is answered with its original. The fallback for the groups that
 //!   [`one_statement`] refused; always correct, five round trips whatever the number of rooms.
@@ -20,6 +20,18 @@ use sqlx::{Connection, Row};
 use super::message_from_row;
 use crate::store::batch::{self, KeyedMessage};
 use crate::store::{Appended, NewMessage};
+
+/// The key lookups' bound on `ts_ms`: what they can find was committed before their snapshot,
+/// taken about when their statement began, so its commit time (the database's clock, read by
+/// the statement that stored it) is before `statement_timestamp()`. The bound lets Postgres
+/// skip the day partitions created ahead (three, empty): half of a lookup's index pages
+/// without retention (today's partition and DEFAULT are left). The hour of slack covers a
+/// database clock stepped back by less than that.
+macro_rules! stored_before {
+    () => {
+        "(extract(epoch FROM statement_timestamp()) * 1000)::bigint + 3600000"
+    };
+}
 
 /// The general path: one transaction of three statements whatever the number of rooms, so one
 /// commit (one WAL flush) and five round trips (with `BEGIN` and `COMMIT`) for the whole group.
@@ -73,11 +85,14 @@ pub(super) async fn in_transaction(
     let mut stored: HashMap<String, Vec<KeyedMessage>> = HashMap::new();
     if !key_idems.is_empty() {
         let rows = sqlx::query(
-            "SELECT m.room, m.idem, m.seq, m.id::text AS id, m.sender, m.body, m.ts_ms \
-             FROM UNNEST($1::text[], $2::text[], $3::text[]) AS k (room, sender, idem) \
-             JOIN messages m \
-               ON m.room = k.room AND m.sender = k.sender AND m.idem = k.idem \
-             WHERE m.idem IS NOT NULL",
+            concat!(
+                "SELECT m.room, m.idem, m.seq, m.id::text AS id, m.sender, m.body, m.ts_ms \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[]) AS k (room, sender, idem) \
+                 JOIN messages m \
+                   ON m.room = k.room AND m.sender = k.sender AND m.idem = k.idem \
+                 WHERE m.idem IS NOT NULL AND m.ts_ms < ",
+                stored_before!()
+            ),
         )
         .bind(&key_rooms)
         .bind(&key_senders)
@@ -145,8 +160,9 @@ pub(super) async fn in_transaction(
     Ok(appended)
 }
 
-/// `unique_violation`: what the statement's guard raises (`seqcast_check_keys`, migration 0006)
-/// when a key of the group may be stored already. Nothing else in the statement can: seqs come
+/// `unique_violation`: what the statement's key checks raise (`seqcast_check_keys` and
+/// `seqcast_check_keys_waited`, migrations 0006 and 0007) when a key of the group is stored
+/// already. Nothing else in the statement can: seqs come
 /// from the locked counter and ids are fresh UUIDv7s.
 const UNIQUE_VIOLATION: &str = "23505";
 
@@ -161,12 +177,14 @@ const UNIQUE_VIOLATION: &str = "23505";
 /// repeat of a stored key is rare (a resend after a lost ack), so the fallback costs little.
 ///
 /// `messages` is partitioned by time (migration 0006), so no UNIQUE index on (room, sender,
-/// idem) can catch a stored key on insert any more. The statement looks the keys up itself, in
-/// its snapshot, which was taken *before* it waited for the rooms' locks: a key another writer
-/// committed during that wait is not in it. So it also compares, for each room with keys, the
-/// head it locked with the head its snapshot saw: every writer bumps the head in the
-/// transaction that inserts, so equal heads mean nobody wrote to the room in between, and the
-/// snapshot's lookup is as good as one under the lock. Otherwise the guard gives way.
+/// idem) can catch a stored key on insert any more, and the statement's snapshot was taken
+/// *before* it waited for the rooms' locks: a key another writer committed during that wait is
+/// not in it. So the keys are checked twice (migration 0007): in the snapshot, before the
+/// locks are taken (so that other writers of the rooms do not wait for the lookups), and once
+/// the locks are held, against the rows other writers committed to the rooms during the wait
+/// only, by a VOLATILE function, which reads with a snapshot of its own. (0006 refused a keyed
+/// group whenever its room was written during the wait, which in a room busy on several nodes
+/// was most groups.)
 pub(super) async fn one_statement(
     conn: &mut PgConnection,
     batches: &[(&str, &[NewMessage])],
@@ -186,6 +204,8 @@ pub(super) async fn one_statement(
     let mut senders = Vec::with_capacity(total);
     let mut bodies = Vec::with_capacity(total);
     let mut idems = Vec::with_capacity(total);
+    // The new messages that carry a key: what the function looks up.
+    let (mut key_rooms, mut key_senders, mut key_idems) = (Vec::new(), Vec::new(), Vec::new());
     for ((room, batch), plan) in batches.iter().zip(&plans) {
         rooms.push(*room);
         counts.push(batch::to_db(plan.head));
@@ -195,6 +215,11 @@ pub(super) async fn one_statement(
             senders.push(batch[i].sender.as_str());
             bodies.push(batch[i].body.as_str());
             idems.push(batch[i].idem.as_deref());
+            if let Some(idem) = batch[i].idem.as_deref() {
+                key_rooms.push(*room);
+                key_senders.push(batch[i].sender.as_str());
+                key_idems.push(idem);
+            }
         }
     }
     let rows: Vec<(String, i64, i64)> = match sqlx::query_as(ONE_STATEMENT)
@@ -206,6 +231,9 @@ pub(super) async fn one_statement(
         .bind(&senders)
         .bind(&bodies)
         .bind(&idems)
+        .bind(&key_rooms)
+        .bind(&key_senders)
+        .bind(&key_idems)
         .fetch_all(&mut *conn)
         .await
     {
@@ -236,29 +264,40 @@ pub(super) async fn one_statement(
 
 /// The statement of [`one_statement`]. `$1, $2`: the rooms (in byte order) and how many new
 /// messages each gets; `$3..$7`: per new message, in input order, its room, id, sender, body and
-/// idem (NULL for none). One row per room: its new head and the commit time.
+/// idem (NULL for none); `$8..$10`: per new message with a key, its room, sender and key. One
+/// row per room: its new head and the commit time.
 ///
 /// Data-modifying CTEs run exactly once, whether or not the final SELECT reads them. The
 /// timestamp aggregates over `bump`, so it is taken once every room's lock is held. A message's
 /// seq is its room's new head minus the room's count plus its place in the room.
 ///
-/// The guard (`stale`, checked by `seqcast_check_keys` in the final SELECT, which always runs):
-/// `snap` reads the rooms' heads in the statement's snapshot (sub-statements of one statement
-/// do not see each other's writes, so not `bump`'s), and `stale` is true when a key of the
-/// group is in that snapshot, or when a room with keys had a head at its lock other than that
-/// snapshot's. An error then undoes the whole statement, bumps and inserts included.
-const ONE_STATEMENT: &str = "\
+/// The key checks (see [`one_statement`]), each raising unique_violation, which undoes the
+/// whole statement, bumps and inserts included:
+/// - `stored`, in the statement's snapshot: `bump` reads its rows through the check, so it is
+///   computed before the first lock is asked for.
+/// - `waited`, once every lock is held (it aggregates over `bump`): per keyed room, the seqs it
+///   gained between the snapshot (`snap`, which reads `rooms` in that snapshot whenever it
+///   runs) and its lock, which `seqcast_check_keys_waited` reads with a fresh snapshot. A CTE
+///   that calls a VOLATILE function is computed once, never inlined.
+const ONE_STATEMENT: &str = concat!("\
     WITH counts AS ( \
         SELECT room, n FROM UNNEST($1::text[], $2::bigint[]) AS c (room, n)), \
+    keys AS ( \
+        SELECT k.room, k.sender, k.idem \
+        FROM UNNEST($8::text[], $9::text[], $10::text[]) AS k (room, sender, idem)), \
     snap AS ( \
         SELECT counts.room, COALESCE(rooms.head, 0) AS head \
         FROM counts LEFT JOIN rooms ON rooms.room = counts.room), \
-    keys AS ( \
-        SELECT DISTINCT k.room, k.sender, k.idem \
-        FROM UNNEST($3::text[], $5::text[], $7::text[]) AS k (room, sender, idem) \
-        WHERE k.idem IS NOT NULL), \
+    stored AS MATERIALIZED ( \
+        SELECT EXISTS ( \
+            SELECT 1 FROM keys JOIN messages m \
+              ON m.room = keys.room AND m.sender = keys.sender AND m.idem = keys.idem \
+            WHERE m.idem IS NOT NULL AND m.ts_ms < ",
+    stored_before!(),
+    ") AS seen), \
     bump AS ( \
-        INSERT INTO rooms (room, head) SELECT room, n FROM counts \
+        INSERT INTO rooms (room, head) SELECT room, n FROM counts, stored \
+        WHERE seqcast_check_keys(stored.seen) \
         ORDER BY room COLLATE \"C\" \
         ON CONFLICT (room) DO UPDATE SET head = rooms.head + EXCLUDED.head \
         RETURNING room, head), \
@@ -277,16 +316,14 @@ const ONE_STATEMENT: &str = "\
         JOIN bump ON bump.room = t.room \
         JOIN counts ON counts.room = t.room \
         CROSS JOIN stamp), \
-    stale AS ( \
-        SELECT EXISTS ( \
-                   SELECT 1 FROM keys JOIN messages m \
-                     ON m.room = keys.room AND m.sender = keys.sender AND m.idem = keys.idem \
-                   WHERE m.idem IS NOT NULL) \
-               OR EXISTS ( \
-                   SELECT 1 FROM bump \
-                   JOIN counts ON counts.room = bump.room \
-                   JOIN snap ON snap.room = bump.room \
-                   WHERE bump.head - counts.n <> snap.head \
-                     AND bump.room IN (SELECT room FROM keys)) AS seen) \
-    SELECT bump.room, bump.head, stamp.ts_ms FROM bump, stamp, stale \
-    WHERE seqcast_check_keys(stale.seen)";
+    waited AS ( \
+        SELECT seqcast_check_keys_waited( \
+                   array_agg(bump.room), array_agg(snap.head), \
+                   array_agg(bump.head - counts.n), $8::text[], $9::text[], $10::text[]) AS ok \
+        FROM bump \
+        JOIN counts ON counts.room = bump.room \
+        JOIN snap ON snap.room = bump.room \
+        WHERE bump.head - counts.n > snap.head \
+          AND bump.room IN (SELECT room FROM keys)) \
+    SELECT bump.room, bump.head, stamp.ts_ms FROM bump, stamp, waited \
+    WHERE waited.ok");

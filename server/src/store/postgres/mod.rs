@@ -2,6 +2,7 @@
 //! per-room counter row (see `append::in_transaction`) keeps seqs gap-free across all of them.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,6 +56,8 @@ pub struct PostgresStore {
     timeout: Duration,
     /// Permits for reads: see [`COMMIT_RESERVE`].
     reads: Arc<Semaphore>,
+    /// Groups committed a second time (see [`PostgresStore::keyed_retries`]).
+    keyed_retries: Arc<AtomicU64>,
 }
 
 impl PostgresStore {
@@ -138,7 +141,15 @@ impl PostgresStore {
             pool,
             timeout,
             reads: Arc::new(Semaphore::new(read_permits(pool_size))),
+            keyed_retries: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// How many groups this store committed a second time, in a transaction that looks their
+    /// keys up, because a key of the group was stored already (what
+    /// `seqcast_commit_keyed_retries_total` counts, for this store alone).
+    pub fn keyed_retries(&self) -> u64 {
+        self.keyed_retries.load(Ordering::Relaxed)
     }
 
     /// The deadline of an operation starting now.
@@ -261,6 +272,7 @@ impl Store for PostgresStore {
                     Some(appended) => Ok(appended),
                     None => {
                         metrics::counter!(m::STORE_KEYED_RETRIES).increment(1);
+                        self.keyed_retries.fetch_add(1, Ordering::Relaxed);
                         append::in_transaction(&mut conn, &nonempty).await
                     }
                 }
