@@ -41,8 +41,8 @@ pub const BUS_PUBLISH_DROPPED: &str = "seqcast_bus_publish_dropped_total";
 /// Messages received from other nodes through the bus (counter).
 pub const BUS_RECEIVED: &str = "seqcast_bus_received_total";
 /// Redis Cluster only: times the cluster's slot map was found to differ from the one the node
-/// subscribes by (a slot moved, or a replica took over), each followed by every subscription
-/// renewed and every room's head checked (counter).
+/// subscribes by (a slot moved, or a replica took over), each followed by the subscriptions in
+/// the slots that moved renewed and their rooms' heads checked (counter).
 pub const BUS_SLOT_MOVES: &str = "seqcast_bus_slot_moves_total";
 /// Signals accepted from this node's clients (counter).
 pub const SIGNALS: &str = "seqcast_signals_total";

@@ -27,7 +27,7 @@ use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Bus, BusError, BusEvent, BusState, Ephemeral, Topic};
+use crate::bus::{Affected, Bus, BusError, BusEvent, BusState, Ephemeral, Topic};
 use crate::config::Config;
 use crate::hub::{Hub, Live, Notice, RoomChange};
 use crate::metrics as m;
@@ -102,7 +102,7 @@ pub fn spawn(
         }),
     };
     let check = Arc::new(Notify::new());
-    let resubscribe = Arc::new(Notify::new());
+    let renewals = Arc::new(Renewals::default());
     let (bus, events) = match bus {
         Some((bus, events)) => (Some(bus), Some(events)),
         None => (None, None),
@@ -112,7 +112,7 @@ pub fn spawn(
         hub.clone(),
         changes,
         Arc::clone(&check),
-        Arc::clone(&resubscribe),
+        Arc::clone(&renewals),
         stop.clone(),
     ));
     if let Some(events) = events {
@@ -122,7 +122,7 @@ pub fn spawn(
             presence.clone(),
             status.clone(),
             Arc::clone(&check),
-            resubscribe,
+            renewals,
             stop.clone(),
         ));
     }
@@ -160,6 +160,50 @@ const SUBSCRIBE_RETRY_MIN: std::time::Duration = std::time::Duration::from_milli
 /// Longest pause between SUBSCRIBE retries.
 const SUBSCRIBE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Subscriptions the bus asked to renew, merged until the subscriptions task takes them.
+#[derive(Default)]
+struct Renewals {
+    wanted: std::sync::Mutex<Renewal>,
+    notify: Notify,
+}
+
+#[derive(Default)]
+struct Renewal {
+    /// Every subscription (a reconnect).
+    all: bool,
+    /// Those of the topics in any of these (slots that moved), unless `all`.
+    some: Vec<Affected>,
+}
+
+impl Renewals {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Renewal> {
+        self.wanted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn all(&self) {
+        let mut wanted = self.lock();
+        wanted.all = true;
+        wanted.some.clear();
+        drop(wanted);
+        self.notify.notify_one();
+    }
+
+    fn some(&self, affected: Affected) {
+        let mut wanted = self.lock();
+        if !wanted.all {
+            wanted.some.push(affected);
+        }
+        drop(wanted);
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Renewal {
+        std::mem::take(&mut *self.lock())
+    }
+}
+
 /// Keeps the bus subscriptions equal to the hub's rooms and users. A SUBSCRIBE that fails (a paused
 /// Redis, a connection being replaced) is retried with backoff until it succeeds or the room
 /// closes, whether or not the bus reports a reconnect meanwhile.
@@ -168,7 +212,7 @@ async fn subscriptions(
     hub: Hub,
     mut changes: mpsc::UnboundedReceiver<RoomChange>,
     check: Arc<Notify>,
-    resubscribe: Arc<Notify>,
+    renewals: Arc<Renewals>,
     stop: CancellationToken,
 ) {
     // Rooms and users whose subscription failed, and when to try them again.
@@ -200,10 +244,18 @@ async fn subscriptions(
                     continue;
                 }
             },
-            _ = resubscribe.notified() => {
-                pending.clear();
-                backoff = SUBSCRIBE_RETRY_MIN;
-                topics = open_topics(&hub);
+            _ = renewals.notify.notified() => {
+                let renewal = renewals.take();
+                if renewal.all {
+                    pending.clear();
+                    backoff = SUBSCRIBE_RETRY_MIN;
+                    topics = open_topics(&hub);
+                } else {
+                    topics = open_topics(&hub)
+                        .into_iter()
+                        .filter(|t| renewal.some.iter().any(|a| a.contains(t)))
+                        .collect();
+                }
             }
             () = &mut retry, if !pending.is_empty() => {
                 // Only rooms and users that still have local sessions.
@@ -289,7 +341,7 @@ async fn bus_events(
     presence: Presence,
     status: RelayStatus,
     check: Arc<Notify>,
-    resubscribe: Arc<Notify>,
+    renewals: Arc<Renewals>,
     stop: CancellationToken,
 ) {
     loop {
@@ -338,8 +390,13 @@ async fn bus_events(
             },
             BusEvent::MaybeLost => {
                 presence.reread_all();
-                resubscribe.notify_one();
+                renewals.all();
                 check.notify_one();
+            }
+            // The rooms' heads are checked once their subscriptions are renewed.
+            BusEvent::Dropped(affected) => {
+                presence.reread_all();
+                renewals.some(affected);
             }
             BusEvent::State(state) => {
                 status

@@ -14,8 +14,9 @@
 //!   FIGURE lines give the failover time and the delivery delays around it.
 //! - `subscriptions_follow_a_moved_slot`: the slot of a room's channel moves to another master
 //!   mid-stream (the shard unsubscribes the nodes, and fred drops that notice unseen): the nodes
-//!   subscribe on the new shard, every message arrives once, in order, and every message sent
-//!   once they followed crosses the bus.
+//!   subscribe on the new shard, renewing that room's channel only (not their 8 other rooms'),
+//!   every message arrives once, in order, and every message sent once they followed crosses
+//!   the bus.
 #![allow(clippy::unwrap_used)]
 
 #[allow(dead_code)]
@@ -307,6 +308,7 @@ async fn subscriptions_follow_a_moved_slot() {
         // Sent around the move, then once the nodes follow (each about 100 messages/s).
         const AROUND: usize = 300;
         const AFTER: usize = 200;
+        const OTHER_ROOMS: usize = 8;
         let redis = RedisCluster::start(3);
         let cluster = nodes_on(&redis, &[]).await;
         bus_up(&cluster).await;
@@ -317,7 +319,18 @@ async fn subscriptions_follow_a_moved_slot() {
         let (target_tx, target) = watch::channel(0);
         let listeners =
             listeners_on(&cluster, &room, &[("n1", 1), ("n2", 2)], &target, until).await;
+        // Rooms on other slots, joined on the same nodes: their subscriptions are not renewed
+        // when the room's slot moves.
+        let mut bystanders = Vec::new();
+        for i in 0..OTHER_ROOMS {
+            for node in [1, 2] {
+                let mut ws = WsClient::connect(cluster.node(node)).await;
+                ws.join(&format!("bystander{i}"), None).await;
+                bystanders.push(ws);
+            }
+        }
         shard_subscribers_reach(&redis, &channel, 2, "subscribed on the shard").await;
+        let subscribed = redis.calls("ssubscribe");
         let progress = Arc::new(AtomicUsize::new(0));
         let around = paced_sender(&cluster, "around", &room, AROUND, until, &progress);
         progress_reaches(&progress, 150, "150 acks before the move").await;
@@ -327,6 +340,14 @@ async fn subscriptions_follow_a_moved_slot() {
         // The new owner has the nodes' subscriptions once they followed.
         shard_subscribers_reach(&redis, &channel, 2, "subscriptions on the new shard").await;
         let followed = moved_at.elapsed();
+        // n1 and n2 renewed the moved room's channel (once each per time they saw the move),
+        // not each of their 9 rooms' (and users') channels.
+        let renewed = redis.calls("ssubscribe") - subscribed;
+        assert!(
+            (2..=6).contains(&renewed),
+            "{renewed} SSUBSCRIBEs after the move, for one channel on two nodes"
+        );
+        figure("SSUBSCRIBEs after the move (n1 and n2)", renewed);
         let mut senders = join_senders(vec![around]).await;
         // Everything sent from now on crosses the bus through the new shard.
         let before = [

@@ -58,12 +58,37 @@ pub enum BusEvent {
     Message(BusMessage),
     /// An ephemeral frame from another node, for a room or user this node subscribed to.
     Ephemeral(Ephemeral),
-    /// Messages may have been lost (a reconnect, a receiver that fell behind, a Redis Cluster
-    /// slot that moved): every subscription is renewed and every local room's head checked
-    /// against the database.
+    /// Messages may have been lost (a reconnect, a receiver that fell behind): every
+    /// subscription is renewed and every local room's head checked against the database.
     MaybeLost,
+    /// Some subscriptions were dropped without a reconnect (a Redis Cluster moved slots to
+    /// another shard, which unsubscribes their subscribers): those of the topics in
+    /// [`Affected`] are renewed, and what was published to them meanwhile was missed (their
+    /// rooms' heads are checked once renewed).
+    Dropped(Affected),
     /// The bus went up or down.
     State(BusState),
+}
+
+/// Which topics a [`BusEvent::Dropped`] concerns, as the bus that reports it tells (a Redis
+/// Cluster bus: those whose channel's slot moved). Cheap to clone.
+#[derive(Clone)]
+pub struct Affected(Arc<dyn Fn(&Topic) -> bool + Send + Sync>);
+
+impl Affected {
+    pub fn new(contains: impl Fn(&Topic) -> bool + Send + Sync + 'static) -> Affected {
+        Affected(Arc::new(contains))
+    }
+
+    pub fn contains(&self, topic: &Topic) -> bool {
+        (self.0)(topic)
+    }
+}
+
+impl std::fmt::Debug for Affected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Affected(..)")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

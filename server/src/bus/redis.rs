@@ -9,11 +9,13 @@
 //! On a Redis Cluster (`redis-cluster://`) the same channels are *shard* channels: `SPUBLISH`
 //! and `SSUBSCRIBE`, so a room's messages go to the one shard that owns its channel's slot,
 //! never to every shard (classic `PUBLISH` on a cluster is broadcast to all of them), and adding
-//! shards adds pub/sub capacity. A shard failing over, or a slot moving, drops that shard's
-//! subscriptions: fred reports a reconnect or a cluster change, and the node compares the slot
-//! map with its routing every second (a slot move is otherwise unseen, see [`SLOT_CHECK`]);
-//! the bus turns each into [`BusEvent::MaybeLost`] like any reconnect (subscriptions renewed,
-//! heads checked, so what was published meanwhile is read from the database).
+//! shards adds pub/sub capacity. A shard failing over drops its connections: fred reconnects,
+//! which the bus turns into [`BusEvent::MaybeLost`] like any reconnect (every subscription
+//! renewed, heads checked, so what was published meanwhile is read from the database). A slot
+//! moving to another shard drops its channels' subscriptions without a reconnect: the node
+//! compares the slot map with its routing every second (see [`SLOT_CHECK`]) and reports the
+//! topics of the slots that moved as [`BusEvent::Dropped`] (those renewed, their heads
+//! checked).
 //!
 //! Health is the node's [`RedisLink`]'s (see `crate::redis`): while the link is not up,
 //! publishes are dropped at once instead of queueing, and the relay polls the database instead.
@@ -34,8 +36,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    decode, encode, encode_ephemeral, Bus, BusError, BusEvent, BusMessage, BusState, Decoded,
-    Ephemeral, Topic,
+    decode, encode, encode_ephemeral, Affected, Bus, BusError, BusEvent, BusMessage, BusState,
+    Decoded, Ephemeral, Topic,
 };
 use crate::metrics as m;
 use crate::redis::{timed_out, LinkState, RedisLink};
@@ -270,9 +272,11 @@ impl Shared {
     }
 
     /// On a Redis Cluster: every [`SLOT_CHECK`], reads the slot map; when it differs from the
-    /// subscriber's routing, brings that routing up to date (so the renewed subscriptions go to
-    /// the new owners at once, not through a redirection) and reports a possible loss, which
-    /// renews every subscription and checks every room's head.
+    /// subscriber's routing, brings that routing up to date (so that renewed subscriptions go to
+    /// the new owners at once, not through a redirection) and reports the topics whose
+    /// channels' slots changed owner as dropped: their subscriptions are renewed and their
+    /// rooms' heads checked. Only those: during a resharding, slots move one after another, and
+    /// renewing every subscription of a node with many rooms at each step would flood Redis.
     async fn watch_slots(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(SLOT_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -285,15 +289,26 @@ impl Shared {
             if !self.link.is_up() {
                 continue;
             }
-            match self.slots_moved().await {
-                Ok(false) => continue,
-                Ok(true) => {}
+            let now = match self.read_slots().await {
+                Ok(now) => now,
                 Err(e) => {
                     tracing::debug!(error = %e, "reading the Redis Cluster's slots failed");
                     continue;
                 }
+            };
+            let routed = self.link.subscriber().cached_cluster_state();
+            if routed
+                .as_ref()
+                .is_some_and(|routed| owners(routed) == owners(&now))
+            {
+                continue;
             }
-            tracing::info!("Redis Cluster slots moved: renewing subscriptions");
+            let event = match routed {
+                Some(routed) => BusEvent::Dropped(self.affected(moved_slots(&routed, &now))),
+                // No routing to compare with: renew everything.
+                None => BusEvent::MaybeLost,
+            };
+            tracing::info!("Redis Cluster slots moved: renewing their subscriptions");
             metrics::counter!(m::BUS_SLOT_MOVES).increment(1);
             let synced =
                 tokio::time::timeout(self.link.timeout(), self.link.subscriber().sync_cluster())
@@ -302,17 +317,15 @@ impl Shared {
                 // Renewed anyway: a subscription sent to the old owner is redirected.
                 tracing::debug!("updating the subscriber's slot map failed");
             }
-            if self.events.send(BusEvent::MaybeLost).await.is_err() {
+            if self.events.send(event).await.is_err() {
                 return;
             }
         }
     }
 
-    /// Whether the cluster's slot map (each range and its master) differs from the one the
-    /// subscriber routes by.
-    async fn slots_moved(&self) -> Result<bool, BusError> {
-        // Always asked of the master of slot 0, so that two nodes' views do not alternate while
-        // the cluster spreads a change (a master that has not heard of it yet).
+    /// The cluster's slot map, as the master of slot 0 has it (always the same master, so that
+    /// two masters' views do not alternate while the cluster spreads a change).
+    async fn read_slots(&self) -> Result<ClusterRouting, BusError> {
         let command = CustomCommand::new_static("CLUSTER", ClusterHash::Custom(0), false);
         let read = self
             .link
@@ -323,21 +336,27 @@ impl Shared {
             Ok(Err(e)) => return Err(BusError::Unavailable(e.to_string())),
             Err(_) => return Err(BusError::Timeout),
         };
-        let now = ClusterRouting::from_cluster_slots(slots, "")
-            .map_err(|e| BusError::Unavailable(e.to_string()))?;
-        let routed = self.link.subscriber().cached_cluster_state();
-        Ok(routed.is_none_or(|routed| owners(&routed) != owners(&now)))
+        ClusterRouting::from_cluster_slots(slots, "")
+            .map_err(|e| BusError::Unavailable(e.to_string()))
+    }
+
+    /// The topics whose channels hash to a slot of `moved`.
+    fn affected(&self, moved: Vec<bool>) -> Affected {
+        let (rooms, users) = (self.prefix.clone(), self.user_prefix.clone());
+        Affected::new(move |topic| {
+            let channel = match topic {
+                Topic::Room(room) | Topic::Presence(room) => format!("{rooms}{room}"),
+                Topic::User(user) => format!("{users}{user}"),
+            };
+            let slot = fred::util::redis_keyslot(channel.as_bytes());
+            moved.get(usize::from(slot)).copied().unwrap_or(true)
+        })
     }
 
     async fn receive_loop(self: Arc<Self>, stop: CancellationToken) {
         use tokio::sync::broadcast::error::RecvError;
         let mut messages = self.link.subscriber().message_rx();
         let mut reconnects = self.link.subscriber().reconnect_rx();
-        // Slots moved or a replica took over (a cluster): subscriptions on the shard that lost
-        // the slot are gone. Either client may notice first (a redirected SPUBLISH, a
-        // reconnect).
-        let mut topology = self.link.subscriber().cluster_change_rx();
-        let mut command_topology = self.link.commands().cluster_change_rx();
         let mut states = self.link.watch();
         // Report the state it has now too, should it be up already.
         states.mark_changed();
@@ -364,14 +383,6 @@ impl Shared {
                     // Up again: what was published meanwhile never reached us.
                     BusEvent::MaybeLost
                 }
-                change = topology.recv() => match change {
-                    Ok(_) | Err(RecvError::Lagged(_)) => BusEvent::MaybeLost,
-                    Err(RecvError::Closed) => break,
-                },
-                change = command_topology.recv() => match change {
-                    Ok(_) | Err(RecvError::Lagged(_)) => BusEvent::MaybeLost,
-                    Err(RecvError::Closed) => break,
-                },
                 reconnect = reconnects.recv() => match reconnect {
                     // A new connection has no subscriptions: the relay renews them.
                     Ok(_) | Err(RecvError::Lagged(_)) => BusEvent::MaybeLost,
@@ -468,6 +479,24 @@ impl Bus for RedisBus {
             BusState::Down
         }
     }
+}
+
+/// Which of the cluster's 16,384 slots have another master in `after` than in `before` (or
+/// one in only one of them).
+fn moved_slots(before: &ClusterRouting, after: &ClusterRouting) -> Vec<bool> {
+    const SLOTS: usize = 16384;
+    let masters = |routing: &ClusterRouting| {
+        let mut of = vec![None; SLOTS];
+        for range in routing.slots() {
+            let (start, end) = (usize::from(range.start), usize::from(range.end));
+            if let Some(slots) = of.get_mut(start..=end.min(SLOTS - 1)) {
+                slots.fill(Some((range.id.clone(), range.primary.port)));
+            }
+        }
+        of
+    };
+    let (before, after) = (masters(before), masters(after));
+    before.iter().zip(&after).map(|(b, a)| b != a).collect()
 }
 
 /// Each slot range of `routing` with its master's node id (and port, should a server not name

@@ -177,7 +177,7 @@ async fn a_failed_subscribe_is_retried_until_it_succeeds() {
         hub.clone(),
         changes,
         Arc::new(Notify::new()),
-        Arc::new(Notify::new()),
+        Arc::new(Renewals::default()),
         stop.clone(),
     ));
     hub.subscribe("r", 1, Mailbox::new(4));
@@ -196,6 +196,65 @@ async fn a_failed_subscribe_is_retried_until_it_succeeds() {
             "the room was never subscribed"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+}
+
+/// How many times `room` was subscribed on `bus`.
+fn times_subscribed(bus: &FlakyBus, room: &str) -> usize {
+    let subscribed = bus.subscribed.lock().unwrap_or_else(|e| e.into_inner());
+    subscribed.iter().filter(|r| *r == room).count()
+}
+
+/// Waits until `room` was subscribed `times` times on `bus`.
+async fn subscribed_times(bus: &FlakyBus, room: &str, times: usize) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while times_subscribed(bus, room) < times {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{room} was not subscribed {times} times"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Dropped subscriptions (a Redis Cluster slot moved) renew only the topics the bus names, and
+/// a reconnect renews them all.
+#[tokio::test]
+async fn a_renewal_of_some_topics_subscribes_only_those() {
+    let bus = Arc::new(FlakyBus {
+        failures: AtomicUsize::new(0),
+        subscribed: Mutex::new(Vec::new()),
+    });
+    let (changes_tx, changes) = mpsc::unbounded_channel();
+    let (holes, _) = mpsc::unbounded_channel();
+    let hub = Hub::clustered(changes_tx, holes);
+    let stop = CancellationToken::new();
+    let renewals = Arc::new(Renewals::default());
+    tokio::spawn(subscriptions(
+        Some(Arc::clone(&bus) as Arc<dyn Bus>),
+        hub.clone(),
+        changes,
+        Arc::new(Notify::new()),
+        Arc::clone(&renewals),
+        stop.clone(),
+    ));
+    for (i, room) in ["a", "b", "c"].into_iter().enumerate() {
+        hub.subscribe(room, i as u64, Mailbox::new(4));
+        subscribed_times(&bus, room, 1).await;
+    }
+    let only_b = || Affected::new(|t| *t == Topic::Room(Arc::from("b")));
+    renewals.some(only_b());
+    subscribed_times(&bus, "b", 2).await;
+    // Once a second renewal of "b" is done, the first one certainly is.
+    renewals.some(only_b());
+    subscribed_times(&bus, "b", 3).await;
+    assert_eq!(times_subscribed(&bus, "a"), 1);
+    assert_eq!(times_subscribed(&bus, "c"), 1);
+    renewals.all();
+    for room in ["a", "b", "c"] {
+        let before = if room == "b" { 3 } else { 1 };
+        subscribed_times(&bus, room, before + 1).await;
     }
     stop.cancel();
 }

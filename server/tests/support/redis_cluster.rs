@@ -140,6 +140,22 @@ impl RedisCluster {
     }
 
     /// Kills (SIGKILL) the master that owns `slot`; returns its port.
+    /// How many times the live nodes together ran `command` (lower case, as `INFO
+    /// commandstats` names it) since they started.
+    pub fn calls(&self, command: &str) -> u64 {
+        let field = format!("cmdstat_{command}:calls=");
+        self.live()
+            .map(|n| {
+                let stats = n.command(&["INFO", "commandstats"]);
+                stats
+                    .lines()
+                    .find_map(|line| line.strip_prefix(field.as_str()))
+                    .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
     pub fn kill_master_of(&mut self, slot: u16) -> u16 {
         let port = self.master_of(slot);
         let node = self

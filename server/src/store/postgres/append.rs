@@ -84,16 +84,14 @@ pub(super) async fn in_transaction(
     }
     let mut stored: HashMap<String, Vec<KeyedMessage>> = HashMap::new();
     if !key_idems.is_empty() {
-        let rows = sqlx::query(
-            concat!(
-                "SELECT m.room, m.idem, m.seq, m.id::text AS id, m.sender, m.body, m.ts_ms \
+        let rows = sqlx::query(concat!(
+            "SELECT m.room, m.idem, m.seq, m.id::text AS id, m.sender, m.body, m.ts_ms \
                  FROM UNNEST($1::text[], $2::text[], $3::text[]) AS k (room, sender, idem) \
                  JOIN messages m \
                    ON m.room = k.room AND m.sender = k.sender AND m.idem = k.idem \
                  WHERE m.idem IS NOT NULL AND m.ts_ms < ",
-                stored_before!()
-            ),
-        )
+            stored_before!()
+        ))
         .bind(&key_rooms)
         .bind(&key_senders)
         .bind(&key_idems)
@@ -279,7 +277,8 @@ pub(super) async fn one_statement(
 ///   gained between the snapshot (`snap`, which reads `rooms` in that snapshot whenever it
 ///   runs) and its lock, which `seqcast_check_keys_waited` reads with a fresh snapshot. A CTE
 ///   that calls a VOLATILE function is computed once, never inlined.
-const ONE_STATEMENT: &str = concat!("\
+const ONE_STATEMENT: &str = concat!(
+    "\
     WITH counts AS ( \
         SELECT room, n FROM UNNEST($1::text[], $2::bigint[]) AS c (room, n)), \
     keys AS ( \
@@ -326,4 +325,5 @@ const ONE_STATEMENT: &str = concat!("\
         WHERE bump.head - counts.n > snap.head \
           AND bump.room IN (SELECT room FROM keys)) \
     SELECT bump.room, bump.head, stamp.ts_ms FROM bump, stamp, waited \
-    WHERE waited.ok");
+    WHERE waited.ok"
+);
