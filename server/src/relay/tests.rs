@@ -160,26 +160,39 @@ impl Bus for FlakyBus {
     }
 }
 
-/// Issue 10, 2.9: failed SUBSCRIBEs are retried (with backoff) until they succeed, while the bus
-/// stays up.
-#[tokio::test]
-async fn a_failed_subscribe_is_retried_until_it_succeeds() {
-    let bus = Arc::new(FlakyBus {
-        failures: AtomicUsize::new(3),
-        subscribed: Mutex::new(Vec::new()),
-    });
+impl FlakyBus {
+    fn failing(failures: usize) -> Arc<FlakyBus> {
+        Arc::new(FlakyBus {
+            failures: AtomicUsize::new(failures),
+            subscribed: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+/// A clustered hub whose subscriptions task runs on `bus`, with its renewals and its stop.
+fn subscriptions_on(bus: &Arc<FlakyBus>) -> (Hub, Arc<Renewals>, CancellationToken) {
     let (changes_tx, changes) = mpsc::unbounded_channel();
     let (holes, _) = mpsc::unbounded_channel();
     let hub = Hub::clustered(changes_tx, holes);
     let stop = CancellationToken::new();
+    let renewals = Arc::new(Renewals::default());
     tokio::spawn(subscriptions(
-        Some(Arc::clone(&bus) as Arc<dyn Bus>),
+        Some(Arc::clone(bus) as Arc<dyn Bus>),
         hub.clone(),
         changes,
         Arc::new(Notify::new()),
-        Arc::new(Renewals::default()),
+        Arc::clone(&renewals),
         stop.clone(),
     ));
+    (hub, renewals, stop)
+}
+
+/// Issue 10, 2.9: failed SUBSCRIBEs are retried (with backoff) until they succeed, while the bus
+/// stays up.
+#[tokio::test]
+async fn a_failed_subscribe_is_retried_until_it_succeeds() {
+    let bus = FlakyBus::failing(3);
+    let (hub, _, stop) = subscriptions_on(&bus);
     hub.subscribe("r", 1, Mailbox::new(4));
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
@@ -222,23 +235,8 @@ async fn subscribed_times(bus: &FlakyBus, room: &str, times: usize) {
 /// a reconnect renews them all.
 #[tokio::test]
 async fn a_renewal_of_some_topics_subscribes_only_those() {
-    let bus = Arc::new(FlakyBus {
-        failures: AtomicUsize::new(0),
-        subscribed: Mutex::new(Vec::new()),
-    });
-    let (changes_tx, changes) = mpsc::unbounded_channel();
-    let (holes, _) = mpsc::unbounded_channel();
-    let hub = Hub::clustered(changes_tx, holes);
-    let stop = CancellationToken::new();
-    let renewals = Arc::new(Renewals::default());
-    tokio::spawn(subscriptions(
-        Some(Arc::clone(&bus) as Arc<dyn Bus>),
-        hub.clone(),
-        changes,
-        Arc::new(Notify::new()),
-        Arc::clone(&renewals),
-        stop.clone(),
-    ));
+    let bus = FlakyBus::failing(0);
+    let (hub, renewals, stop) = subscriptions_on(&bus);
     for (i, room) in ["a", "b", "c"].into_iter().enumerate() {
         hub.subscribe(room, i as u64, Mailbox::new(4));
         subscribed_times(&bus, room, 1).await;

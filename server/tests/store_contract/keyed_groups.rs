@@ -79,14 +79,14 @@ async fn a_keyed_group_answers_every_kind_of_input_as_append_would(store: Arc<dy
 /// How long the test waits for the store's statement to queue behind its lock.
 const WAIT_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Appends `batch` to room `r` while "another node" holds the room's counter row, and lets it
-/// commit `other_writes` (SQL run in that node's transaction) once the append waits for the
-/// row: what the group sees of a room written during its wait.
+/// Appends `batch` to room `r` (head 1) while "another node" holds the room's counter row, and
+/// lets it commit seq 2 (`theirs`, from `sender` with the key `k`, id `id`, ts 42) once the
+/// append waits for the row: what the group sees of a room written during its wait.
 async fn append_during_another_commit(
     url: &str,
     store: &Arc<PostgresStore>,
     batch: Vec<NewMessage>,
-    other_writes: &[&str],
+    (sender, id): (&str, &str),
 ) -> Vec<Appended> {
     let mut other = PgConnection::connect(url).await.unwrap();
     other.execute("BEGIN").await.unwrap();
@@ -117,9 +117,19 @@ async fn append_during_another_commit(
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    for sql in other_writes {
-        other.execute(*sql).await.unwrap();
-    }
+    sqlx::query(
+        "INSERT INTO messages (room, seq, id, sender, body, idem, ts_ms) \
+         VALUES ('r', 2, $1::uuid, $2, 'theirs', 'k', 42)",
+    )
+    .bind(id)
+    .bind(sender)
+    .execute(&mut other)
+    .await
+    .unwrap();
+    other
+        .execute("UPDATE rooms SET head = 2 WHERE room = 'r'")
+        .await
+        .unwrap();
     other.execute("COMMIT").await.unwrap();
     appending.await.unwrap().expect("the group commits")
 }
@@ -140,11 +150,7 @@ async fn postgres_a_key_committed_by_another_node_during_the_wait_is_the_origina
         &url,
         &store,
         batch,
-        &[
-            "INSERT INTO messages (room, seq, id, sender, body, idem, ts_ms) \
-             VALUES ('r', 2, '0190e3a0-0000-7000-8000-000000000001', 'alice', 'theirs', 'k', 42)",
-            "UPDATE rooms SET head = 2 WHERE room = 'r'",
-        ],
+        ("alice", "0190e3a0-0000-7000-8000-000000000001"),
     )
     .await;
     assert!(out[0].duplicate, "{out:?}");
@@ -179,11 +185,7 @@ async fn postgres_a_room_written_during_the_wait_does_not_refuse_new_keys() {
         &url,
         &store,
         batch,
-        &[
-            "INSERT INTO messages (room, seq, id, sender, body, idem, ts_ms) \
-             VALUES ('r', 2, '0190e3a0-0000-7000-8000-000000000002', 'carol', 'theirs', 'k', 42)",
-            "UPDATE rooms SET head = 2 WHERE room = 'r'",
-        ],
+        ("carol", "0190e3a0-0000-7000-8000-000000000002"),
     )
     .await;
     assert!(!out[0].duplicate && !out[1].duplicate, "{out:?}");
