@@ -52,7 +52,7 @@ pub const SIGNALS: &str = "seqcast_signals_total";
 pub const EPHEMERAL_DROPPED: &str = "seqcast_ephemeral_dropped_total";
 /// Read cursors moved by `read` frames (counter).
 pub const READ_CURSORS_MOVED: &str = "seqcast_read_cursors_moved_total";
-/// `presence` frames offered to watching sessions (counter; one per watcher; those a session's
+/// `presence` frames queued for watching sessions (counter; one per watcher; those a session's
 /// half-full queue did not take count in `seqcast_ephemeral_dropped_total{at="session"}`).
 pub const PRESENCE_FRAMES: &str = "seqcast_presence_frames_total";
 /// Failed presence roster operations (counter, label `op`: `write`, `read`, `heartbeat`). Each
@@ -191,7 +191,7 @@ fn describe() {
         "Signals and read-cursor updates dropped (at most once)"
     );
     describe_counter!(READ_CURSORS_MOVED, "Read cursors moved by read frames");
-    describe_counter!(PRESENCE_FRAMES, "Presence frames offered to watchers");
+    describe_counter!(PRESENCE_FRAMES, "Presence frames queued for watchers");
     describe_counter!(
         PRESENCE_ROSTER_ERRORS,
         "Failed presence roster operations (retried)"

@@ -31,7 +31,6 @@ use dashmap::DashMap;
 use tokio::sync::mpsc;
 
 pub use self::mailbox::{Delivery, Mailbox};
-pub(crate) use self::notices::offer;
 pub use self::notices::Notice;
 
 mod mailbox;

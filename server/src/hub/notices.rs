@@ -73,7 +73,7 @@ impl Hub {
 }
 
 /// Offers `notice` to every session of `sessions` but its sender; returns how many took it.
-pub(crate) fn offer<'s>(
+fn offer<'s>(
     sessions: impl Iterator<Item = (&'s SessionId, &'s Subscriber)>,
     notice: &Arc<Notice>,
 ) -> usize {

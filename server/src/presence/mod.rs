@@ -16,7 +16,9 @@
 //! room's watchers one `presence` frame with what changed since the last: users arrive or leave
 //! once for the cluster, not once per connection or node, and a burst of joins becomes one
 //! frame. Reports are at most once; what they lose, the task's periodic re-reads find (see
-//! `task` for the bounds).
+//! `task` for the bounds). A frame that a watcher's queue refuses (more than half full) is not
+//! lost for good: the view remembers what that watcher was last told and sends it its own
+//! difference at each turn until one is queued.
 //!
 //! A room with more present users than `SEQCAST_PRESENCE_MAX_USERS` is not listed: its watchers
 //! get the count (`presence_count` in `joined`, `count` in `presence`), and the full list again
@@ -33,7 +35,7 @@ use dashmap::DashMap;
 use tokio::sync::Notify;
 
 pub use self::task::spawn;
-use crate::hub::{offer, Notice, SessionId, Subscriber};
+use crate::hub::{Notice, SessionId, Subscriber};
 use crate::store::{Listed as Remote, Roster, StoreResult};
 use seqcast_protocol::{self as protocol, Present};
 
@@ -45,6 +47,11 @@ struct View {
     remote: Remote,
     told: Told,
     watchers: HashMap<SessionId, Subscriber>,
+    /// Watchers that missed a frame (their queue was more than half full, see
+    /// [`crate::hub::Mailbox::push_notice`]), with what they were last told: the view's next
+    /// difference would be wrong for them, so they are sent their own, at every turn until one
+    /// is queued. Bounded like `told`, for each session that does not read.
+    behind: HashMap<SessionId, Told>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,25 +229,41 @@ impl Presence {
         remote: Option<Remote>,
     ) -> Option<Users> {
         let max = self.0.max_users;
-        let mut entry = self.0.rooms.entry(Arc::clone(room)).or_default();
-        let entry = &mut *entry;
-        let view = match (&mut entry.view, remote) {
-            (Some(view), _) => {
-                flush_view(room, &entry.local, view, max);
-                view
-            }
-            (None, None) => return None,
-            (slot @ None, Some(remote)) => {
-                let told = current(&entry.local, &remote, max);
-                slot.insert(View {
-                    remote,
-                    told,
-                    watchers: HashMap::new(),
-                })
-            }
+        let (users, behind) = {
+            let mut entry = self.0.rooms.entry(Arc::clone(room)).or_default();
+            let entry = &mut *entry;
+            let view = match (&mut entry.view, remote) {
+                (Some(view), _) => {
+                    // A rejoin with `"presence":true` gets a snapshot: exact again.
+                    view.behind.remove(&id);
+                    flush_view(room, &entry.local, view, max);
+                    view
+                }
+                (None, None) => return None,
+                (slot @ None, Some(remote)) => {
+                    let told = current(&entry.local, &remote, max);
+                    slot.insert(View {
+                        remote,
+                        told,
+                        watchers: HashMap::new(),
+                        behind: HashMap::new(),
+                    })
+                }
+            };
+            view.watchers.insert(id, Arc::clone(sub));
+            view.behind.remove(&id);
+            (view.told.to_users(), !view.behind.is_empty())
         };
-        view.watchers.insert(id, Arc::clone(sub));
-        Some(view.told.to_users())
+        if behind {
+            self.retry(room);
+        }
+        Some(users)
+    }
+
+    /// Some of `room`'s watchers are behind: tell them again at the next turn (not before, so
+    /// a session that does not read is retried once per interval, not in a loop).
+    fn retry(&self, room: &Arc<str>) {
+        self.pending().flush.insert(Arc::clone(room));
     }
 
     /// Session `id` stops watching `room` (a leave, a rejoin without `"presence":true`, a closed
@@ -253,6 +276,7 @@ impl Presence {
             return;
         };
         view.watchers.remove(&id);
+        view.behind.remove(&id);
         if view.watchers.is_empty() {
             entry.view = None;
             drop(entry);
@@ -374,11 +398,15 @@ impl Presence {
     fn flush(&self, rooms: impl IntoIterator<Item = Arc<str>>) {
         let max = self.0.max_users;
         for room in rooms {
-            if let Some(mut entry) = self.0.rooms.get_mut(&room) {
+            let behind = self.0.rooms.get_mut(&room).is_some_and(|mut entry| {
                 let entry = &mut *entry;
-                if let Some(view) = &mut entry.view {
-                    flush_view(&room, &entry.local, view, max);
-                }
+                entry
+                    .view
+                    .as_mut()
+                    .is_some_and(|view| flush_view(&room, &entry.local, view, max))
+            });
+            if behind {
+                self.retry(&room);
             }
         }
     }
@@ -401,30 +429,71 @@ fn current(local: &HashMap<Arc<str>, u32>, remote: &Remote, max: usize) -> Told 
     }
 }
 
-/// Tells the room's watchers what changed since they were last told (nothing if nothing did).
-/// Called under the room's lock: a watcher added after it is told nothing it already has.
-fn flush_view(room: &Arc<str>, local: &HashMap<Arc<str>, u32>, view: &mut View, max: usize) {
+/// Tells the room's watchers what changed since they were last told (nothing if nothing did),
+/// each watcher that is behind what changed since its own last frame. Returns whether some are
+/// still behind. Called under the room's lock: a watcher added after it is told nothing it
+/// already has.
+fn flush_view(
+    room: &Arc<str>,
+    local: &HashMap<Arc<str>, u32>,
+    view: &mut View,
+    max: usize,
+) -> bool {
     let now = current(local, &view.remote, max);
-    let frame = match (&view.told, &now) {
+    let change = difference(room, &view.told, &now);
+    if change.is_none() && view.behind.is_empty() {
+        return false;
+    }
+    let before = std::mem::replace(&mut view.told, now);
+    let (mut queued, mut dropped) = (0, 0);
+    for (id, sub) in &view.watchers {
+        let own;
+        let frame = match view.behind.get(id) {
+            Some(told) => {
+                own = difference(room, told, &view.told);
+                &own
+            }
+            None => &change,
+        };
+        let Some(frame) = frame else {
+            // Behind, but what it missed has been undone since: it is exact again.
+            view.behind.remove(id);
+            continue;
+        };
+        if sub.push_notice(frame) {
+            view.behind.remove(id);
+            queued += 1;
+        } else {
+            view.behind.entry(*id).or_insert_with(|| before.clone());
+            dropped += 1;
+        }
+    }
+    metrics::counter!(crate::metrics::PRESENCE_FRAMES).increment(queued);
+    if dropped > 0 {
+        metrics::counter!(crate::metrics::EPHEMERAL_DROPPED, "at" => "session").increment(dropped);
+    }
+    !view.behind.is_empty()
+}
+
+/// The `presence` frame that takes a watcher told `before` to `after`, if they differ.
+fn difference(room: &Arc<str>, before: &Told, after: &Told) -> Option<Arc<Notice>> {
+    let frame = match (before, after) {
         (Told::Users(before), Told::Users(after)) => {
             let joined: Vec<&Arc<str>> = after.difference(before).collect();
             let left: Vec<&Arc<str>> = before.difference(after).collect();
             if joined.is_empty() && left.is_empty() {
-                return;
+                return None;
             }
             protocol::presence_frame(room, &joined, &left)
         }
-        (Told::Count(a), Told::Count(b)) if a == b => return,
+        (Told::Count(a), Told::Count(b)) if a == b => return None,
         (_, now) => protocol::presence_reset_frame(room, &now.to_users()),
     };
-    view.told = now;
-    let notice = Arc::new(Notice {
+    Some(Arc::new(Notice {
         room: Some(Arc::clone(room)),
         except: None,
         frame: Utf8Bytes::from(frame),
-    });
-    let offered = offer(view.watchers.iter(), &notice);
-    metrics::counter!(crate::metrics::PRESENCE_FRAMES).increment(offered as u64);
+    }))
 }
 
 #[cfg(test)]

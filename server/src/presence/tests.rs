@@ -1,6 +1,7 @@
 //! The single-node registry: counting, snapshots, diffs, counted rooms. The cluster (roster,
 //! reports, heartbeats) is tested on real nodes in `server/tests/presence.rs`.
 
+use std::mem;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -144,4 +145,97 @@ async fn unwatched_rooms_cost_no_frames_and_no_pending_work_on_a_single_node() {
     );
     p.exit("quiet", "alice");
     assert!(p.0.rooms.is_empty());
+}
+
+/// A queue more than half full refuses a presence frame (`Mailbox::push_notice`). The room's
+/// next difference would then be wrong for that watcher, so it is sent its own (from what it was
+/// last told) at each turn until one is queued; the other watchers go on as before.
+#[tokio::test]
+async fn a_watcher_that_missed_frames_gets_what_it_missed_once_it_has_room() {
+    let p = local();
+    let room: Arc<str> = Arc::from("r");
+    let slow = Mailbox::new(4);
+    let fast = watcher();
+    p.watch(&room, 1, Arc::clone(&slow)).await.unwrap();
+    p.watch(&room, 2, Arc::clone(&fast)).await.unwrap();
+    // Two queued messages fill half of the slow session's queue.
+    let live = |seq| {
+        Arc::new(crate::hub::Live {
+            room: Arc::clone(&room),
+            seq,
+            frame: Utf8Bytes::from_static("m"),
+        })
+    };
+    assert!(slow.push(&live(1)) && slow.push(&live(2)));
+
+    p.enter(&room, "alice");
+    p.flush([Arc::clone(&room)]);
+    assert_eq!(
+        frames(&fast),
+        [json!({"type":"presence","room":"r","joined":["alice"]})]
+    );
+    assert!(
+        p.pending().flush.contains(&room),
+        "the slow watcher is due again at the next turn"
+    );
+    p.enter(&room, "bob");
+    let due = mem::take(&mut p.pending().flush);
+    p.flush(due);
+    assert_eq!(
+        frames(&fast),
+        [json!({"type":"presence","room":"r","joined":["bob"]})]
+    );
+    assert!(
+        p.pending().flush.contains(&room),
+        "still no room: due again"
+    );
+
+    // The slow session reads its messages (and no presence frame: both were refused).
+    assert!(frames(&slow).is_empty());
+    p.exit("r", "alice");
+    let due = mem::take(&mut p.pending().flush);
+    p.flush(due);
+    assert_eq!(
+        frames(&fast),
+        [json!({"type":"presence","room":"r","left":["alice"]})]
+    );
+    assert_eq!(
+        frames(&slow),
+        [json!({"type":"presence","room":"r","joined":["bob"]})],
+        "its own difference: it never heard of alice, and must not hear that she left"
+    );
+    assert!(p.pending().is_empty(), "nobody is behind any more");
+    p.enter(&room, "carol");
+    p.flush([Arc::clone(&room)]);
+    assert_eq!(
+        frames(&slow),
+        [json!({"type":"presence","room":"r","joined":["carol"]})],
+        "back to the room's differences"
+    );
+    assert_eq!(
+        frames(&fast),
+        [json!({"type":"presence","room":"r","joined":["carol"]})]
+    );
+
+    // Behind again, and what it missed is undone before it has room: nothing to tell it.
+    assert!(slow.push(&live(3)) && slow.push(&live(4)));
+    p.enter(&room, "dan");
+    p.flush([Arc::clone(&room)]);
+    assert!(p.pending().flush.contains(&room));
+    assert!(frames(&slow).is_empty());
+    p.exit("r", "dan");
+    let due = mem::take(&mut p.pending().flush);
+    p.flush(due);
+    assert!(
+        frames(&slow).is_empty(),
+        "dan came and went: it was exact all along"
+    );
+    assert!(p.pending().is_empty());
+    assert_eq!(
+        frames(&fast),
+        [
+            json!({"type":"presence","room":"r","joined":["dan"]}),
+            json!({"type":"presence","room":"r","left":["dan"]})
+        ]
+    );
 }
