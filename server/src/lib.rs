@@ -116,10 +116,12 @@ pub async fn serve(
     let startup = Startup::new(&config.node_id);
     let http_stop = CancellationToken::new();
     let request_timeout = (!config.handshake_timeout.is_zero()).then_some(config.handshake_timeout);
+    let write_timeout = (!config.write_timeout.is_zero()).then_some(config.write_timeout);
     let mut server_task = tokio::spawn(listener::serve(
         listener,
         router::gated(startup.clone(), Surface::Public),
         request_timeout,
+        write_timeout,
         http_stop.clone(),
     ));
     // Behind the public server's task: it ends when that one does (same `http_stop`), and a
@@ -129,6 +131,7 @@ pub async fn serve(
             admin,
             router::gated(startup.clone(), Surface::Admin),
             request_timeout,
+            write_timeout,
             http_stop.clone(),
         ))
     });

@@ -13,6 +13,11 @@
 //! the request as an extension): a WebSocket session's write timeout counts from there, so a
 //! client that reads slowly but keeps reading is never cut off (`session::outbound`). For that
 //! to measure the client and not the kernel, a socket holds at most [`UNSENT_BYTES_LIMIT`] unsent.
+//!
+//! An HTTP response has the same deadline (`SEQCAST_WRITE_TIMEOUT`): a connection whose socket
+//! has refused the response's bytes for that long is closed. Without it, a client that asks for
+//! a large history page and never reads it would hold the page in memory (and the connection,
+//! and a node's drain) for as long as it liked.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -46,11 +51,13 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// have ended. Upgraded WebSocket connections are no longer HTTP connections: they are not
 /// waited for here (the caller drains sessions itself).
 ///
-/// `request_timeout` is `SEQCAST_HANDSHAKE_TIMEOUT`; `None` turns the deadlines off.
+/// `request_timeout` is `SEQCAST_HANDSHAKE_TIMEOUT` and `write_timeout` `SEQCAST_WRITE_TIMEOUT`;
+/// `None` turns that deadline off.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     request_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
     stop: CancellationToken,
 ) {
     let mut http = http1::Builder::new();
@@ -79,6 +86,7 @@ pub async fn serve(
             peer,
             router.clone(),
             request_timeout,
+            write_timeout,
             stop.clone(),
         ));
     }
@@ -128,6 +136,7 @@ async fn serve_connection(
     peer: SocketAddr,
     router: Router,
     request_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
     stop: CancellationToken,
 ) {
     // Chat frames are small and latency matters more than packet count.
@@ -136,9 +145,11 @@ async fn serve_connection(
     }
     limit_unsent(&stream);
     let progress = WriteProgress::default();
+    let stalled = Stall::default();
     let stream = ProgressIo {
         inner: stream,
         progress: progress.clone(),
+        stalled: stalled.clone(),
         unread: None,
     };
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
@@ -157,17 +168,71 @@ async fn serve_connection(
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     let mut connection = std::pin::pin!(connection);
+    // Once upgraded, the connection future is done and the socket the WebSocket session's: this
+    // deadline covers HTTP responses only (the session has its own).
     let result = tokio::select! {
-        result = connection.as_mut() => result,
+        result = connection.as_mut() => Some(result),
+        () = stalled.exceeds(write_timeout) => None,
         () = stop.cancelled() => {
             // Finish the request in flight, if any, then close.
             connection.as_mut().graceful_shutdown();
-            connection.await
+            tokio::select! {
+                result = connection.as_mut() => Some(result),
+                () = stalled.exceeds(write_timeout) => None,
+            }
         }
     };
-    if let Err(e) = result {
-        // Header timeouts, resets, malformed requests: the client's doing, not the server's.
-        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    match result {
+        Some(Ok(())) => {}
+        Some(Err(e)) => {
+            // Header timeouts, resets, malformed requests: the client's doing, not the server's.
+            tracing::debug!(error = %e, "HTTP connection ended with an error");
+        }
+        None => {
+            metrics::counter!(crate::metrics::HTTP_WRITE_TIMEOUTS).increment(1);
+            tracing::debug!(%peer, "HTTP connection closed: the client read no response bytes within SEQCAST_WRITE_TIMEOUT");
+        }
+    }
+}
+
+/// Since when a connection's socket has refused the bytes written to it (its send buffer is
+/// full: the client does not read); cleared by the next write that it accepts.
+#[derive(Clone, Debug, Default)]
+struct Stall(Arc<AtomicU64>);
+
+impl Stall {
+    fn since(&self) -> Option<Instant> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            nanos => Some(progress_base() + Duration::from_nanos(nanos)),
+        }
+    }
+
+    fn record(&self, written: &Poll<std::io::Result<usize>>) {
+        match written {
+            Poll::Pending if self.0.load(Ordering::Relaxed) == 0 => {
+                let nanos = u64::try_from(progress_base().elapsed().as_nanos()).unwrap_or(u64::MAX);
+                self.0.store(nanos.max(1), Ordering::Relaxed);
+            }
+            Poll::Ready(Ok(n)) if *n > 0 => self.0.store(0, Ordering::Relaxed),
+            _ => {}
+        }
+    }
+
+    /// Completes once the socket has refused writes for `timeout` without a break; never
+    /// without a timeout. Looks once a `timeout` while nothing is stalled, then at the moment
+    /// the stall under way would exceed it.
+    async fn exceeds(&self, timeout: Option<Duration>) {
+        let Some(timeout) = timeout else {
+            return std::future::pending().await;
+        };
+        loop {
+            match self.since() {
+                Some(since) if since.elapsed() >= timeout => return,
+                Some(since) => tokio::time::sleep_until(since + timeout).await,
+                None => tokio::time::sleep(timeout).await,
+            }
+        }
     }
 }
 
@@ -281,6 +346,7 @@ pub const READ_CHUNK_BYTES: usize = 4 * 1024;
 struct ProgressIo {
     inner: TcpStream,
     progress: WriteProgress,
+    stalled: Stall,
     /// Read from the socket, not yet taken by the reader; `None` (no allocation) when empty.
     unread: Option<BytesMut>,
 }
@@ -290,6 +356,7 @@ impl ProgressIo {
         if matches!(written, Poll::Ready(Ok(n)) if *n > 0) {
             self.progress.mark();
         }
+        self.stalled.record(written);
     }
 }
 

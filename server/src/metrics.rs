@@ -33,6 +33,9 @@ pub const STORE_KEYED_RETRIES: &str = "seqcast_commit_keyed_retries_total";
 pub const SESSIONS_CATCHING_UP: &str = "seqcast_sessions_catching_up";
 /// Sessions closed with 4008 because they accepted no bytes for the write timeout (counter).
 pub const SESSIONS_CLOSED_SLOW: &str = "seqcast_sessions_closed_slow_total";
+/// HTTP connections closed because their socket accepted none of a response's bytes for the
+/// write timeout (counter).
+pub const HTTP_WRITE_TIMEOUTS: &str = "seqcast_http_write_timeouts_total";
 /// Messages handed to the bus for other nodes (counter).
 pub const BUS_PUBLISHED: &str = "seqcast_bus_published_total";
 /// Messages not published because the bus was down or its queue full (counter); other nodes
@@ -175,6 +178,10 @@ fn describe() {
         SESSIONS_CLOSED_SLOW,
         "Sessions closed with 4008 (slow consumer)"
     );
+    describe_counter!(
+        HTTP_WRITE_TIMEOUTS,
+        "HTTP connections closed: a response went unread for the write timeout"
+    );
     describe_counter!(BUS_PUBLISHED, "Messages published to other nodes");
     describe_counter!(
         BUS_PUBLISH_DROPPED,
@@ -239,6 +246,7 @@ fn describe() {
     metrics::counter!(MESSAGES_COMMITTED).absolute(0);
     metrics::counter!(MESSAGES_DELIVERED).absolute(0);
     metrics::counter!(SESSIONS_CLOSED_SLOW).absolute(0);
+    metrics::counter!(HTTP_WRITE_TIMEOUTS).absolute(0);
     metrics::counter!(BUS_PUBLISHED).absolute(0);
     metrics::counter!(BUS_RECEIVED).absolute(0);
     metrics::counter!(GAPS_DETECTED).absolute(0);

@@ -3,7 +3,8 @@
 //! reading is not cut off"). A client reading a few KiB at a time, for many times the write
 //! timeout, while the server writes it large batches, stays connected and gets every message.
 //! A client that stops reading is still closed 4008 about one write timeout later (also
-//! `delivery.rs`, `stalled_reader_is_closed_with_4008`).
+//! `delivery.rs`, `stalled_reader_is_closed_with_4008`). HTTP responses keep the same rule: a
+//! large history page read slowly arrives whole, one nobody reads is dropped with its connection.
 #![allow(clippy::unwrap_used)]
 
 #[allow(dead_code)]
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 use tokio_tungstenite::tungstenite::Message;
@@ -266,4 +267,139 @@ async fn a_reader_that_stops_is_closed_with_4008() {
         "closed before a whole write timeout passed without progress: {took:?}"
     );
     sending.abort();
+}
+
+/// The history page both HTTP clients ask for: 100 messages of [`PAD_BYTES`], about 6 MB.
+const PAGE: &str = "/v1/rooms/slow/messages?after=0&limit=1000";
+
+/// Sends `GET path` on `stream` and reads the response head; returns its Content-Length and how
+/// many bytes of the body came with the head.
+async fn get_head(
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    path: &str,
+) -> (usize, usize) {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: seqcast\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0; 64 * 1024];
+    let end = loop {
+        if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the head was cut short");
+        got.extend_from_slice(&buf[..n]);
+    };
+    let head = std::str::from_utf8(&got[..end]).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let length = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().unwrap())
+        })
+        .expect("a Content-Length");
+    (length, got.len() - end)
+}
+
+/// Reads `stream` until it ends (or fails: a reset is an end too), within `deadline`; returns
+/// the bytes read.
+async fn read_to_end(stream: &mut (impl AsyncRead + Unpin), deadline: Duration) -> usize {
+    let mut buf = vec![0; 64 * 1024];
+    let mut total = 0;
+    let until = Instant::now() + deadline;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Err(_) => panic!("still open after {deadline:?} ({total} bytes read)"),
+            Ok(Ok(0) | Err(_)) => return total,
+            Ok(Ok(n)) => total += n,
+        }
+    }
+}
+
+/// A backend paging a large room's history over a slow link gets the whole page, however long it
+/// takes, while it keeps reading; a client that asks for pages and reads none of them is closed
+/// about one write timeout after its socket stopped taking bytes, which frees the page the node
+/// was holding for it. Fails on a server without the HTTP write deadline: the second connection
+/// stays open (and holds the page) for as long as the client likes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_response_read_slowly_arrives_and_one_never_read_is_dropped() {
+    const TOTAL: usize = 100;
+    let server = TestServer::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .env("SEQCAST_SEND_RATE", "0")
+            .write_timeout(format!("{}s", WRITE_TIMEOUT.as_secs())),
+    )
+    .await;
+    send_large(&server, TOTAL)
+        .await
+        .await
+        .expect("the sender's task");
+    let http = Http::new(&server);
+    let timeouts = || async {
+        let metrics = http.metrics().await;
+        metric_value(&metrics, "seqcast_http_write_timeouts_total").unwrap_or(0.0)
+    };
+
+    // Slow but steady: 64 KiB every 100 ms, about 10 s for the page, five write timeouts.
+    let mut slow = Throttled {
+        inner: TcpStream::connect(server.addr).await.unwrap(),
+        fast: Arc::new(AtomicBool::new(false)),
+        stopped: Arc::new(AtomicBool::new(false)),
+        chunk: 64 * 1024,
+        pause: PAUSE,
+        next: Box::pin(tokio::time::sleep(Duration::ZERO)),
+    };
+    let started = Instant::now();
+    let (length, mut read) = get_head(&mut slow, PAGE).await;
+    assert!(length > TOTAL * PAD_BYTES, "the page holds every message");
+    let mut buf = vec![0; 64 * 1024];
+    while read < length {
+        let n = tokio::time::timeout(Duration::from_secs(60), slow.read(&mut buf))
+            .await
+            .expect("the page keeps coming")
+            .unwrap();
+        assert!(n > 0, "closed after {read} of {length} bytes");
+        read += n;
+    }
+    let took = started.elapsed();
+    eprintln!("the slow HTTP reader read {length} bytes in {took:?}");
+    assert!(
+        took > 3 * WRITE_TIMEOUT,
+        "the reader was not slow enough to test anything: {took:?}"
+    );
+    assert_eq!(
+        timeouts().await,
+        0.0,
+        "a reader that keeps reading is not cut off"
+    );
+
+    // Never read: a small receive buffer, so the page stays on the server's side.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let mut idle = socket.connect(server.addr).await.unwrap();
+    idle.write_all(format!("GET {PAGE} HTTP/1.1\r\nHost: seqcast\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let asked = Instant::now();
+    eventually(
+        3 * WRITE_TIMEOUT,
+        "seqcast_http_write_timeouts_total >= 1",
+        || async { timeouts().await >= 1.0 },
+    )
+    .await;
+    let took = asked.elapsed();
+    eprintln!("the HTTP connection that read nothing was closed {took:?} after its request");
+    assert!(
+        took >= WRITE_TIMEOUT,
+        "closed before a write timeout passed: {took:?}"
+    );
+    // What the kernel already held still arrives, then the end: never the whole page.
+    let got = read_to_end(&mut idle, Duration::from_secs(30)).await;
+    assert!(
+        got < length,
+        "{got} bytes: the whole page went out after all"
+    );
 }
