@@ -62,6 +62,8 @@ pub struct Shared {
     pub redis: Option<RedisLink>,
     /// Database reads in flight per user (`SEQCAST_USER_READ_CONCURRENCY`).
     pub user_reads: UserReads,
+    /// The database check behind `/ready`, shared by its requests.
+    pub ready: crate::ops::ReadyCheck,
     next_session: AtomicU64,
 }
 
@@ -167,6 +169,7 @@ impl AppState {
             excess,
             redis,
             user_reads,
+            ready: crate::ops::ReadyCheck::default(),
             next_session: AtomicU64::new(1),
         })))
     }

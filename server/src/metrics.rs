@@ -36,6 +36,9 @@ pub const SESSIONS_CLOSED_SLOW: &str = "seqcast_sessions_closed_slow_total";
 /// HTTP connections closed because their socket accepted none of a response's bytes for the
 /// write timeout (counter).
 pub const HTTP_WRITE_TIMEOUTS: &str = "seqcast_http_write_timeouts_total";
+/// Database checks made for `/ready` (counter, label `outcome`: `ok`, `failed`, `timeout`);
+/// at most about one a second however often `/ready` is asked.
+pub const READY_DB_CHECKS: &str = "seqcast_ready_db_checks_total";
 /// Messages handed to the bus for other nodes (counter).
 pub const BUS_PUBLISHED: &str = "seqcast_bus_published_total";
 /// Messages not published because the bus was down or its queue full (counter); other nodes
@@ -177,6 +180,10 @@ fn describe() {
     describe_counter!(
         SESSIONS_CLOSED_SLOW,
         "Sessions closed with 4008 (slow consumer)"
+    );
+    describe_counter!(
+        READY_DB_CHECKS,
+        "Database checks made for /ready, by outcome"
     );
     describe_counter!(
         HTTP_WRITE_TIMEOUTS,
