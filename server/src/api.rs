@@ -26,6 +26,10 @@ pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 1000;
 /// Longest `from` a server-key publisher may name, in bytes.
 const MAX_FROM_BYTES: usize = 256;
+/// Rooms in one `GET /v1/unread` answer, and its `limit` when none is given: every room of any
+/// real user in one answer, while a user with more (a bot, a hostile client marking rooms in
+/// bulk) pages with `after` instead of making the node hold them all at once.
+pub const MAX_UNREAD_ROOMS: usize = 10_000;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -138,27 +142,41 @@ async fn room_presence(
     Ok(Json(body).into_response())
 }
 
-/// `GET /v1/unread`: every room where the caller has a read cursor, with its head, the cursor
+/// `GET /v1/unread`: the rooms where the caller has a read cursor, with each head, the cursor
 /// and their difference. A user's own list: the server key (no user) is refused. Rooms the
 /// caller's token no longer allows to read are left out (their heads are not the caller's to
 /// see).
+///
+/// Extension: paged by room name. At most `limit` rooms (default and largest
+/// [`MAX_UNREAD_ROOMS`]) after the room `after`; `has_more` says whether there are more, and
+/// `next` is the `after` of the next page (the last room looked at, which may be one left out).
 async fn unread(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    params: Result<Query<UnreadParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     if caller.is_server() {
         return Err(ApiError::forbidden(
             "read cursors are a user's: call with a user token",
         ));
     }
+    let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = match params.limit {
+        None => MAX_UNREAD_ROOMS,
+        Some(0) => return Err(ApiError::bad_request("limit must be at least 1")),
+        Some(n) => n.min(MAX_UNREAD_ROOMS),
+    };
+    let after = params.after.unwrap_or_default();
     let _slot = match read_slot(&state, &caller) {
         Ok(slot) => slot,
         Err(refused) => return Ok(refused.into_response()),
     };
-    let rooms: Vec<serde_json::Value> = state
-        .store
-        .unread(&caller.user)
-        .await?
+    // One more than the page: whether there are more is known without another query.
+    let mut listed = state.store.unread(&caller.user, &after, limit + 1).await?;
+    let has_more = listed.len() > limit;
+    listed.truncate(limit);
+    let next = listed.last().map(|u| u.room.clone()).filter(|_| has_more);
+    let rooms: Vec<serde_json::Value> = listed
         .into_iter()
         .filter(|u| caller.can_read(&u.room))
         .map(|u| {
@@ -171,7 +189,17 @@ async fn unread(
             })
         })
         .collect();
-    Ok(Json(serde_json::json!({ "rooms": rooms })).into_response())
+    let mut body = serde_json::json!({ "rooms": rooms, "has_more": has_more });
+    if let Some(next) = next {
+        body["next"] = serde_json::Value::String(next);
+    }
+    Ok(Json(body).into_response())
+}
+
+#[derive(Deserialize)]
+struct UnreadParams {
+    after: Option<String>,
+    limit: Option<usize>,
 }
 
 #[derive(Deserialize)]

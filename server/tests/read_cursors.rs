@@ -11,6 +11,8 @@
 //! - `without_redis_other_nodes_see_the_cursor_at_their_next_join`: two Postgres nodes without
 //!   Redis: a move reaches the node's own connections of the user; the other node's see it in
 //!   their next `joined` and in `/v1/unread`.
+//! - `unread_pages_by_room_name`: `/v1/unread?after=&limit=` (extension) pages through a user's
+//!   rooms; a page's `next` moves past rooms the token no longer reads.
 //!
 //! Negative checks wait for a later marker frame, never for a pause.
 #![allow(clippy::unwrap_used)]
@@ -237,4 +239,77 @@ async fn without_redis_other_nodes_see_the_cursor_at_their_next_join() {
         );
     })
     .await;
+}
+
+/// `GET /v1/unread` pages (an extension): `limit` rooms after `after`, `has_more`, and `next` to
+/// ask for the following page. Without parameters it lists every room (up to 10,000), as the
+/// protocol says. A room left out because the token no longer reads it still moves `next`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_pages_by_room_name() {
+    let server = TestServer::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .jwt_secret(SECRET)
+            .api_key(API_KEY),
+    )
+    .await;
+    let http = Http::new(&server);
+    let erin = Claims::new("erin", &["u*"]);
+    let mut ws = connect(&server.ws_url(), &erin).await;
+    for room in ["u1", "u2", "u3", "u4", "u5"] {
+        post(&http, room, 2).await;
+        mark(&mut ws, room, 1, 1).await;
+    }
+    let get = |claims: &Claims, query: &str| {
+        let http = http.bearer(&claims.sign(SECRET));
+        let path = format!("/v1/unread{query}");
+        async move {
+            let reply = http.get(&path).await;
+            assert_eq!(reply.status, 200, "{path}: {reply:?}");
+            let body = reply.json();
+            let rooms: Vec<String> = body["rooms"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["room"].as_str().unwrap().to_owned())
+                .collect();
+            (rooms, body["has_more"].clone(), body.get("next").cloned())
+        }
+    };
+    assert_eq!(
+        get(&erin, "").await,
+        (
+            vec!["u1", "u2", "u3", "u4", "u5"]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            json!(false),
+            None
+        )
+    );
+    let mut pages = Vec::new();
+    let mut query = "?limit=2".to_owned();
+    loop {
+        let (rooms, has_more, next) = get(&erin, &query).await;
+        pages.push(rooms);
+        if has_more == json!(false) {
+            assert_eq!(next, None, "no next on the last page");
+            break;
+        }
+        query = format!("?limit=2&after={}", next.unwrap().as_str().unwrap());
+    }
+    assert_eq!(pages, [vec!["u1", "u2"], vec!["u3", "u4"], vec!["u5"]]);
+
+    // u2 is no longer erin's to read: left out, and the page still ends at it.
+    let narrowed = Claims::new("erin", &["u1", "u3", "u4", "u5"]);
+    let (rooms, has_more, next) = get(&narrowed, "?limit=2").await;
+    assert_eq!(
+        (rooms, has_more, next),
+        (vec!["u1".to_owned()], json!(true), Some(json!("u2")))
+    );
+
+    let refused = http
+        .bearer(&erin.sign(SECRET))
+        .get("/v1/unread?limit=0")
+        .await;
+    refused.assert_error(400, "bad_request");
 }

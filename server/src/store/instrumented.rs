@@ -115,8 +115,8 @@ impl Store for Instrumented {
     async fn room_info_with_read(&self, room: &str, user: &str) -> StoreResult<(RoomInfo, u64)> {
         self.inner.room_info_with_read(room, user).await
     }
-    async fn unread(&self, user: &str) -> StoreResult<Vec<Unread>> {
-        self.inner.unread(user).await
+    async fn unread(&self, user: &str, after: &str, limit: usize) -> StoreResult<Vec<Unread>> {
+        self.inner.unread(user, after, limit).await
     }
     async fn ping(&self) -> StoreResult<()> {
         self.inner.ping().await

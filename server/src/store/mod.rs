@@ -240,8 +240,9 @@ pub trait Store: Send + Sync + 'static {
     /// what a `joined` carries.
     async fn room_info_with_read(&self, room: &str, user: &str) -> StoreResult<(RoomInfo, u64)>;
 
-    /// Every room where `user` has a read cursor, with the room's head, ordered by room name.
-    async fn unread(&self, user: &str) -> StoreResult<Vec<Unread>>;
+    /// The rooms where `user` has a read cursor, with each room's head, ordered by room name
+    /// (bytewise): the first `limit` whose name is greater than `after` (`""` for the first).
+    async fn unread(&self, user: &str, after: &str, limit: usize) -> StoreResult<Vec<Unread>>;
 
     /// Cheap liveness check used by `/ready`.
     async fn ping(&self) -> StoreResult<()>;

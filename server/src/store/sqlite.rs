@@ -335,12 +335,15 @@ impl Store for SqliteStore {
         Ok((info, read))
     }
 
-    async fn unread(&self, user: &str) -> StoreResult<Vec<Unread>> {
+    async fn unread(&self, user: &str, after: &str, limit: usize) -> StoreResult<Vec<Unread>> {
         let rows: Vec<(String, i64, i64)> = sqlx::query_as(
             "SELECT c.room, r.head, c.seq FROM read_cursors c \
-             JOIN rooms r ON r.room = c.room WHERE c.user_id = ?1 ORDER BY c.room",
+             JOIN rooms r ON r.room = c.room WHERE c.user_id = ?1 AND c.room > ?2 \
+             ORDER BY c.room LIMIT ?3",
         )
         .bind(user)
+        .bind(after)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.readers)
         .await
         .map_err(classify)?;

@@ -1,5 +1,6 @@
 //! Read cursors: `mark_read` only raises, caps at the head, stores no 0; `room_info_with_read`
-//! and `unread` read them back; concurrent marks end at the larger seq.
+//! and `unread` read them back, a page at a time in bytewise order; concurrent marks end at the
+//! larger seq.
 
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ contract!(
     cursors_only_move_up_and_stop_at_the_head,
     cursors_are_per_user_and_room,
     concurrent_marks_end_at_the_largest,
+    unread_pages_by_room_name_bytewise,
 );
 
 async fn cursors_only_move_up_and_stop_at_the_head(store: Arc<dyn Store>) {
@@ -23,7 +25,10 @@ async fn cursors_only_move_up_and_stop_at_the_head(store: Arc<dyn Store>) {
             moved: false
         }
     );
-    assert_eq!(store.unread("alice").await.unwrap(), Vec::<Unread>::new());
+    assert_eq!(
+        store.unread("alice", "", 100).await.unwrap(),
+        Vec::<Unread>::new()
+    );
 
     fill(&*store, "general", 10).await;
     let mark = |seq| {
@@ -82,7 +87,7 @@ async fn cursors_only_move_up_and_stop_at_the_head(store: Arc<dyn Store>) {
     );
     fill(&*store, "general", 5).await;
     assert_eq!(
-        store.unread("alice").await.unwrap(),
+        store.unread("alice", "", 100).await.unwrap(),
         vec![Unread {
             room: "general".into(),
             head: 15,
@@ -106,7 +111,7 @@ async fn cursors_are_per_user_and_room(store: Arc<dyn Store>) {
     store.mark_read("alice", "a-room", 8).await.unwrap();
     store.mark_read("bob", "a-room", 2).await.unwrap();
     assert_eq!(
-        store.unread("alice").await.unwrap(),
+        store.unread("alice", "", 100).await.unwrap(),
         vec![
             Unread {
                 room: "a-room".into(),
@@ -134,7 +139,10 @@ async fn cursors_are_per_user_and_room(store: Arc<dyn Store>) {
         store.room_info_with_read("never", "bob").await.unwrap(),
         (RoomInfo { head: 0, first: 1 }, 0)
     );
-    assert_eq!(store.unread("carol").await.unwrap(), Vec::<Unread>::new());
+    assert_eq!(
+        store.unread("carol", "", 100).await.unwrap(),
+        Vec::<Unread>::new()
+    );
 }
 
 async fn concurrent_marks_end_at_the_largest(store: Arc<dyn Store>) {
@@ -157,4 +165,35 @@ async fn concurrent_marks_end_at_the_largest(store: Arc<dyn Store>) {
         store.room_info_with_read("busy", "alice").await.unwrap().1,
         200
     );
+}
+
+/// `unread` pages: the first `limit` rooms after `after`, by name compared as bytes (as room
+/// names are everywhere: "B" before "a", "a" before "a-1" before "a.1"), whatever the database's
+/// collation (the contract's Postgres databases are ICU ones too, see `collation.rs`).
+async fn unread_pages_by_room_name_bytewise(store: Arc<dyn Store>) {
+    let rooms = ["a.1", "B", "a", "a-1", "_x", "Z9"];
+    for room in rooms {
+        fill(&*store, room, 2).await;
+        store.mark_read("dora", room, 1).await.unwrap();
+    }
+    let mut sorted: Vec<&str> = rooms.to_vec();
+    sorted.sort_unstable(); // str's Ord is bytewise
+    let names = |page: Vec<Unread>| page.into_iter().map(|u| u.room).collect::<Vec<_>>();
+    assert_eq!(names(store.unread("dora", "", 100).await.unwrap()), sorted);
+    let mut paged = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = names(store.unread("dora", &after, 4).await.unwrap());
+        assert!(page.len() <= 4);
+        let Some(last) = page.last() else { break };
+        after = last.clone();
+        paged.extend(page);
+    }
+    assert_eq!(paged, sorted, "pages of 4 cover every room once, in order");
+    assert_eq!(
+        names(store.unread("dora", "a", 2).await.unwrap()),
+        ["a-1", "a.1"],
+        "strictly after"
+    );
+    assert!(store.unread("dora", "zzz", 10).await.unwrap().is_empty());
 }

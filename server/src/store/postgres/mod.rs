@@ -484,12 +484,17 @@ impl Store for PostgresStore {
         Ok((info, read))
     }
 
-    async fn unread(&self, user: &str) -> StoreResult<Vec<Unread>> {
+    async fn unread(&self, user: &str, after: &str, limit: usize) -> StoreResult<Vec<Unread>> {
+        // read_cursors.room is COLLATE "C" (0004): bytewise, as SQLite orders, whatever the
+        // database's collation; a range scan of the table's key.
         let query = sqlx::query_as::<_, (String, i64, i64)>(
             "SELECT c.room, r.head, c.seq FROM read_cursors c \
-             JOIN rooms r ON r.room = c.room WHERE c.user_id = $1 ORDER BY c.room",
+             JOIN rooms r ON r.room = c.room \
+             WHERE c.user_id = $1 AND c.room > $2 ORDER BY c.room LIMIT $3",
         )
-        .bind(user);
+        .bind(user)
+        .bind(after)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX));
         let (_permit, mut conn, deadline) = self.read_conn().await?;
         let outcome = timeout_at(deadline, query.fetch_all(&mut *conn)).await;
         let rows = settle(conn, outcome)?;
