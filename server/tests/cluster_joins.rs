@@ -8,6 +8,10 @@
 //!
 //! This storm leaves the interleaving to chance (it passed before the fix too); `join_seeding`
 //! forces the two orders that failed, with a lock and a stopped backend in Postgres.
+//!
+//! `a_reconnect_storm_subscribes_every_room_and_user_promptly`: with Redis, a storm of
+//! sessions each joining its own room; the node's SUBSCRIBEs for them overlap instead of
+//! following one another, one round trip each.
 #![allow(clippy::unwrap_used)]
 
 #[allow(dead_code)]
@@ -17,7 +21,8 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::cluster::{spawn_sender, Cluster, Pacing, Sender};
+use support::cluster::{spawn_sender, wait_until, Cluster, Pacing, Sender};
+use support::redis::TestRedis;
 use support::scenario::{join_senders, scenario, STREAM_DEADLINE};
 use support::ws::{Auth, Event, WsClient};
 
@@ -87,6 +92,67 @@ async fn concurrent_first_joins_get_every_message() {
             for (client, _) in joiners {
                 client.close().await;
             }
+        }
+    })
+    .await;
+}
+
+/// Sessions of the storm, each its own user (development mode) and its own room.
+const STORM: usize = 1500;
+
+/// A reconnect storm on a node with Redis: STORM sessions connect and join a room each at once,
+/// which makes 2 x STORM channels to subscribe (a room's and a user's per session). Every one is
+/// subscribed soon after the joins are answered; a message sent on the other node to the room
+/// joined last then reaches its session over the bus. Prints how long the subscriptions took
+/// after the last join (the figure; the deadline only catches a stall).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_subscribes_every_room_and_user_promptly() {
+    scenario("subscribe_storm", async {
+        let cluster = Cluster::start(2, Some(TestRedis::start()), &[]).await;
+        let url = cluster.ws(1).1;
+        let started = Instant::now();
+        let joins = (0..STORM).map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut client = WsClient::try_connect(&url, Auth::None).await.unwrap();
+                client.join(&format!("storm{i}"), None).await;
+                client
+            })
+        });
+        let mut clients = Vec::with_capacity(STORM);
+        for join in joins {
+            clients.push(join.await.unwrap());
+        }
+        let joined = started.elapsed();
+        let count = |pattern: &str| {
+            let reply = cluster.redis().command(&["PUBSUB", "CHANNELS", pattern]);
+            reply.lines().filter(|l| !l.trim().is_empty()).count()
+        };
+        wait_until(
+            Duration::from_secs(60),
+            "every room and user channel subscribed",
+            || async { count("seqcast:room:storm*") == STORM && count("seqcast:user:*") >= STORM },
+        )
+        .await;
+        let subscribed = started.elapsed();
+        eprintln!(
+            "FIGURE: {STORM} sessions joined in {joined:.2?}; their {} channels subscribed \
+             {:.2?} after the start, {:.2?} after the last join",
+            2 * STORM,
+            subscribed,
+            subscribed.saturating_sub(joined)
+        );
+        let last = clients.last_mut().unwrap();
+        let mut sender = WsClient::connect(cluster.node(0)).await;
+        let ack = sender
+            .send_msg(&format!("storm{}", STORM - 1), serde_json::json!("after"))
+            .await;
+        let got = last
+            .collect_messages(&format!("storm{}", STORM - 1), 1, Duration::from_secs(10))
+            .await;
+        assert_eq!(got[0]["seq"], ack["seq"]);
+        for client in clients {
+            client.close().await;
         }
     })
     .await;
