@@ -10,8 +10,8 @@
 //! forces the two orders that failed, with a lock and a stopped backend in Postgres.
 //!
 //! `a_reconnect_storm_subscribes_every_room_and_user_promptly`: with Redis, a storm of
-//! sessions each joining its own room; the node's SUBSCRIBEs for them overlap instead of
-//! following one another, one round trip each.
+//! sessions each joining its own room and each its own user: every channel is subscribed, and
+//! the bus delivers to the room joined last.
 #![allow(clippy::unwrap_used)]
 
 #[allow(dead_code)]
