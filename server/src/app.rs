@@ -63,7 +63,7 @@ pub struct Shared {
     /// Database reads in flight per user (`SEQCAST_USER_READ_CONCURRENCY`).
     pub user_reads: UserReads,
     /// The database check behind `/ready`, shared by its requests.
-    pub ready: crate::ops::ReadyCheck,
+    pub ready: crate::readiness::ReadyCheck,
     next_session: AtomicU64,
 }
 
@@ -169,7 +169,7 @@ impl AppState {
             excess,
             redis,
             user_reads,
-            ready: crate::ops::ReadyCheck::default(),
+            ready: crate::readiness::ReadyCheck::default(),
             next_session: AtomicU64::new(1),
         })))
     }

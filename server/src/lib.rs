@@ -49,6 +49,7 @@
 //! - [`ratelimit`]: send rates per connection and per user (token buckets, Redis leases), one
 //!   file per mechanism.
 //! - [`reads`]: database reads in flight per user (HTTP history, joins, catch-ups).
+//! - [`readiness`]: the database check behind `/ready`, one at a time and reused for a second.
 //! - [`metrics`]: Prometheus names and exporter.
 //! - [`startup`]: a node before it serves: listening, not ready, retrying the database.
 //!
@@ -69,6 +70,7 @@ pub mod metrics;
 pub mod ops;
 pub mod presence;
 pub mod ratelimit;
+pub mod readiness;
 pub mod reads;
 pub mod redis;
 pub mod relay;
