@@ -395,7 +395,7 @@ async fn bus_events(
             }
             // The rooms' heads are checked once their subscriptions are renewed.
             BusEvent::Dropped(affected) => {
-                presence.reread_all();
+                presence.reread_some(&affected);
                 renewals.some(affected);
             }
             BusEvent::State(state) => {

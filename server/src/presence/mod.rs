@@ -35,6 +35,7 @@ use dashmap::DashMap;
 use tokio::sync::Notify;
 
 pub use self::task::spawn;
+use crate::bus::{Affected, Topic};
 use crate::hub::{Notice, SessionId, Subscriber};
 use crate::store::{Listed as Remote, Roster, StoreResult};
 use seqcast_protocol::{self as protocol, Present};
@@ -330,6 +331,25 @@ impl Presence {
             return;
         }
         self.pending().reread_all = true;
+        self.0.wake.notify_one();
+    }
+
+    /// The subscriptions of some rooms were dropped (a Redis Cluster slot moved): reports on
+    /// their channels may have been lost meanwhile, so read those of them that are watched
+    /// again. The other rooms' reports still arrive.
+    pub fn reread_some(&self, affected: &Affected) {
+        if !self.clustered() {
+            return;
+        }
+        let rooms: Vec<Arc<str>> = self
+            .watched_rooms()
+            .into_iter()
+            .filter(|room| affected.contains(&Topic::Presence(Arc::clone(room))))
+            .collect();
+        if rooms.is_empty() {
+            return;
+        }
+        self.pending().reread.extend(rooms);
         self.0.wake.notify_one();
     }
 

@@ -239,3 +239,27 @@ async fn a_watcher_that_missed_frames_gets_what_it_missed_once_it_has_room() {
         ]
     );
 }
+
+/// A moved Redis Cluster slot drops the subscriptions of the rooms whose channels hash to it:
+/// only those watched rooms are read from the roster again, not every one (a node may watch
+/// thousands). The roster itself is not used here: `connect_lazy` never connects.
+#[tokio::test]
+async fn a_moved_slot_rereads_only_the_watched_rooms_it_moved() {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .connect_lazy("postgres://unused@127.0.0.1:1/unused")
+        .unwrap();
+    let roster = crate::store::Roster::new(pool, std::time::Duration::from_secs(1));
+    let p = Presence::new("node".into(), 3, Some(roster));
+    for (id, room) in ["a", "b", "c"].into_iter().enumerate() {
+        let room: Arc<str> = Arc::from(room);
+        let empty = Remote::Users(Default::default());
+        p.add_watcher(&room, id as u64, &watcher(), Some(empty));
+    }
+    let _ = mem::take(&mut *p.pending());
+    p.reread_some(&Affected::new(|t| *t == Topic::Presence(Arc::from("b"))));
+    let pending = mem::take(&mut *p.pending());
+    assert_eq!(pending.reread, HashSet::from([Arc::from("b")]));
+    assert!(!pending.reread_all);
+    p.reread_some(&Affected::new(|_| false));
+    assert!(p.pending().is_empty(), "nothing moved, nothing to read");
+}
