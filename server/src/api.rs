@@ -166,7 +166,12 @@ async fn unread(
         Some(0) => return Err(ApiError::bad_request("limit must be at least 1")),
         Some(n) => n.min(MAX_UNREAD_ROOMS),
     };
+    // A room name (what `next` gives), so nothing else reaches the database: "after=%00"
+    // would be a Postgres encoding error.
     let after = params.after.unwrap_or_default();
+    if !after.is_empty() {
+        validate_room(&after).map_err(|e| ApiError::bad_request(format!("after: {e}")))?;
+    }
     let _slot = match read_slot(&state, &caller) {
         Ok(slot) => slot,
         Err(refused) => return Ok(refused.into_response()),

@@ -307,9 +307,11 @@ async fn unread_pages_by_room_name() {
         (vec!["u1".to_owned()], json!(true), Some(json!("u2")))
     );
 
-    let refused = http
-        .bearer(&erin.sign(SECRET))
-        .get("/v1/unread?limit=0")
-        .await;
-    refused.assert_error(400, "bad_request");
+    for query in ["limit=0", "after=%00", "after=a%20b", "after=%F0%9F%92%A9"] {
+        let refused = http
+            .bearer(&erin.sign(SECRET))
+            .get(&format!("/v1/unread?{query}"))
+            .await;
+        refused.assert_error(400, "bad_request");
+    }
 }
