@@ -75,6 +75,16 @@ async fn next_update(ws: &mut WsClient) -> Value {
     }
 }
 
+/// A SQLite node with the test's secret and server key.
+async fn single_node() -> TestServer {
+    TestServer::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .jwt_secret(SECRET)
+            .api_key(API_KEY),
+    )
+    .await
+}
+
 /// Posts `n` messages to `room` with the server key.
 async fn post(http: &Http, room: &str, n: usize) {
     let http = http.bearer(API_KEY);
@@ -193,12 +203,7 @@ async fn read_cursors_across_nodes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_cursors_on_a_single_node() {
-    let server = TestServer::start(
-        ServerOptions::new(StoreKind::Sqlite)
-            .jwt_secret(SECRET)
-            .api_key(API_KEY),
-    )
-    .await;
+    let server = single_node().await;
     let alice = Claims::new("alice", &["r"]);
     let mut a = connect(&server.ws_url(), &alice).await;
     let mut b = connect(&server.ws_url(), &alice).await;
@@ -246,12 +251,7 @@ async fn without_redis_other_nodes_see_the_cursor_at_their_next_join() {
 /// protocol says. A room left out because the token no longer reads it still moves `next`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unread_pages_by_room_name() {
-    let server = TestServer::start(
-        ServerOptions::new(StoreKind::Sqlite)
-            .jwt_secret(SECRET)
-            .api_key(API_KEY),
-    )
-    .await;
+    let server = single_node().await;
     let http = Http::new(&server);
     let erin = Claims::new("erin", &["u*"]);
     let mut ws = connect(&server.ws_url(), &erin).await;
