@@ -17,6 +17,7 @@
 
 mod cli;
 mod client;
+mod pacing;
 mod publisher;
 mod raw_publisher;
 mod report;

@@ -13,7 +13,7 @@
 //! at once rather than dropping them.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinHandle;
 
 use crate::client::{self, Auth, Node};
+use crate::pacing::{Next, Pacing};
 use crate::raw_publisher::RawPublisher;
 use crate::stats::Latency;
 
@@ -176,68 +177,30 @@ impl LibraryPublisher {
         let mut out = PublisherOutcome::default();
         let mut in_flight = FuturesUnordered::new();
         let mut cursor = 0usize;
-        let mut next_send = Instant::now() + spec.start_offset;
-        let mut budget_spent = false;
+        let mut pacing = Pacing::new(spec, stop_at, drain, io_timeout);
         let mut last_ack = Instant::now();
-        let ack_deadline = stop_at + drain;
         loop {
             let now = Instant::now();
-            let sending = now < stop_at && !budget_spent;
-            if sending {
-                while in_flight.len() < spec.window
-                    && spec.interval.is_none_or(|_| next_send <= now)
-                {
-                    if let Some(budget) = &spec.budget {
-                        let took = budget
-                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
-                                left.checked_sub(1)
-                            })
-                            .is_ok();
-                        if !took {
-                            budget_spent = true;
-                            break;
-                        }
-                    }
-                    let (index, room) = &spec.rooms[cursor];
-                    cursor = (cursor + 1) % spec.rooms.len();
-                    let send = self.client.send(
-                        room,
-                        body(spec.id, out.sent, &spec.pad),
-                        Some(client::idem_key(spec.id, out.sent)),
-                    );
-                    let (index, sent_at) = (*index, Instant::now());
-                    in_flight.push(async move { (index, sent_at, send.await) });
-                    out.sent += 1;
-                    if let Some(interval) = spec.interval {
-                        next_send += interval;
-                    }
+            while pacing.may_send(in_flight.len(), now) {
+                let (index, room) = &spec.rooms[cursor];
+                cursor = (cursor + 1) % spec.rooms.len();
+                let send = self.client.send(
+                    room,
+                    body(spec.id, out.sent, &spec.pad),
+                    Some(client::idem_key(spec.id, out.sent)),
+                );
+                let (index, sent_at) = (*index, Instant::now());
+                in_flight.push(async move { (index, sent_at, send.await) });
+                out.sent += 1;
+            }
+            let wake = match pacing.next(in_flight.len(), last_ack, now) {
+                Next::WaitUntil(wake) => wake,
+                Next::Done => break,
+                Next::Failed(why) => {
+                    out.error(why);
+                    break;
                 }
-            } else if in_flight.is_empty() {
-                break;
-            }
-            if !sending && now >= ack_deadline {
-                out.error(format!(
-                    "publisher {}: {} acks missing {drain:?} after the end of sending",
-                    spec.id,
-                    in_flight.len()
-                ));
-                break;
-            }
-            if !in_flight.is_empty() && now.duration_since(last_ack) > io_timeout {
-                out.error(format!(
-                    "publisher {}: no ack for {io_timeout:?} with {} due",
-                    spec.id,
-                    in_flight.len()
-                ));
-                break;
-            }
-            let mut wake = if sending { stop_at } else { ack_deadline };
-            if sending && spec.interval.is_some() && in_flight.len() < spec.window {
-                wake = wake.min(next_send);
-            }
-            if !in_flight.is_empty() {
-                wake = wake.min(last_ack + io_timeout + Duration::from_millis(1));
-            }
+            };
             let first = tokio::select! {
                 Some(done) = in_flight.next() => done,
                 () = tokio::time::sleep_until(wake.into()) => continue,

@@ -2,16 +2,16 @@
 //! WebSocket, for measuring the server's keyless path. The client library always sends a key
 //! (a resend without one could be stored twice), so this one speaks the frames itself; it does
 //! not reconnect: a lost connection ends it with an error. Round-robin rooms, `window`, pacing
-//! and the records are those of [`crate::publisher`].
+//! ([`crate::pacing`]) and the records are those of [`crate::publisher`].
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{self, Auth, Incoming, Ws};
+use crate::pacing::{Next, Pacing};
 use crate::publisher::{PublisherOutcome, PublisherSpec};
 
 pub struct RawPublisher {
@@ -46,75 +46,38 @@ impl RawPublisher {
         let mut inflight: HashMap<u64, (usize, Instant)> = HashMap::with_capacity(spec.window);
         let mut next_ref: u64 = 1;
         let mut cursor = 0usize;
-        let mut next_send = Instant::now() + spec.start_offset;
-        let mut budget_spent = false;
+        let mut pacing = Pacing::new(spec, stop_at, drain, io_timeout);
         let mut last_frame = Instant::now();
-        let ack_deadline = stop_at + drain;
         loop {
             let now = Instant::now();
-            let sending = now < stop_at && !budget_spent;
-            if sending {
-                let mut fed = false;
-                while inflight.len() < spec.window && spec.interval.is_none_or(|_| next_send <= now)
-                {
-                    if let Some(budget) = &spec.budget {
-                        let took = budget
-                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
-                                left.checked_sub(1)
-                            })
-                            .is_ok();
-                        if !took {
-                            budget_spent = true;
-                            break;
-                        }
-                    }
-                    let (index, room) = &spec.rooms[cursor];
-                    cursor = (cursor + 1) % spec.rooms.len();
-                    let frame = client::send_frame(room, spec.id, out.sent, next_ref, &spec.pad);
-                    if let Err(e) = self.ws.feed(Message::text(frame)).await {
-                        out.error(format!("publisher {}: send failed: {e}", spec.id));
-                        return out;
-                    }
-                    inflight.insert(next_ref, (*index, Instant::now()));
-                    next_ref += 1;
-                    out.sent += 1;
-                    fed = true;
-                    if let Some(interval) = spec.interval {
-                        next_send += interval;
-                    }
+            let mut fed = false;
+            while pacing.may_send(inflight.len(), now) {
+                let (index, room) = &spec.rooms[cursor];
+                cursor = (cursor + 1) % spec.rooms.len();
+                let frame = client::send_frame(room, spec.id, out.sent, next_ref, &spec.pad);
+                if let Err(e) = self.ws.feed(Message::text(frame)).await {
+                    out.error(format!("publisher {}: send failed: {e}", spec.id));
+                    return out;
                 }
-                if fed {
-                    if let Err(e) = self.ws.flush().await {
-                        out.error(format!("publisher {}: send failed: {e}", spec.id));
-                        return out;
-                    }
+                inflight.insert(next_ref, (*index, Instant::now()));
+                next_ref += 1;
+                out.sent += 1;
+                fed = true;
+            }
+            if fed {
+                if let Err(e) = self.ws.flush().await {
+                    out.error(format!("publisher {}: send failed: {e}", spec.id));
+                    return out;
                 }
-            } else if inflight.is_empty() {
-                break;
             }
-            if !sending && now >= ack_deadline {
-                out.error(format!(
-                    "publisher {}: {} acks missing {drain:?} after the end of sending",
-                    spec.id,
-                    inflight.len()
-                ));
-                break;
-            }
-            if !inflight.is_empty() && now.duration_since(last_frame) > io_timeout {
-                out.error(format!(
-                    "publisher {}: no frame for {io_timeout:?} with {} acks due",
-                    spec.id,
-                    inflight.len()
-                ));
-                break;
-            }
-            let mut wake = if sending { stop_at } else { ack_deadline };
-            if sending && spec.interval.is_some() && inflight.len() < spec.window {
-                wake = wake.min(next_send);
-            }
-            if !inflight.is_empty() {
-                wake = wake.min(last_frame + io_timeout + Duration::from_millis(1));
-            }
+            let wake = match pacing.next(inflight.len(), last_frame, now) {
+                Next::WaitUntil(wake) => wake,
+                Next::Done => break,
+                Next::Failed(why) => {
+                    out.error(why);
+                    break;
+                }
+            };
             let first = tokio::select! {
                 frame = self.ws.next() => frame,
                 () = tokio::time::sleep_until(wake.into()) => continue,
