@@ -10,7 +10,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::publisher::PublisherSpec;
+use crate::publisher::{PublisherOutcome, PublisherSpec};
 
 /// What a publisher does after its sends of the moment.
 #[derive(Debug, PartialEq, Eq)]
@@ -114,6 +114,25 @@ impl<'a> Pacing<'a> {
             wake = wake.min(heard + self.io_timeout + Duration::from_millis(1));
         }
         Next::WaitUntil(wake)
+    }
+
+    /// [`Pacing::next`] for a run loop: the instant to wait until, or `None` to stop (a failure
+    /// is recorded in `out`).
+    pub fn wake(
+        &self,
+        in_flight: usize,
+        heard: Instant,
+        now: Instant,
+        out: &mut PublisherOutcome,
+    ) -> Option<Instant> {
+        match self.next(in_flight, heard, now) {
+            Next::WaitUntil(wake) => Some(wake),
+            Next::Done => None,
+            Next::Failed(why) => {
+                out.error(why);
+                None
+            }
+        }
     }
 }
 

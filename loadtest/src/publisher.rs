@@ -25,7 +25,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinHandle;
 
 use crate::client::{self, Auth, Node};
-use crate::pacing::{Next, Pacing};
+use crate::pacing::Pacing;
 use crate::raw_publisher::RawPublisher;
 use crate::stats::Latency;
 
@@ -193,13 +193,8 @@ impl LibraryPublisher {
                 in_flight.push(async move { (index, sent_at, send.await) });
                 out.sent += 1;
             }
-            let wake = match pacing.next(in_flight.len(), last_ack, now) {
-                Next::WaitUntil(wake) => wake,
-                Next::Done => break,
-                Next::Failed(why) => {
-                    out.error(why);
-                    break;
-                }
+            let Some(wake) = pacing.wake(in_flight.len(), last_ack, now, &mut out) else {
+                break;
             };
             let first = tokio::select! {
                 Some(done) = in_flight.next() => done,

@@ -11,7 +11,7 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{self, Auth, Incoming, Ws};
-use crate::pacing::{Next, Pacing};
+use crate::pacing::Pacing;
 use crate::publisher::{PublisherOutcome, PublisherSpec};
 
 pub struct RawPublisher {
@@ -70,13 +70,8 @@ impl RawPublisher {
                     return out;
                 }
             }
-            let wake = match pacing.next(inflight.len(), last_frame, now) {
-                Next::WaitUntil(wake) => wake,
-                Next::Done => break,
-                Next::Failed(why) => {
-                    out.error(why);
-                    break;
-                }
+            let Some(wake) = pacing.wake(inflight.len(), last_frame, now, &mut out) else {
+                break;
             };
             let first = tokio::select! {
                 frame = self.ws.next() => frame,
