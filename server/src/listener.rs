@@ -198,23 +198,13 @@ async fn serve_connection(
 /// Since when a connection's socket has refused the bytes written to it (its send buffer is
 /// full: the client does not read); cleared by the next write that it accepts.
 #[derive(Clone, Debug, Default)]
-struct Stall(Arc<AtomicU64>);
+struct Stall(Arc<AtomicInstant>);
 
 impl Stall {
-    fn since(&self) -> Option<Instant> {
-        match self.0.load(Ordering::Relaxed) {
-            0 => None,
-            nanos => Some(progress_base() + Duration::from_nanos(nanos)),
-        }
-    }
-
     fn record(&self, written: &Poll<std::io::Result<usize>>) {
         match written {
-            Poll::Pending if self.0.load(Ordering::Relaxed) == 0 => {
-                let nanos = u64::try_from(progress_base().elapsed().as_nanos()).unwrap_or(u64::MAX);
-                self.0.store(nanos.max(1), Ordering::Relaxed);
-            }
-            Poll::Ready(Ok(n)) if *n > 0 => self.0.store(0, Ordering::Relaxed),
+            Poll::Pending if self.0.get().is_none() => self.0.set_now(),
+            Poll::Ready(Ok(n)) if *n > 0 => self.0.clear(),
             _ => {}
         }
     }
@@ -227,7 +217,7 @@ impl Stall {
             return std::future::pending().await;
         };
         loop {
-            match self.since() {
+            match self.0.get() {
                 Some(since) if since.elapsed() >= timeout => return,
                 Some(since) => tokio::time::sleep_until(since + timeout).await,
                 None => tokio::time::sleep(timeout).await,
@@ -308,26 +298,44 @@ impl BodyTimeout {
 /// When a connection's socket last accepted bytes from the server. Shared by the connection's
 /// I/O and whoever writes to it (the WebSocket session after an upgrade).
 #[derive(Clone, Debug, Default)]
-pub struct WriteProgress(Arc<AtomicU64>);
+pub struct WriteProgress(Arc<AtomicInstant>);
 
 impl WriteProgress {
     /// The instant of the last write that accepted at least one byte; `None` before any.
     pub fn last(&self) -> Option<Instant> {
-        match self.0.load(Ordering::Relaxed) {
-            0 => None,
-            nanos => Some(progress_base() + Duration::from_nanos(nanos)),
-        }
+        self.0.get()
     }
 
     fn mark(&self) {
-        // Saturates after 584 years of uptime; never 0 (0 = "no write yet").
-        let nanos = u64::try_from(progress_base().elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.0.store(nanos.max(1), Ordering::Relaxed);
+        self.0.set_now();
     }
 }
 
-/// The fixed instant [`WriteProgress`] counts from, so an instant fits in one atomic.
-fn progress_base() -> Instant {
+/// An instant, or none, in one atomic: nanoseconds from a fixed base, 0 meaning none.
+#[derive(Debug, Default)]
+struct AtomicInstant(AtomicU64);
+
+impl AtomicInstant {
+    fn get(&self) -> Option<Instant> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            nanos => Some(instant_base() + Duration::from_nanos(nanos)),
+        }
+    }
+
+    fn set_now(&self) {
+        // Saturates after 584 years of uptime; never 0 (0 = none).
+        let nanos = u64::try_from(instant_base().elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.0.store(nanos.max(1), Ordering::Relaxed);
+    }
+
+    fn clear(&self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
+}
+
+/// The fixed instant [`AtomicInstant`] counts from.
+fn instant_base() -> Instant {
     static BASE: OnceLock<Instant> = OnceLock::new();
     *BASE.get_or_init(Instant::now)
 }
