@@ -161,11 +161,7 @@ async fn unread(
         ));
     }
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let limit = match params.limit {
-        None => MAX_UNREAD_ROOMS,
-        Some(0) => return Err(ApiError::bad_request("limit must be at least 1")),
-        Some(n) => n.min(MAX_UNREAD_ROOMS),
-    };
+    let limit = page_limit(params.limit, MAX_UNREAD_ROOMS, MAX_UNREAD_ROOMS)?;
     // A room name (what `next` gives), so nothing else reaches the database: "after=%00"
     // would be a Postgres encoding error.
     let after = params.after.unwrap_or_default();
@@ -201,6 +197,15 @@ async fn unread(
     Ok(Json(body).into_response())
 }
 
+/// A page's `limit` parameter: `default` when not given, clamped to `max`, and 0 refused.
+fn page_limit(given: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
+    match given {
+        None => Ok(default),
+        Some(0) => Err(ApiError::bad_request("limit must be at least 1")),
+        Some(n) => Ok(n.min(max)),
+    }
+}
+
 #[derive(Deserialize)]
 struct UnreadParams {
     after: Option<String>,
@@ -223,11 +228,7 @@ async fn list_messages(
     let Path(room) = room?;
     readable(&caller, &room)?;
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let limit = match params.limit {
-        None => DEFAULT_LIMIT,
-        Some(0) => return Err(ApiError::bad_request("limit must be at least 1")),
-        Some(n) => n.min(MAX_LIMIT),
-    };
+    let limit = page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let _slot = match read_slot(&state, &caller) {
         Ok(slot) => slot,
         Err(refused) => return Ok(refused.into_response()),
