@@ -8,6 +8,7 @@
 //! when it heard nothing for `io_timeout` while acks were due.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::publisher::{PublisherOutcome, PublisherSpec};
@@ -31,6 +32,8 @@ pub struct Pacing<'a> {
     drain: Duration,
     next_send: Instant,
     budget_spent: bool,
+    /// The spec's room the next send goes to.
+    cursor: usize,
 }
 
 impl<'a> Pacing<'a> {
@@ -48,6 +51,7 @@ impl<'a> Pacing<'a> {
             drain,
             next_send: Instant::now() + spec.start_offset,
             budget_spent: false,
+            cursor: 0,
         }
     }
 
@@ -55,14 +59,14 @@ impl<'a> Pacing<'a> {
         now < self.stop_at && !self.budget_spent
     }
 
-    /// Whether one more send goes now, with `in_flight` unacknowledged; takes it from the
-    /// budget. Call until it says no.
-    pub fn may_send(&mut self, in_flight: usize, now: Instant) -> bool {
+    /// The room of one more send now, with `in_flight` unacknowledged (the spec's rooms in
+    /// turn), or `None`; takes the send from the budget. Call until it says `None`.
+    pub fn next_send(&mut self, in_flight: usize, now: Instant) -> Option<&'a (usize, Arc<str>)> {
         if !self.sending(now) || in_flight >= self.spec.window {
-            return false;
+            return None;
         }
         if self.spec.interval.is_some() && self.next_send > now {
-            return false;
+            return None;
         }
         if let Some(budget) = &self.spec.budget {
             let took = budget
@@ -72,13 +76,15 @@ impl<'a> Pacing<'a> {
                 .is_ok();
             if !took {
                 self.budget_spent = true;
-                return false;
+                return None;
             }
         }
         if let Some(interval) = self.spec.interval {
             self.next_send += interval;
         }
-        true
+        let room = &self.spec.rooms[self.cursor];
+        self.cursor = (self.cursor + 1) % self.spec.rooms.len();
+        Some(room)
     }
 
     /// What to do once the sends of the moment are made, with `in_flight` unacknowledged and
@@ -140,7 +146,6 @@ impl<'a> Pacing<'a> {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicU64;
-    use std::sync::Arc;
 
     fn spec(window: usize, budget: Option<u64>, interval: Option<Duration>) -> PublisherSpec {
         PublisherSpec {
@@ -150,7 +155,7 @@ mod tests {
                 ws: "ws://127.0.0.1:1/v1/ws".into(),
                 addr: "127.0.0.1:1".parse().unwrap(),
             },
-            rooms: vec![(0, Arc::from("r"))],
+            rooms: vec![(0, Arc::from("a")), (1, Arc::from("b"))],
             window,
             interval,
             start_offset: Duration::ZERO,
@@ -171,21 +176,25 @@ mod tests {
         let spec = spec(4, Some(0), None);
         let now = Instant::now();
         let mut pacing = Pacing::new(&spec, now + LONG, LONG, LONG);
-        assert!(!pacing.may_send(0, now));
+        assert!(pacing.next_send(0, now).is_none());
         assert_eq!(pacing.next(0, now, now), Next::Done);
     }
 
     #[test]
-    fn a_budget_is_shared_and_the_window_bounds_what_is_in_flight() {
+    fn a_budget_is_shared_rooms_take_turns_and_the_window_bounds_what_is_in_flight() {
         let spec = spec(2, Some(3), None);
         let now = Instant::now();
         let mut pacing = Pacing::new(&spec, now + LONG, LONG, LONG);
-        assert!(pacing.may_send(0, now));
-        assert!(pacing.may_send(1, now));
-        assert!(!pacing.may_send(2, now), "the window is full");
+        let room = |sent: Option<&(usize, Arc<str>)>| sent.map(|(index, _)| *index);
+        assert_eq!(room(pacing.next_send(0, now)), Some(0));
+        assert_eq!(room(pacing.next_send(1, now)), Some(1), "the rooms in turn");
+        assert!(pacing.next_send(2, now).is_none(), "the window is full");
         assert_eq!(pacing.next(2, now, now), Next::WaitUntil(now + LONG));
-        assert!(pacing.may_send(1, now), "an ack made room");
-        assert!(!pacing.may_send(1, now), "the budget of 3 is spent");
+        assert!(pacing.next_send(1, now).is_some(), "an ack made room");
+        assert!(
+            pacing.next_send(1, now).is_none(),
+            "the budget of 3 is spent"
+        );
         // The acks still due are waited for, until the drain deadline.
         let next = pacing.next(1, now, now);
         assert_eq!(
@@ -208,8 +217,8 @@ mod tests {
         );
         // The first send is due when the pacing starts.
         let now = Instant::now();
-        assert!(pacing.may_send(0, now));
-        assert!(!pacing.may_send(1, now), "not due yet");
+        assert!(pacing.next_send(0, now).is_some());
+        assert!(pacing.next_send(1, now).is_none(), "not due yet");
         let Next::WaitUntil(wake) = pacing.next(1, now, now) else {
             panic!("should wait");
         };

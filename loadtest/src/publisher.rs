@@ -176,14 +176,11 @@ impl LibraryPublisher {
         let spec = &self.spec;
         let mut out = PublisherOutcome::default();
         let mut in_flight = FuturesUnordered::new();
-        let mut cursor = 0usize;
         let mut pacing = Pacing::new(spec, stop_at, drain, io_timeout);
         let mut last_ack = Instant::now();
         loop {
             let now = Instant::now();
-            while pacing.may_send(in_flight.len(), now) {
-                let (index, room) = &spec.rooms[cursor];
-                cursor = (cursor + 1) % spec.rooms.len();
+            while let Some((index, room)) = pacing.next_send(in_flight.len(), now) {
                 let send = self.client.send(
                     room,
                     body(spec.id, out.sent, &spec.pad),

@@ -45,15 +45,12 @@ impl RawPublisher {
         // ref -> (room index, sent at)
         let mut inflight: HashMap<u64, (usize, Instant)> = HashMap::with_capacity(spec.window);
         let mut next_ref: u64 = 1;
-        let mut cursor = 0usize;
         let mut pacing = Pacing::new(spec, stop_at, drain, io_timeout);
         let mut last_frame = Instant::now();
         loop {
             let now = Instant::now();
             let mut fed = false;
-            while pacing.may_send(inflight.len(), now) {
-                let (index, room) = &spec.rooms[cursor];
-                cursor = (cursor + 1) % spec.rooms.len();
+            while let Some((index, room)) = pacing.next_send(inflight.len(), now) {
                 let frame = client::send_frame(room, spec.id, out.sent, next_ref, &spec.pad);
                 if let Err(e) = self.ws.feed(Message::text(frame)).await {
                     out.error(format!("publisher {}: send failed: {e}", spec.id));
